@@ -1,0 +1,153 @@
+"""The Ray driver: one GPU-pinned generator task per unit, rows streamed back cell by cell.
+
+- Each unit is a Ray task asking for `gpus_per_task` GPUs, so Ray sets CUDA_VISIBLE_DEVICES to its own GPU(s).
+- `max_calls=1`: a fresh worker process per unit (clean CUDA context and peak counters; a broken context cannot
+  poison the next unit).
+- The task is a generator: its first item says where it started, then one row per finished cell, so a crash mid-unit
+  keeps what finished.
+- A worker crash (killed process, lost node, Ray's out-of-memory killer) is retried `retries` times with the cells
+  that had not finished; exhausted, they become failure rows. A Python exception that escapes the measurement becomes
+  failure rows at once. A unit running past `timeout_s` is cancelled and its unfinished cells recorded as timeout.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import ray
+
+from orchestrator.plan import Cell, Plan, Unit
+from tasks.unit import cell_fields, now, unit_rows_base
+
+CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
+           ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
+DEFAULT_RUNNER = "tasks.unit:run_unit"
+
+
+@ray.remote(max_retries=0, max_calls=1)
+def unit_task(runner: str, unit: dict, wikitext: bytes | None):
+    yield {"_event": "start", "host": socket.gethostname(), "pid": os.getpid(),
+           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    module, _, fn = runner.partition(":")
+    yield from getattr(importlib.import_module(module), fn)(unit, wikitext)
+
+
+@dataclass
+class Running:
+    unit: Unit
+    task: dict
+    remaining: dict[str, Cell]
+    submitted: float
+    started: float | None = None
+    where: str = "queued"
+
+
+@dataclass
+class DriverResult:
+    rows: list[dict] = field(default_factory=list)
+    attempts: int = 0          # unit tasks started (first tries and retries)
+    retries: int = 0
+    wall_s: float = 0.0
+    per_unit_s: dict = field(default_factory=dict)
+
+
+def failure_rows(task: dict, cells, status: str, error_type: str, message: str, tb: str | None = None) -> list[dict]:
+    base = unit_rows_base(task)
+    t = now()
+    return [{**base, **cell_fields(c.to_task()), "status": status, "error_type": error_type,
+             "error_message": message, "traceback": tb, "started_at": t, "ended_at": t} for c in cells]
+
+
+def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: float, cpus_per_task: float,
+              timeout_s: float, retries: int, wikitext: bytes | None = None, runner: str = DEFAULT_RUNNER,
+              poll_s: float = 0.2) -> DriverResult:
+    """Run `units` (each holding only the cells still to do) and hand every row to `sink(row)` as it arrives."""
+    result = DriverResult()
+    t0 = time.monotonic()
+    wikitext_ref = ray.put(wikitext) if wikitext is not None else None
+    options = dict(num_gpus=gpus_per_task, num_cpus=cpus_per_task)
+    active: dict = {}
+
+    def submit(unit: Unit, cells: list[Cell]) -> None:
+        task = unit.to_task(plan, cells)
+        gen = unit_task.options(**options).remote(runner, task, wikitext_ref)
+        active[gen] = Running(unit, task, {c.key: c for c in cells}, time.monotonic())
+
+    def emit(row: dict) -> None:
+        sink(row)
+        result.rows.append(row)
+        progress.cell(row)
+
+    def close(gen, state: Running) -> None:
+        active.pop(gen, None)
+        progress.unit_ended(state.unit.label)
+        if state.started is not None:
+            result.per_unit_s[f"{state.unit.unit_id}#{state.unit.attempt}"] = time.monotonic() - state.started
+
+    for unit in units:
+        submit(unit, unit.cells)
+
+    while active:
+        ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_s)
+        for gen in ready:
+            state = active.get(gen)
+            if state is None:
+                continue
+            try:
+                item = ray.get(next(gen))
+            except StopIteration:
+                close(gen, state)
+                if state.remaining:
+                    for row in failure_rows(state.task, state.remaining.values(), "error", "MissingRows",
+                                            "the unit ended without a row for this cell"):
+                        emit(row)
+                continue
+            except ray.exceptions.TaskCancelledError:
+                close(gen, state)
+                continue
+            except CRASHES as e:
+                close(gen, state)
+                unit = state.unit
+                if unit.attempt <= retries and state.remaining:
+                    result.retries += 1
+                    unit.attempt += 1
+                    progress.log(f"retry  {unit.label}: worker crashed ({type(e).__name__}); attempt "
+                                 f"{unit.attempt} of {retries + 1} with {len(state.remaining)} cell(s) left")
+                    submit(unit, list(state.remaining.values()))
+                else:
+                    for row in failure_rows(state.task, state.remaining.values(), "error", type(e).__name__,
+                                            f"worker crashed on attempt {unit.attempt} of {retries + 1}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''}"):
+                        emit(row)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                close(gen, state)
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                for row in failure_rows(state.task, state.remaining.values(), "error", type(cause).__name__,
+                                        str(cause)[:2000], "".join(traceback.format_exception(cause))[-8000:]):
+                    emit(row)
+                continue
+            if item.get("_event") == "start":
+                state.started = time.monotonic()
+                result.attempts += 1
+                gpu = item.get("cuda_visible_devices")
+                state.where = f"{item['host']} GPU {gpu}" if gpu not in (None, "") else f"{item['host']} CPU"
+                progress.unit_started(state.unit.label, state.where)
+                continue
+            state.remaining.pop(item["cell_key"], None)
+            emit(item)
+        # timeouts: measured from the moment the worker started the unit, not from submission
+        t = time.monotonic()
+        for gen, state in list(active.items()):
+            if state.started is not None and t - state.started > timeout_s:
+                close(gen, state)
+                ray.cancel(gen, force=True)
+                for row in failure_rows(state.task, state.remaining.values(), "timeout", "Timeout",
+                                        f"unit ran past resources.timeout_s = {timeout_s:g} s and was cancelled"):
+                    emit(row)
+    result.wall_s = time.monotonic() - t0
+    return result

@@ -1,0 +1,352 @@
+"""The grid file: the user-facing contract, validated before anything starts.
+
+Read with yaml.safe_load (nothing in a grid can execute code); every problem becomes one GridError naming the field
+path (`generation.new_tokens[1]`), and the CLI turns it into one message and exit code 2.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator, model_validator)
+
+from tasks.models import SYNTHETIC_ARCHITECTURES
+from tasks.precisions import REGISTRY
+
+
+class GridError(Exception):
+    """Bad input: the message names the file and field; the CLI prints it and exits with code 2."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticShape(Strict):
+    family: Literal["opt", "llama", "mistral"]
+    hidden_size: PositiveInt
+    layers: PositiveInt
+    heads: PositiveInt
+    kv_heads: PositiveInt | None = None
+    ffn: PositiveInt
+    vocab: PositiveInt
+    max_positions: PositiveInt = 4096
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of heads {self.heads}")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        return self
+
+
+SOURCES = ("hub", "path", "gguf", "synthetic")
+
+
+class ModelEntry(Strict):
+    hub: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    gguf: str | None = None
+    synthetic: Union[str, SyntheticShape, None] = None
+    label: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in SOURCES if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"needs exactly one source of {', '.join(SOURCES)}; got "
+                             f"{', '.join(given) if given else 'none'}")
+        if self.revision and not self.hub:
+            raise ValueError("revision goes with hub only")
+        if isinstance(self.synthetic, str) and self.synthetic not in SYNTHETIC_ARCHITECTURES:
+            near = difflib.get_close_matches(self.synthetic, SYNTHETIC_ARCHITECTURES, n=1)
+            raise ValueError(f"unknown synthetic architecture {self.synthetic!r}"
+                             + (f"; did you mean {near[0]!r}?" if near else "")
+                             + f" (known: {', '.join(SYNTHETIC_ARCHITECTURES)}, or a mapping of shapes)")
+        return self
+
+    @property
+    def source(self) -> str:
+        return next(k for k in SOURCES if getattr(self, k) is not None)
+
+    def default_label(self) -> str:
+        if self.label:
+            return self.label
+        if self.hub:
+            return self.hub.split("/")[-1]
+        if self.path:
+            return Path(self.path).name
+        if self.gguf:
+            return Path(self.gguf).name.removesuffix(".gguf")
+        s = self.synthetic
+        return s if isinstance(s, str) else f"synthetic-{s.family}-{s.hidden_size}x{s.layers}"
+
+    def spec(self, base_dir: Path) -> dict[str, Any]:
+        """Plain data for the worker, local paths made absolute against the grid file's folder."""
+        d = self.model_dump(exclude_none=True, exclude_defaults=True)
+        for key in ("path", "gguf"):
+            if key in d and not d[key].startswith("pkg:"):
+                d[key] = str((base_dir / Path(d[key]).expanduser()).resolve())
+        d["label"] = self.default_label()
+        return d
+
+
+class PrecisionEntry(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        defaults = REGISTRY[self.name].options().model_dump()
+        changed = {k: v for k, v in self.options.items() if defaults.get(k) != v}
+        return self.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
+
+
+class Generation(Strict):
+    new_tokens: list[PositiveInt] = Field(min_length=1)
+    batch_sizes: list[PositiveInt] = Field(default=[1], min_length=1)
+    prompt_tokens: PositiveInt = 32
+    warmup: NonNegativeInt = 2
+    repeats: PositiveInt = 5
+
+
+class Perplexity(Strict):
+    path: str | None = None
+    protocol: Literal["gptq", "strided"] = "gptq"
+    seqlen: PositiveInt = 2048
+    stride: PositiveInt = 512
+    max_windows: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.protocol == "strided" and self.stride > self.seqlen:
+            raise ValueError(f"stride {self.stride} is larger than seqlen {self.seqlen}")
+        return self
+
+
+class Resources(Strict):
+    gpus_per_task: NonNegativeFloat = 1
+    cpus_per_task: NonNegativeFloat | None = None  # None: 1 with GPUs; on CPU, a whole node, so units never share cores
+    timeout_s: PositiveFloat = 3600
+    retries: NonNegativeInt = 1
+
+
+class Grid(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    precisions: list[PrecisionEntry] = Field(min_length=1)
+    baseline: str | None = None
+    generation: Generation
+    perplexity: Union[Perplexity, Literal[False]] = Field(default_factory=Perplexity)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("precisions", mode="before")
+    @classmethod
+    def _precision_entries(cls, v):
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                out.append({"name": item})
+            elif isinstance(item, dict) and "name" in item:
+                out.append({"name": item["name"], "options": {k: x for k, x in item.items() if k != "name"}})
+            else:
+                out.append(item)
+        return out
+
+    @field_validator("perplexity", mode="before")
+    @classmethod
+    def _perplexity_flag(cls, v):
+        if v is True or v is None:
+            return {}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        labels = [m.default_label() for m in self.models]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"models: two entries share the label {sorted(dup)[0]!r}; give one a `label`")
+        plabels = [p.label for p in self.precisions]
+        if len(set(plabels)) != len(plabels):
+            raise ValueError(f"precisions: an entry is listed twice ({plabels})")
+        if self.baseline is None:
+            self.baseline = plabels[0]
+        elif self.baseline not in plabels:
+            names = [p.name for p in self.precisions]
+            if names.count(self.baseline) == 1:
+                self.baseline = plabels[names.index(self.baseline)]
+            else:
+                raise ValueError(f"baseline {self.baseline!r} is not one of the precisions ({', '.join(plabels)})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+def _precision_problems(raw: dict) -> list[str]:
+    """Unknown precision names and bad options, named by field path (pydantic cannot see the registry)."""
+    problems = []
+    items = raw.get("precisions")
+    if not isinstance(items, list):
+        return problems
+    for i, item in enumerate(items):
+        name = item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name not in REGISTRY:
+            near = difflib.get_close_matches(name, REGISTRY, n=1)
+            problems.append(f"precisions[{i}]: unknown precision {name!r}"
+                            + (f"; did you mean {near[0]!r}?" if near else "")
+                            + f" (known: {', '.join(REGISTRY)})")
+            continue
+        if isinstance(item, dict):
+            opts = {k: v for k, v in item.items() if k != "name"}
+            try:
+                REGISTRY[name].parse_options(opts)
+            except ValidationError as e:
+                problems += _format_errors(e, prefix=f"precisions[{i}]", model=REGISTRY[name].options)
+    return problems
+
+
+def _walk_fields(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `path` (for 'did you mean' on unknown keys)."""
+    import typing
+
+    current = model
+    for part in path:
+        if isinstance(part, int) or current is None:
+            continue
+        f = current.model_fields.get(part)
+        if f is None:
+            return None
+        nxt = None
+        for t in [f.annotation, *typing.get_args(f.annotation)]:
+            for t2 in [t, *typing.get_args(t)]:
+                if isinstance(t2, type) and issubclass(t2, BaseModel):
+                    nxt = t2
+        current = nxt
+    return current
+
+
+def _loc(parts) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("str", "SyntheticShape", "Perplexity", "literal[False]", "function-after[_one_source()]"):
+            continue
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def _format_errors(err: ValidationError, prefix: str = "", model: type[BaseModel] = None) -> list[str]:
+    model = model or Grid
+    lines = []
+    for e in err.errors():
+        if "literal[False]" in e["loc"] and isinstance(e.get("input"), dict):
+            continue  # the `perplexity: false` branch of a mapping that has its own errors
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p[0].isupper() or p == "str"))]
+        where = ".".join(x for x in [prefix, _loc(loc)] if x) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            key = loc[-1]
+            owner = _walk_fields(model, tuple(loc[:-1]))
+            near = difflib.get_close_matches(str(key), owner.model_fields, n=1) if owner else []
+            lines.append(f"{where}: unknown key" + (f"; did you mean {near[0]!r}?" if near else ""))
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required field missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and e["type"] != "value_error" else ""
+            lines.append(f"{where}: {msg}{shown}")
+    # union branches repeat themselves; keep the first message per field path
+    seen, unique = set(), []
+    for line in lines:
+        key = line.split(":")[0]
+        if key not in seen:
+            seen.add(key)
+            unique.append(line)
+    return unique
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise GridError(f"--set {item!r}: expected KEY=VALUE, e.g. --set perplexity.max_windows=8")
+    key, _, value = item.partition("=")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise GridError(f"--set {item!r}: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as e:
+        raise GridError(f"--set {key}: value {value!r} is not valid YAML ({e.problem if hasattr(e, 'problem') else e})")
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is False or nxt is None:
+                nxt = {}
+                node[part] = nxt
+            if not isinstance(nxt, dict):
+                raise GridError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise GridError(f"{path}: grid file not found")
+    except OSError as e:
+        raise GridError(f"{path}: cannot read ({e.strerror})")
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise GridError(f"{where}: YAML syntax error: {e.problem}")
+    except yaml.YAMLError as e:
+        raise GridError(f"{path}: YAML error: {e}")
+
+
+def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: the grid must be a mapping of fields (name, models, precisions, ...), "
+                        f"got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    problems = _precision_problems(raw)
+    if problems:
+        raise GridError(_message(path, problems))
+    try:
+        grid = Grid.model_validate(raw)
+    except ValidationError as e:
+        raise GridError(_message(path, _format_errors(e)))
+    grid._base_dir = path.resolve().parent
+    return grid
+
+
+def _message(path: Path, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{path}: {problems[0]}"
+    return f"{path}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems)

@@ -1,0 +1,125 @@
+"""Planning: a grid becomes cells and units.
+
+A cell is one point of the grid: model × precision × new_tokens × batch_size. Its key is a hash of everything that
+can change its numbers (model source, precision and options, generation and perplexity settings, GPUs per task,
+measurement version), so a changed configuration gets a new key and resume never mixes old and new numbers.
+A unit is one (model, precision) pair: one Ray task that loads the model once, measures perplexity once and measures
+each of its cells. Units go out largest first, so the longest work starts early and no straggler starts last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.grid import Grid
+from tasks.models import synthetic_shapes
+from tasks.unit import MEASUREMENT_VERSION
+
+
+@dataclass
+class Cell:
+    key: str
+    model: str
+    precision: str
+    new_tokens: int
+    batch_size: int
+
+    def to_task(self) -> dict:
+        return {"cell_key": self.key, "new_tokens": self.new_tokens, "batch_size": self.batch_size}
+
+
+@dataclass
+class Unit:
+    unit_id: str
+    model: dict
+    precision: dict
+    cells: list[Cell]
+    size: float                       # estimated work, for ordering
+    attempt: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model['label']} × {self.precision['label']}"
+
+    def to_task(self, plan: "Plan", cells: list[Cell] | None = None) -> dict:
+        return {
+            "sweep": plan.name, "run_id": plan.run_id, "unit_id": self.unit_id, "attempt": self.attempt,
+            "model": self.model, "precision": self.precision,
+            "cells": [c.to_task() for c in (cells if cells is not None else self.cells)],
+            "generation": plan.generation, "perplexity": plan.perplexity, "gpus": plan.gpus_per_task,
+        }
+
+
+@dataclass
+class Plan:
+    name: str
+    run_id: str
+    units: list[Unit]
+    generation: dict
+    perplexity: dict | None
+    gpus_per_task: float
+    baseline: str
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [c for u in self.units for c in u.cells]
+
+
+def estimate_params(model: dict) -> float:
+    """A rough parameter count, only to order units (largest first)."""
+    if model.get("synthetic"):
+        s = synthetic_shapes(model["synthetic"])
+        kv = (s.get("kv_heads") or s["heads"]) / s["heads"]
+        per_layer = s["hidden_size"] ** 2 * (2 + 2 * kv) + 3 * s["hidden_size"] * s["ffn"]
+        return s["layers"] * per_layer + s["vocab"] * s["hidden_size"]
+    for key in ("gguf", "path"):
+        if model.get(key) and not model[key].startswith("pkg:"):
+            p = Path(model[key])
+            try:
+                size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
+                return size / 2
+            except OSError:
+                pass
+    return 1e9
+
+
+def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid) -> str:
+    identity = {
+        "model": {k: v for k, v in model.items() if k != "label"},
+        "precision": {"name": precision["name"], "options": precision["options"]},
+        "new_tokens": new_tokens, "batch_size": batch_size,
+        "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes"}),
+        "perplexity": grid.perplexity.model_dump(exclude={"path"}) if grid.perplexity else False,
+        "gpus_per_task": grid.resources.gpus_per_task,
+        "measurement_version": MEASUREMENT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) -> Plan:
+    from tasks.precisions import REGISTRY
+
+    base_dir = getattr(grid, "_base_dir", Path(os.getcwd()))
+    units = []
+    for m in grid.models:
+        model = m.spec(base_dir)
+        for p in grid.precisions:
+            opts = REGISTRY[p.name].parse_options(p.options).model_dump()
+            precision = {"name": p.name, "options": opts, "label": p.label}
+            cells = [Cell(cell_key(model, precision, n, b, grid), model["label"], p.label, n, b)
+                     for n in grid.generation.new_tokens for b in grid.generation.batch_sizes]
+            work = sum(c.new_tokens * c.batch_size for c in cells)
+            size = estimate_params(model) * (work + 1000)
+            uid = hashlib.sha256(json.dumps([model, precision], sort_keys=True).encode()).hexdigest()[:12]
+            units.append(Unit(uid, model, precision, cells, size))
+    units.sort(key=lambda u: -u.size)
+    ppl = None
+    if grid.perplexity:
+        ppl = grid.perplexity.model_dump()
+        ppl.update(perplexity_source or {})
+    return Plan(grid.name, run_id, units, grid.generation.model_dump(), ppl, grid.resources.gpus_per_task,
+                grid.baseline)

@@ -1,0 +1,135 @@
+"""The results schema: one Parquet row per cell. `python -m orchestrator schema` prints it as Markdown
+(docs/schema.md, linked from the README; a test keeps the two equal)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+T = pa.timestamp("us", tz="UTC")
+LF = pa.list_(pa.float64())
+
+# (column, type, meaning). Units are in the names: _ms, _s, _bytes, _gbs (GB/s = 1e9 bytes/s).
+COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    # identity and axes
+    ("cell_key", S, "stable hash of the cell's full configuration (model, precision and options, settings)"),
+    ("sweep", S, "sweep name"),
+    ("run_id", S, "the sweep run that produced the row"),
+    ("unit_id", S, "hash of (model, precision): the Ray task that measured the cell"),
+    ("attempt", I, "1 for the first try of the unit, 2.. for retries after a worker crash"),
+    ("model", S, "model label"),
+    ("model_spec", S, "the model entry as JSON (source, revision, path, ...)"),
+    ("model_source", S, "hub | path | gguf | synthetic"),
+    ("model_revision", S, "hub revision, if set"),
+    ("model_file_sha256", S, "sha256 of a GGUF source file"),
+    ("weights_note", S, "caveat on the weights: synthetic, or already quantized in a GGUF file"),
+    ("precision", S, "precision label: name plus options that differ from the defaults"),
+    ("precision_name", S, "registry name (fp32, fp16, bf16, int8, nf4, fp4, nf4-dq)"),
+    ("precision_options", S, "every option of the precision as JSON, defaults included"),
+    ("new_tokens", I, "tokens generated per sequence"),
+    ("batch_size", I, "sequences per batch"),
+    ("prompt_tokens", I, "prompt length in tokens"),
+    ("warmup", I, "untimed runs before the timed ones"),
+    ("repeats", I, "timed runs"),
+    ("gpus_per_task", F, "GPUs the unit asked Ray for (0 = CPU)"),
+    ("measurement_version", I, "version of the measurement code; part of the cell key"),
+    # outcome
+    ("status", S, "ok | error | oom | timeout | skipped"),
+    ("error_type", S, "exception class, Unsupported, WorkerCrashedError, Timeout ..."),
+    ("error_message", S, "the error or the reason for skipping"),
+    ("traceback", S, "Python traceback of an error"),
+    ("started_at", T, "cell start (UTC)"),
+    ("ended_at", T, "cell end (UTC)"),
+    ("prepare_s", F, "seconds to materialise the source (GGUF conversion, synthetic weights; 0 when cached)"),
+    ("load_s", F, "seconds to load the model at its precision (quantization included)"),
+    ("latency_s", F, "seconds spent measuring this cell (warm-up, repeats, memory run)"),
+    # weights
+    ("params", I, "parameters (4-bit packed tensors counted unpacked)"),
+    ("weights_bytes", I, "bytes of every parameter and buffer as stored, quantization state included"),
+    ("bits_per_param", F, "8 x weights_bytes / params"),
+    ("embedding_unread_bytes", I, "input-embedding bytes a decode step does not read (0 when tied to the LM head)"),
+    ("weights_allocated_bytes", I, "GPU memory allocated after load"),
+    ("rss_after_load_bytes", I, "process resident memory after load"),
+    ("model_loads_in_worker", I, "models loaded by the worker that measured the unit (always 1)"),
+    # perplexity
+    ("perplexity", F, "WikiText-2 raw test perplexity under ppl_protocol"),
+    ("ppl_protocol", S, "gptq | strided (see tasks/perplexity.py)"),
+    ("ppl_seqlen", I, "window length in tokens"),
+    ("ppl_stride", I, "window step (strided only)"),
+    ("ppl_max_windows", I, "window cap (null = the whole split)"),
+    ("ppl_batch_size", I, "windows per forward pass"),
+    ("ppl_windows", I, "windows scored"),
+    ("ppl_tokens_scored", I, "target tokens scored"),
+    ("ppl_corpus_tokens", I, "tokens in the tokenized split"),
+    ("ppl_dataset", S, "where the text came from (file path or hub dataset)"),
+    ("ppl_dataset_sha256", S, "sha256 of the local file"),
+    ("ppl_s", F, "seconds for perplexity, tokenization included"),
+    ("ppl_tokens_per_s", F, "window tokens through the model per second (forward only)"),
+    ("ppl_skipped_reason", S, "why there is no perplexity (synthetic weights, off in the grid)"),
+    ("ppl_error", S, "perplexity failure, if any"),
+    ("ppl_status", S, "status of the perplexity measurement when it failed"),
+    # latency
+    ("ttft_ms", F, "time to first token (prefill), median of repeats"),
+    ("ttft_ms_mean", F, "time to first token, mean of repeats"),
+    ("decode_ms_per_token", F, "mean gap between consecutive tokens over all repeats"),
+    ("decode_ms_p50", F, "median decode gap"),
+    ("decode_ms_p90", F, "90th percentile decode gap"),
+    ("decode_ms_p99", F, "99th percentile decode gap"),
+    ("decode_tokens_per_s", F, "batch_size x 1000 / decode_ms_per_token"),
+    ("e2e_s", F, "prefill + decode seconds, mean of repeats"),
+    ("e2e_tokens_per_s", F, "batch_size x new_tokens / e2e_s"),
+    ("cv_ttft", F, "coefficient of variation of ttft over repeats"),
+    ("cv_decode", F, "coefficient of variation of per-repeat mean decode gap"),
+    ("noisy_timing", B, "cv_ttft or cv_decode over 5%"),
+    ("ttft_ms_samples", LF, "raw: ttft of each repeat"),
+    ("decode_ms_samples", LF, "raw: every decode gap of every repeat"),
+    ("e2e_s_samples", LF, "raw: end-to-end seconds of each repeat"),
+    # memory
+    ("kv_cache_bytes", I, "analytic: 2 x layers x kv_heads x head_dim x cached tokens x batch x bytes"),
+    ("kv_cache_tensor_bytes", I, "bytes of the cache's key/value tensors at the end of generation"),
+    ("kv_cache_growth_bytes", I, "GPU allocated after decode minus before prefill"),
+    ("memory_before_bytes", I, "GPU allocated before prefill (weights and leftovers)"),
+    ("prefill_peak_bytes", I, "peak GPU allocated during prefill (peak counters reset before)"),
+    ("decode_peak_bytes", I, "peak GPU allocated during decode (peak counters reset before)"),
+    ("peak_bytes", I, "max of the two phase peaks"),
+    ("peak_reserved_bytes", I, "peak reserved by PyTorch's caching allocator during decode"),
+    ("nvml_process_bytes", I, "this process's GPU memory per NVML (null where NVML cannot see processes)"),
+    ("nvml_device_used_bytes", I, "the whole GPU's used memory per NVML"),
+    ("rss_bytes", I, "process resident memory after the cell"),
+    ("peak_rss_bytes", I, "process peak resident memory so far"),
+    ("kv_layers", I, "layers holding a KV cache"),
+    ("kv_heads", I, "key/value heads"),
+    ("head_dim", I, "head dimension"),
+    ("kv_bytes_per_element", I, "bytes of a cached key or value element"),
+    # distance to the hardware limit
+    ("decode_bytes_per_step", I, "bytes a decode step must read: weights (less unread embedding) + mean KV cache"),
+    ("achieved_bandwidth_gbs", F, "decode_bytes_per_step / decode step time"),
+    ("peak_bandwidth_gbs", F, "the device's peak memory bandwidth"),
+    ("peak_bandwidth_source", S, "datasheet (known GPU) | measured-copy (large device copy)"),
+    ("bandwidth_fraction", F, "achieved / peak bandwidth"),
+    ("decode_ms_floor", F, "decode_bytes_per_step at peak bandwidth: the fastest a step could be"),
+    # environment fingerprint
+    ("device", S, "cuda | cpu"),
+    ("gpu_name", S, "CUDA device name"),
+    ("gpu_count", I, "GPUs visible to the worker"),
+    ("gpu_uuid", S, "UUID of the worker's GPU (distinct per physical GPU)"),
+    ("cuda_visible_devices", S, "CUDA_VISIBLE_DEVICES as Ray set it"),
+    ("driver_version", S, "NVIDIA driver"),
+    ("cuda_version", S, "CUDA version of torch"),
+    ("torch_version", S, ""), ("transformers_version", S, ""), ("bitsandbytes_version", S, ""),
+    ("accelerate_version", S, ""), ("python_version", S, ""),
+    ("cpu_model", S, ""), ("cpu_count", I, ""), ("torch_threads", I, "intra-op threads of the worker"),
+    ("host", S, "host name of the worker"),
+    ("worker_pid", I, "process id of the worker"),
+]
+
+SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in COLUMNS])
+NAMES = [n for n, _, _ in COLUMNS]
+
+
+def markdown() -> str:
+    lines = ["# Results schema", "",
+             "One row per cell in `<output>/cells/*.parquet` (one file per cell). Generated by "
+             "`python -m orchestrator schema` from `orchestrator/schema.py`.", "",
+             "| column | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{n}` | {t} | {d} |" for n, t, d in COLUMNS]
+    return "\n".join(lines) + "\n"

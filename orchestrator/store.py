@@ -1,0 +1,79 @@
+"""The results store: a Parquet dataset at `<output>/cells/`, one file per cell named by its key, each written under
+a temporary name and renamed, so a crash never leaves half a file and `pandas.read_parquet(<output>/cells)` always
+reads whole rows. Nothing is deleted: a row replaced by a rerun, and rows of cells no longer in the grid, move to
+`<output>/history/<run_id>/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.schema import NAMES, SCHEMA
+
+
+def _value(name: str, v):
+    if v is not None and name in ("started_at", "ended_at") and isinstance(v, str):
+        return datetime.fromisoformat(v)
+    return v
+
+
+def row_table(rows: list[dict]) -> pa.Table:
+    unknown = set().union(*rows) - set(NAMES)
+    if unknown:
+        raise KeyError(f"columns not in the schema: {sorted(unknown)}")
+    return pa.Table.from_pylist([{n: _value(n, r.get(n)) for n in NAMES} for r in rows], schema=SCHEMA)
+
+
+class Store:
+    def __init__(self, output: str | Path, run_id: str):
+        self.root = Path(output)
+        self.cells = self.root / "cells"
+        self.history = self.root / "history" / run_id
+        self.cells.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.cells / f"{key}.parquet"
+
+    def _retire(self, path: Path) -> None:
+        self.history.mkdir(parents=True, exist_ok=True)
+        os.replace(path, self.history / path.name)
+
+    def write(self, row: dict) -> None:
+        target = self.path(row["cell_key"])
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        pq.write_table(row_table([row]), tmp)
+        if target.exists():
+            self._retire(target)
+        os.replace(tmp, target)
+
+    def statuses(self) -> dict[str, str]:
+        return cell_statuses(self.root)
+
+    def retire_except(self, keys: set[str]) -> int:
+        """Move rows of cells that are not in the current plan out of the dataset (into history)."""
+        stale = [f for f in self.cells.glob("*.parquet") if f.stem not in keys]
+        for f in stale:
+            self._retire(f)
+        return len(stale)
+
+    def write_manifest(self, manifest: dict) -> None:
+        target = self.root / "sweep.json"
+        tmp = target.with_name(".sweep.json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(tmp, target)
+
+
+def cell_statuses(output: str | Path) -> dict[str, str]:
+    """cell key -> status of every row in an output folder (empty when there is none)."""
+    out = {}
+    for f in (Path(output) / "cells").glob("*.parquet"):
+        try:
+            out[f.stem] = pq.read_table(f, columns=["status"]).column(0)[0].as_py()
+        except Exception:  # unreadable: treat as not done
+            continue
+    return out

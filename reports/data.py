@@ -1,0 +1,69 @@
+"""Reading result folders and the numbers the report shows. pandas and pyarrow only: no torch here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FAILED = ("error", "oom", "timeout")
+
+
+def read_results(dirs) -> pd.DataFrame:
+    """Every row under the given sweep output folders (or their cells/ folders), merged."""
+    tables = []
+    for d in dirs:
+        d = Path(d)
+        cells = d / "cells" if (d / "cells").is_dir() else d
+        tables += [pq.read_table(f) for f in sorted(cells.glob("*.parquet"))]
+    if not tables:
+        return pd.DataFrame(columns=["cell_key", "status", "model", "precision"])
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def baselines(dirs) -> dict[str, str]:
+    """sweep -> baseline precision label, from each folder's sweep.json (first precision when absent)."""
+    out = {}
+    for d in dirs:
+        f = Path(d) / "sweep.json"
+        if f.is_file():
+            m = json.loads(f.read_text())
+            if m.get("grid", {}).get("baseline"):
+                out[m["sweep"]] = m["grid"]["baseline"]
+    return out
+
+
+def col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def first(series: pd.Series):
+    s = series.dropna()
+    return s.iloc[0] if len(s) else None
+
+
+def headline_cell(df: pd.DataFrame) -> tuple[int, int] | None:
+    """The (new_tokens, batch_size) used for the per-precision table: smallest batch, longest generation."""
+    ok = df[df.status == "ok"]
+    if ok.empty:
+        return None
+    b = int(ok.batch_size.min())
+    n = int(ok[ok.batch_size == b].new_tokens.max())
+    return n, b
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[str]:
+    """Labels on the frontier when both coordinates are better lower (e.g. perplexity and ms/token)."""
+    front, best = [], float("inf")
+    for x, y, label in sorted(points):
+        if y < best:
+            front.append(label)
+            best = y
+    return front
+
+
+def precision_order(df: pd.DataFrame, baseline: str | None) -> list[str]:
+    seen = list(dict.fromkeys(df.precision.dropna()))
+    return ([baseline] if baseline in seen else []) + [p for p in seen if p != baseline]

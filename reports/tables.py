@@ -1,0 +1,162 @@
+"""The report's tables and findings, computed from result rows (a pandas DataFrame)."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from reports.data import FAILED, col, first, headline_cell, precision_order  # noqa: F401 (first used by build)
+
+
+def _f(x):
+    return None if x is None or (isinstance(x, float) and x != x) else x
+
+
+def header(df: pd.DataFrame, sweeps: list[str]) -> dict:
+    started = pd.to_datetime(col(df, "started_at"), utc=True).dropna()
+    ended = pd.to_datetime(col(df, "ended_at"), utc=True).dropna()
+    gpus = df.dropna(subset=["gpu_uuid"]) if "gpu_uuid" in df else df.iloc[0:0]
+    gpu_names = sorted(set(gpus.gpu_name)) if len(gpus) else []
+    return {
+        "sweeps": sweeps,
+        "date": ended.max().strftime("%Y-%m-%d %H:%M UTC") if len(ended) else "–",
+        "hosts": sorted(set(col(df, "host").dropna())),
+        "gpus": int(gpus.gpu_uuid.nunique()) if len(gpus) else 0,
+        "gpu_names": gpu_names,
+        "device": "GPU" if len(gpus) else "CPU",
+        "wall_s": (ended.max() - started.min()).total_seconds() if len(started) and len(ended) else None,
+        "ok": int((df.status == "ok").sum()),
+        "failed": int(df.status.isin(FAILED).sum()),
+        "skipped": int((df.status == "skipped").sum()),
+        "cells": len(df),
+    }
+
+
+def model_table(df: pd.DataFrame, baseline: str | None) -> tuple[list[dict], tuple[int, int] | None]:
+    """One row per precision at the headline cell, with changes against the baseline."""
+    cell = headline_cell(df)
+    rows = []
+    base = {}
+    for p in precision_order(df, baseline):
+        d = df[df.precision == p]
+        at = d[(d.new_tokens == cell[0]) & (d.batch_size == cell[1]) & (d.status == "ok")] if cell else d.iloc[0:0]
+        r = at.iloc[0] if len(at) else None
+        get = (lambda k: _f(r.get(k)) if r is not None and k in r else None)
+        row = {
+            "precision": p,
+            "status": "ok" if r is not None else (first(d.status) or "–"),
+            "perplexity": _f(first(col(d, "perplexity"))),
+            "weights_bytes": _f(first(col(d, "weights_bytes"))),
+            "bits_per_param": _f(first(col(d, "bits_per_param"))),
+            "weights_allocated_bytes": _f(first(col(d, "weights_allocated_bytes"))),
+            "prefill_peak_bytes": get("prefill_peak_bytes"),
+            "decode_peak_bytes": get("decode_peak_bytes"),
+            "kv_cache_bytes": get("kv_cache_bytes"),
+            "ttft_ms": get("ttft_ms"),
+            "decode_ms_per_token": get("decode_ms_per_token"),
+            "decode_tokens_per_s": get("decode_tokens_per_s"),
+            "bandwidth_fraction": get("bandwidth_fraction"),
+            "decode_ms_floor": get("decode_ms_floor"),
+            "load_s": _f(first(col(d, "load_s"))),
+            "noisy": bool(r.get("noisy_timing")) if r is not None and "noisy_timing" in r else False,
+        }
+        if p == baseline:
+            base = row
+        rows.append(row)
+    for row in rows:
+        row["ppl_change"] = _ratio(row["perplexity"], base.get("perplexity"), pct=True)
+        row["weights_smaller"] = _ratio(base.get("weights_bytes"), row["weights_bytes"])
+        row["decode_vs_base"] = _ratio(row["decode_ms_per_token"], base.get("decode_ms_per_token"))
+    return rows, cell
+
+
+def _ratio(a, b, pct: bool = False):
+    if a is None or b is None or not b:
+        return None
+    return (a / b - 1) * 100 if pct else a / b
+
+
+def breakdown(df: pd.DataFrame, baseline: str | None) -> list[dict]:
+    """Every (precision, new_tokens, batch) cell of one model."""
+    order = {p: i for i, p in enumerate(precision_order(df, baseline))}
+    d = df.assign(_o=df.precision.map(order)).sort_values(["_o", "new_tokens", "batch_size"])
+    keys = ["precision", "new_tokens", "batch_size", "status", "ttft_ms", "decode_ms_per_token", "decode_ms_p99",
+            "decode_tokens_per_s", "peak_bytes", "kv_cache_bytes", "bandwidth_fraction", "noisy_timing", "cv_decode"]
+    return [{k: _f(r.get(k)) if k in r else None for k in keys} for _, r in d.iterrows()]
+
+
+def findings(df: pd.DataFrame, model: str, baseline: str | None) -> list[str]:
+    """Sentences written from the data: speed, weights and perplexity against the baseline, and what dominates
+    peak memory."""
+    rows, cell = model_table(df, baseline)
+    base = next((r for r in rows if r["precision"] == baseline), None)
+    out = []
+    if cell is None:
+        return [f"{model}: no cell finished."]
+    n, b = cell
+    for r in rows:
+        if r is base or r["status"] != "ok":
+            continue
+        parts = []
+        if base and r["decode_vs_base"]:
+            x = r["decode_vs_base"]
+            parts.append(f"{r['precision']} is {x:.1f}× {'slower' if x >= 1 else 'faster'} than {baseline} "
+                         f"at batch {b}" if abs(x - 1) >= 0.05 else
+                         f"{r['precision']} decodes as fast as {baseline} (within 5%) at batch {b}")
+            parts[-1] += f" on {model} ({n} new tokens)"
+        if r["weights_smaller"]:
+            w = r["weights_smaller"]
+            parts.append(f"weights {w:.1f}× {'smaller' if w >= 1 else 'larger'}")
+        if r["ppl_change"] is not None:
+            parts.append(f"perplexity {r['ppl_change']:+.1f}%")
+        if parts:
+            out.append(", ".join(parts) + ".")
+    for r in rows:
+        if r["status"] != "ok" or not r["decode_peak_bytes"] or not r["weights_bytes"]:
+            continue
+        peak = max(r["decode_peak_bytes"], r["prefill_peak_bytes"] or 0)
+        share = r["weights_bytes"] / peak
+        kv = (r["kv_cache_bytes"] or 0) / peak
+        if share < 0.5:
+            out.append(f"{r['precision']}: weights are only {share:.0%} of the {peak / 1e6:.0f} MB peak "
+                       f"(KV cache {kv:.0%}, the rest activations and workspace), so shrinking weights moves the "
+                       f"peak little at {n} tokens × batch {b}.")
+    slow = [r for r in rows if r["status"] == "ok" and r["bandwidth_fraction"] is not None]
+    if slow:
+        best = max(slow, key=lambda r: r["bandwidth_fraction"])
+        out.append(f"Closest to the memory-bandwidth limit: {best['precision']} at {best['bandwidth_fraction']:.0%} "
+                   f"of peak ({best['decode_ms_per_token']:.2f} ms/token against a floor of "
+                   f"{best['decode_ms_floor']:.3f} ms).")
+    return out
+
+
+def failures(df: pd.DataFrame) -> list[dict]:
+    d = df[df.status != "ok"]
+    return [{k: _f(r.get(k)) for k in ("model", "precision", "new_tokens", "batch_size", "status", "error_type",
+                                        "error_message")} for _, r in d.iterrows()]
+
+
+def caveats(df: pd.DataFrame) -> list[str]:
+    out = []
+    for model, note in df.groupby("model")["weights_note"].first().dropna().items() if "weights_note" in df else []:
+        out.append(f"{model}: {note}.")
+    noisy = df[col(df, "noisy_timing").fillna(False).astype(bool)]
+    if len(noisy):
+        out.append(f"{len(noisy)} cell(s) have noisy timing (coefficient of variation over 5% across repeats): "
+                   + "; ".join(f"{r.model} × {r.precision} n={r.new_tokens} b={r.batch_size}"
+                               for r in noisy.head(12).itertuples()) + ("; …" if len(noisy) > 12 else ""))
+    if "device" in df and (df.device == "cpu").any():
+        out.append("Some cells ran on CPU: no per-phase GPU peaks; bandwidth limit is a measured CPU copy.")
+    return out
+
+
+def protocol(df: pd.DataFrame) -> dict:
+    keys = ["ppl_protocol", "ppl_seqlen", "ppl_stride", "ppl_max_windows", "ppl_batch_size", "ppl_windows",
+            "ppl_tokens_scored", "ppl_dataset", "ppl_dataset_sha256"]
+    env = ["gpu_name", "driver_version", "cuda_version", "torch_version", "transformers_version",
+           "bitsandbytes_version", "accelerate_version", "python_version", "cpu_model", "host", "prompt_tokens",
+           "warmup", "repeats", "measurement_version", "peak_bandwidth_gbs", "peak_bandwidth_source"]
+    summarise = (lambda k: ", ".join(str(v) for v in sorted(set(col(df, k).dropna()), key=str)) or "–")
+    options = sorted(set(zip(col(df, "precision"), col(df, "precision_options"))), key=str)
+    return {"perplexity": {k: summarise(k) for k in keys}, "environment": {k: summarise(k) for k in env},
+            "precision_options": [(p, json.loads(o) if isinstance(o, str) else o) for p, o in options if p]}

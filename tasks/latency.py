@@ -1,0 +1,176 @@
+"""Latency of greedy generation, written out as plain steps: `prefill` (the prompt, giving the first token) and
+`decode_one_token` (one more token from the KV cache), exactly `new_tokens` new tokens, EOS ignored.
+
+Timing is device-synchronised: on a GPU a CUDA event is recorded after every step and read once the run is over (no
+host sync inside the loop); on CPU the host clock is read after every step. Warm-up runs are untimed. One more,
+untimed run measures memory phase by phase (see tasks.memory).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks import memory
+
+# Prompts for real models are cut from this text (written for this project; deterministic).
+PROMPT_TEXT = (
+    "The river town woke slowly. Fishermen pulled their boats onto the gravel while the baker opened the shutters "
+    "and set out the first loaves of the day. Along the harbour wall, gulls argued over scraps, and a ferry sounded "
+    "its horn as it left for the islands. In the square, the clock had stopped at a quarter past nine years ago, and "
+    "nobody had thought it worth the cost of repair. Children crossed the bridge on their way to school, counting "
+    "the barges moored below, and the old librarian unlocked the reading room, where the morning light fell across "
+    "long tables of maps, ledgers and letters that recorded two centuries of trade along the coast. "
+)
+NOISY_CV = 0.05
+
+
+def prompt_ids(tokenizer, vocab_size: int, prompt_tokens: int, batch: int, device: str):
+    """[batch, prompt_tokens] ids: real text for a model with a tokenizer (row b starts b*11 tokens further on),
+    seeded random ids otherwise."""
+    import torch
+
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (batch, prompt_tokens), generator=g).to(device)
+    ids = tokenizer(PROMPT_TEXT, add_special_tokens=False).input_ids
+    need = prompt_tokens + 11 * batch
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return torch.tensor([ids[11 * b:11 * b + prompt_tokens] for b in range(batch)], device=device)
+
+
+def prefill(model, input_ids, cache):
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def decode_one_token(model, token, cache):
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+class Clock:
+    """Marks on the device timeline: CUDA events on a GPU, the host clock on CPU. Read after the run."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        self.marks: list = []
+        self._event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = self._event()
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None):
+    """Greedy generation of exactly `new_tokens` tokens; returns (tokens [batch, new_tokens], cache)."""
+    import contextlib
+
+    import torch
+
+    phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
+    with torch.inference_mode():
+        cache = new_cache(model)
+        if clock:
+            clock.mark()
+        with phase("prefill"):
+            token = prefill(model, input_ids, cache)
+        if clock:
+            clock.mark()
+        out = [token]
+        with phase("decode"):
+            for _ in range(new_tokens - 1):
+                token = decode_one_token(model, token, cache)
+                if clock:
+                    clock.mark()
+                out.append(token)
+        return torch.cat(out, dim=1), cache
+
+
+@dataclass
+class LatencyRecord:
+    """Raw timings of the timed repeats of one cell; `summary()` turns them into row columns."""
+    batch_size: int
+    new_tokens: int
+    ttft_ms: list[float] = field(default_factory=list)          # one per repeat
+    decode_ms: list[list[float]] = field(default_factory=list)  # per repeat, the gaps between consecutive tokens
+
+    def add(self, intervals_ms: list[float]) -> None:
+        self.ttft_ms.append(intervals_ms[0])
+        self.decode_ms.append(intervals_ms[1:])
+
+    def summary(self) -> dict:
+        gaps = np.array([g for run in self.decode_ms for g in run], dtype=float)
+        per_run_decode = [float(np.mean(r)) for r in self.decode_ms if r]
+        e2e_s = [(t + sum(r)) / 1e3 for t, r in zip(self.ttft_ms, self.decode_ms)]
+        cv_decode = _cv(per_run_decode)
+        cv_ttft = _cv(self.ttft_ms)
+        mean_gap = float(gaps.mean()) if gaps.size else None
+        return {
+            "ttft_ms": statistics.median(self.ttft_ms),
+            "ttft_ms_mean": statistics.fmean(self.ttft_ms),
+            "decode_ms_per_token": mean_gap,
+            "decode_ms_p50": float(np.percentile(gaps, 50)) if gaps.size else None,
+            "decode_ms_p90": float(np.percentile(gaps, 90)) if gaps.size else None,
+            "decode_ms_p99": float(np.percentile(gaps, 99)) if gaps.size else None,
+            "decode_tokens_per_s": self.batch_size * 1e3 / mean_gap if mean_gap else None,
+            "e2e_s": statistics.fmean(e2e_s),
+            "e2e_tokens_per_s": self.batch_size * self.new_tokens / statistics.fmean(e2e_s),
+            "cv_ttft": cv_ttft,
+            "cv_decode": cv_decode,
+            "noisy_timing": any(cv is not None and cv > NOISY_CV for cv in (cv_ttft, cv_decode)),
+            "ttft_ms_samples": list(self.ttft_ms),
+            "decode_ms_samples": [float(g) for g in gaps],
+            "e2e_s_samples": e2e_s,
+        }
+
+
+def _cv(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean else None
+
+
+def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int,
+                 warmup: int, repeats: int) -> tuple[LatencyRecord, memory.PhaseMemory, object]:
+    """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases and final cache."""
+    import torch
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = prompt_ids(tokenizer, vocab, prompt_tokens, batch_size, device)
+    for _ in range(warmup):
+        generate(model, ids, new_tokens)
+    record = LatencyRecord(batch_size, new_tokens)
+    for _ in range(repeats):
+        clock = Clock(device)
+        tokens, _ = generate(model, ids, new_tokens, clock=clock)
+        assert tokens.shape == (batch_size, new_tokens)
+        record.add(clock.intervals_ms())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    phases = memory.PhaseMemory(device)
+    phases.before = memory.allocated(device)
+    _, cache = generate(model, ids, new_tokens, phases=phases)
+    return record, phases, cache

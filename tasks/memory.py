@@ -1,0 +1,110 @@
+"""Memory per phase. On a GPU: allocated after load (weights), peak during prefill and during decode with the peak
+counters reset between phases, peak reserved, the KV cache (analytic, as cache tensors, and as allocator growth), and
+this process's memory as NVML sees it. On CPU: resident set size after each phase (no per-phase peaks exist there)."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+def _cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def allocated(device: str) -> int:
+    import torch
+
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) if _cuda(device) else rss()
+
+
+def rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def reset_peaks(device: str) -> None:
+    import torch
+
+    if _cuda(device):
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_allocated(device: str) -> int | None:
+    import torch
+
+    if not _cuda(device):
+        return None
+    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def peak_reserved(device: str) -> int | None:
+    import torch
+
+    if not _cuda(device):
+        return None
+    return sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
+
+
+def nvml_process_bytes(device: str) -> tuple[int | None, int | None]:
+    """(this process's GPU memory, the whole GPU's used memory) from NVML; None where NVML cannot tell."""
+    if not _cuda(device):
+        return None, None
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        mine = None
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if p.pid == os.getpid() and p.usedGpuMemory is not None:
+                mine = int(p.usedGpuMemory)
+        return mine, int(used)
+    except Exception:
+        return None, None
+
+
+def cache_tensor_bytes(cache) -> int:
+    """Bytes held by the key/value tensors of a transformers Cache."""
+    import torch
+
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def kv_cache_bytes(geometry: dict, tokens: int, batch: int, bytes_per_element: int) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes."""
+    return 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"] * tokens * batch * bytes_per_element
+
+
+@dataclass
+class PhaseMemory:
+    """Memory seen over one generation, phase by phase (bytes)."""
+    device: str
+    before: int = 0
+    prefill_peak: int | None = None
+    decode_peak: int | None = None
+    after_prefill: int = 0
+    after_decode: int = 0
+    marks: dict = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        reset_peaks(self.device)
+        yield
+        if _cuda(self.device):
+            import torch
+
+            torch.cuda.synchronize()
+        setattr(self, f"{name}_peak", peak_allocated(self.device))
+        setattr(self, f"after_{name}", allocated(self.device))

@@ -1,0 +1,223 @@
+"""Model sources (hub id, local folder, GGUF file, synthetic architecture) and loading one at a precision.
+
+Every source but the hub becomes a plain Hugging Face folder first, so that every precision is loaded the same way:
+- a GGUF file is dequantized once by transformers (`gguf_file=`) and saved to a cache folder keyed by the file's
+  sha256 (transformers refuses a quantization config together with `gguf_file`);
+- a synthetic model (random weights, seed 0, in a named architecture or a mapping of shapes) is built once and saved
+  to a cache folder keyed by its configuration.
+The cache lives in $QSWEEP_CACHE, else ~/.cache/quant-sweep. Folders are written under a temporary name and renamed,
+so two workers building the same folder at once cannot leave a half-written one.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# name -> shapes. OPT sizes from the OPT paper / facebook configs; Llama-2-7B and Mistral-7B from their configs.
+SYNTHETIC_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "opt-125m": dict(family="opt", hidden_size=768, layers=12, heads=12, ffn=3072, vocab=50272, max_positions=2048),
+    "opt-350m": dict(family="opt", hidden_size=1024, layers=24, heads=16, ffn=4096, vocab=50272, max_positions=2048,
+                     embed_dim=512),
+    "opt-1.3b": dict(family="opt", hidden_size=2048, layers=24, heads=32, ffn=8192, vocab=50272, max_positions=2048),
+    "llama-2-7b": dict(family="llama", hidden_size=4096, layers=32, heads=32, kv_heads=32, ffn=11008, vocab=32000,
+                       max_positions=4096),
+    "mistral-7b": dict(family="mistral", hidden_size=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=32000,
+                       max_positions=32768),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "quant-sweep"))
+
+
+def resolve_file(path: str) -> Path:
+    """A file path, or `pkg:PACKAGE/relative/path` for a file shipped inside an installed package (found without
+    importing the package, whose own imports may be missing)."""
+    if path.startswith("pkg:"):
+        package, _, rel = path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {package!r} is not installed (needed for {path})")
+        return Path(spec.submodule_search_locations[0]) / rel
+    return Path(path).expanduser()
+
+
+def synthetic_shapes(spec: str | dict) -> dict[str, Any]:
+    if isinstance(spec, str):
+        return dict(SYNTHETIC_ARCHITECTURES[spec])
+    return dict(spec)
+
+
+def synthetic_config(spec: str | dict):
+    from transformers import LlamaConfig, MistralConfig, OPTConfig
+
+    s = synthetic_shapes(spec)
+    family = s["family"]
+    if family == "opt":
+        return OPTConfig(hidden_size=s["hidden_size"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         ffn_dim=s["ffn"], vocab_size=s["vocab"], max_position_embeddings=s.get("max_positions", 2048),
+                         word_embed_proj_dim=s.get("embed_dim", s["hidden_size"]), bos_token_id=2, eos_token_id=2,
+                         pad_token_id=1)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig}[family]
+    return cls(hidden_size=s["hidden_size"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+               num_key_value_heads=s.get("kv_heads") or s["heads"], intermediate_size=s["ffn"],
+               vocab_size=s["vocab"], max_position_embeddings=s.get("max_positions", 4096))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _publish(build, target: Path) -> Path:
+    """Build a folder under a temporary name beside `target`, then rename it into place (first writer wins)."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another worker published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def gguf_folder(path: str) -> tuple[Path, str]:
+    """A cached Hugging Face folder holding the dequantized weights and tokenizer of a GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = resolve_file(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {file}")
+    sha = sha256_file(file)
+
+    def build(tmp: Path) -> None:
+        kw = dict(gguf_file=file.name)
+        tok = AutoTokenizer.from_pretrained(file.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kw)
+        del model.config.quantization_config          # the folder holds plain (dequantized) fp32 weights
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(file), "sha256": sha}))
+
+    return _publish(build, cache_root() / f"gguf-{sha[:16]}"), sha
+
+
+def synthetic_folder(spec: str | dict, device: str) -> tuple[Path, str]:
+    """A cached folder with random weights (seed 0, transformers' own init) in the given architecture."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = synthetic_config(spec)
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        model.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"synthetic": spec}))
+
+    return _publish(build, cache_root() / f"synthetic-{key}"), key
+
+
+def source_folder(model: dict, device: str) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained finds the model, plus facts about the source for the row."""
+    if model.get("hub"):
+        return model["hub"], {"model_source": "hub", "model_revision": model.get("revision")}
+    if model.get("path"):
+        return str(Path(model["path"]).expanduser()), {"model_source": "path"}
+    if model.get("gguf"):
+        folder, sha = gguf_folder(model["gguf"])
+        return str(folder), {"model_source": "gguf", "model_file_sha256": sha}
+    folder, _ = synthetic_folder(model["synthetic"], device)
+    return str(folder), {"model_source": "synthetic"}
+
+
+def load(model: dict, precision, options, device: str):
+    """Load (model, tokenizer or None) at a precision onto `device`; returns them with load facts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    where, facts = source_folder(model, device)
+    facts["prepare_s"] = time.perf_counter() - t0
+    common = {"revision": model.get("revision")} if model.get("revision") else {}
+    common["trust_remote_code"] = bool(model.get("trust_remote_code", False))
+    t0 = time.perf_counter()
+    kwargs = precision.build(options)
+    m = AutoModelForCausalLM.from_pretrained(where, device_map={"": device}, **kwargs, **common)
+    m.eval()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    facts["load_s"] = time.perf_counter() - t0
+    tokenizer = None
+    if not model.get("synthetic"):
+        tokenizer = AutoTokenizer.from_pretrained(where, **common)
+    return m, tokenizer, facts
+
+
+def weight_stats(model) -> dict[str, Any]:
+    """Logical parameter count (4-bit packed tensors counted by their unpacked shape), bytes of every parameter and
+    buffer as stored, effective bits per parameter, and the bytes of an input embedding a decode step does not read."""
+    import math
+
+    params = 0
+    weights_bytes = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        params += math.prod(qs.shape) if qs is not None else p.numel()
+        weights_bytes += p.numel() * p.element_size()
+        if qs is not None:  # absmax, nested scales and code book
+            weights_bytes += sum(t.numel() * t.element_size() for t in _quant_state_tensors(qs))
+        scb = getattr(p, "SCB", None)
+        if scb is not None:
+            weights_bytes += scb.numel() * scb.element_size()
+    weights_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and inp.weight.data_ptr() == out.weight.data_ptr()
+    unread = 0 if tied else inp.weight.numel() * inp.weight.element_size()
+    return {
+        "params": params,
+        "weights_bytes": weights_bytes,
+        "bits_per_param": 8.0 * weights_bytes / params if params else None,
+        "embedding_unread_bytes": unread,
+    }
+
+
+def _quant_state_tensors(qs):
+    import torch
+
+    seen = []
+    for v in vars(qs).values():
+        if isinstance(v, torch.Tensor):
+            seen.append(v)
+        elif v is not None and hasattr(v, "absmax"):
+            seen.extend(_quant_state_tensors(v))
+    return seen
+
+
+def kv_geometry(config) -> dict[str, int]:
+    """Layers, KV heads and head dimension, for the analytic KV-cache size."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return {"layers": text.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim}

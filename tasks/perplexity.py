@@ -1,0 +1,139 @@
+"""WikiText-2 (raw, test split) perplexity under a named protocol.
+
+Data: the hub dataset (wikitext / wikitext-2-raw-v1 / test, through `datasets`) or a local `wiki.test.raw` whose bytes
+the driver has read and checked against WIKITEXT2_TEST_SHA256. Rows are made exactly as the hub builder makes them from
+that file (a blank line gives "", any other line is kept with its trailing "\\n"), joined with "\\n\\n" and tokenized once
+with the model's tokenizer, special tokens as it adds them by default.
+
+Protocols (every row records protocol, seqlen, stride, windows and tokens scored):
+- `gptq`: non-overlapping windows of `seqlen`, the tail dropped; each window's mean cross-entropy over its seqlen-1
+  shifted targets, times seqlen, summed; ppl = exp(sum / (windows * seqlen)). GPTQ paper, Table 3 (OPT-125M: 27.65).
+- `strided`: Hugging Face's "perplexity of fixed-length models": windows of `seqlen` every `stride` tokens, each token
+  scored once, by the first window that scores it, conditioned on up to seqlen-1 tokens before it; ppl = exp(total
+  cross-entropy / tokens scored). Unlike the guide's code, every token 1..N-1 is weighted exactly once.
+
+Windows go through the model `batch_size` at a time; the loss is summed in fp32 over chunks of positions so that fp32
+logits for a whole batch never exist at once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+HUB_DATASET = "wikitext/wikitext-2-raw-v1/test"
+LOSS_CHUNK = 512  # positions per fp32 cross-entropy chunk
+
+
+def rows_from_raw(raw: bytes) -> list[str]:
+    """The rows the hub's wikitext builder yields for a raw split file."""
+    lines = raw.decode("utf-8").splitlines(keepends=True)
+    return [line if line.strip() else "" for line in lines]
+
+
+def hub_rows() -> list[str]:
+    import datasets
+
+    return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+
+
+def corpus_text(rows: list[str]) -> str:
+    return "\n\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int       # first input token (index into the token stream)
+    end: int         # one past the last input token
+    score_from: int  # first target position scored, relative to begin (>= 1)
+
+
+def gptq_windows(n_tokens: int, seqlen: int) -> list[Window]:
+    return [Window(i * seqlen, (i + 1) * seqlen, 1) for i in range(n_tokens // seqlen)]
+
+
+def strided_windows(n_tokens: int, seqlen: int, stride: int) -> list[Window]:
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seqlen, n_tokens)
+        first_new = max(prev_end, begin + 1)  # token 0 has no context; later windows score only what is new
+        if end - begin >= 2 and first_new < end:
+            windows.append(Window(begin, end, first_new - begin))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def window_losses(model, ids, windows: list[Window], batch_size: int, device: str) -> list[tuple[float, int]]:
+    """(sum of cross-entropy in fp32, number of targets) per window, windows of equal length batched together."""
+    import torch
+    import torch.nn.functional as F
+
+    out: dict[int, tuple[float, int]] = {}
+    order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].begin)
+    groups: list[list[int]] = []
+    for i in order:
+        length = windows[i].end - windows[i].begin
+        if groups and len(groups[-1]) < batch_size and \
+                windows[groups[-1][0]].end - windows[groups[-1][0]].begin == length:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    with torch.inference_mode():
+        for group in groups:
+            batch = torch.stack([ids[windows[i].begin:windows[i].end] for i in group]).to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            for row, i in enumerate(group):
+                w = windows[i]
+                total = torch.zeros((), dtype=torch.float64, device=logits.device)
+                for lo in range(w.score_from, w.end - w.begin, LOSS_CHUNK):
+                    hi = min(lo + LOSS_CHUNK, w.end - w.begin)
+                    total += F.cross_entropy(logits[row, lo - 1:hi - 1].float(), batch[row, lo:hi],
+                                             reduction="sum").double()
+                out[i] = (float(total), w.end - w.begin - w.score_from)
+            del logits
+    return [out[i] for i in range(len(windows))]
+
+
+def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int, stride: int,
+               max_windows: int | None, batch_size: int, device: str) -> dict:
+    import torch
+
+    t0 = time.perf_counter()
+    ids = tokenizer(corpus_text(rows), return_tensors="pt").input_ids[0]
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len and seqlen > max_len:
+        raise ValueError(f"perplexity.seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
+    if protocol == "gptq":
+        windows = gptq_windows(len(ids), seqlen)
+    elif protocol == "strided":
+        windows = strided_windows(len(ids), seqlen, stride)
+    else:
+        raise ValueError(f"unknown perplexity protocol {protocol!r}")
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    if not windows:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one window of {seqlen}")
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    losses = window_losses(model, ids, windows, batch_size, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    forward_s = time.perf_counter() - t1
+    if protocol == "gptq":
+        nll = sum(s / n * seqlen for s, n in losses)
+        ppl = math.exp(nll / (len(windows) * seqlen))
+    else:
+        ppl = math.exp(sum(s for s, _ in losses) / sum(n for _, n in losses))
+    scored = sum(n for _, n in losses)
+    return {
+        "perplexity": ppl,
+        "ppl_windows": len(windows),
+        "ppl_tokens_scored": scored,
+        "ppl_corpus_tokens": len(ids),
+        "ppl_s": time.perf_counter() - t0,                       # tokenization included
+        "ppl_tokens_per_s": sum(w.end - w.begin for w in windows) / forward_s,  # model forward only
+    }

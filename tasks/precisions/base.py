@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+DTypeName = Literal["fp32", "fp16", "bf16"]
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    description: str
+    devices: tuple[str, ...]                      # device types it runs on: "cuda", "cpu"
+    options: type[BaseModel] = NoOptions
+    # options -> kwargs for AutoModelForCausalLM.from_pretrained (quantization_config, dtype)
+    build: Callable[[BaseModel], dict[str, Any]] = field(default=lambda o: {})
+    needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
+    weight_bits: float = 16.0                     # nominal bits of a quantized weight, for labels only
+
+    def parse_options(self, raw: dict[str, Any]) -> BaseModel:
+        return self.options(**raw)
+
+    def unsupported_reason(self, device_type: str, opts: BaseModel, bf16_ok: bool) -> str | None:
+        """Why this precision cannot run on the device at hand, or None."""
+        if device_type not in self.devices:
+            return f"{self.name} does not run on {device_type} (runs on {', '.join(self.devices)})"
+        if self.needs_bf16(opts) and not bf16_ok:
+            return f"{self.name} with bf16 needs a GPU with bfloat16 support (compute capability 8.0 or newer)"
+        return None
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])

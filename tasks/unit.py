@@ -1,0 +1,211 @@
+"""The one entry point of tasks/: `run_unit(unit)` loads one model at one precision, measures perplexity once, then
+measures every (new_tokens, batch_size) cell of that pair, yielding one row per cell as soon as it is done.
+
+A unit is plain data (see orchestrator.plan.Unit.to_task): model entry, precision name and options, cells with their
+keys, generation and perplexity settings, GPUs asked for. Failures never escape: a load that fails makes every cell a
+failure row; a cell that fails (out of memory included) becomes a failure row and the next cell goes on.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+from datetime import datetime, timezone
+from typing import Iterator
+
+from tasks import latency, memory, models, perplexity
+from tasks.hardware import fingerprint, peak_bandwidth
+from tasks.precisions import REGISTRY
+
+MEASUREMENT_VERSION = 1  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
+_loads = 0  # models loaded by this worker process; a worker serves exactly one unit
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def pick_device(gpus: float) -> str:
+    import torch
+
+    return "cuda:0" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _failure(exc: BaseException) -> dict:
+    return {
+        "status": "oom" if _is_oom(exc) else "error",
+        "error_type": type(exc).__name__,
+        "error_message": str(exc)[:2000],
+        "traceback": traceback.format_exc()[-8000:],
+    }
+
+
+def weights_note(model: dict) -> str | None:
+    if model.get("synthetic"):
+        return "synthetic weights (random, seed 0): latency and memory only, no perplexity"
+    if model.get("gguf"):
+        kind = re.search(r"(IQ\d\w*|Q\d+(?:_[A-Z0-9]+)*|BF16|F16|F32)", model["gguf"], re.I)
+        kind = kind.group(1).upper() if kind else "unknown type"
+        return (f"GGUF source ({kind}): weights were quantized before release; full-precision rows hold the "
+                f"dequantized {kind} weights")
+    return None
+
+
+def unit_rows_base(unit: dict) -> dict:
+    p = unit["precision"]
+    g = unit["generation"]
+    ppl = unit.get("perplexity") or {}
+    return {
+        "sweep": unit["sweep"],
+        "run_id": unit["run_id"],
+        "unit_id": unit["unit_id"],
+        "attempt": unit.get("attempt", 1),
+        "model": unit["model"]["label"],
+        "model_spec": json.dumps(unit["model"], sort_keys=True),
+        "weights_note": weights_note(unit["model"]),
+        "precision": p["label"],
+        "precision_name": p["name"],
+        "precision_options": json.dumps(p["options"], sort_keys=True),
+        "prompt_tokens": g["prompt_tokens"],
+        "warmup": g["warmup"],
+        "repeats": g["repeats"],
+        "gpus_per_task": unit["gpus"],
+        "ppl_protocol": ppl.get("protocol"),
+        "ppl_seqlen": ppl.get("seqlen"),
+        "ppl_stride": ppl.get("stride") if ppl.get("protocol") == "strided" else None,
+        "ppl_max_windows": ppl.get("max_windows"),
+        "ppl_batch_size": ppl.get("batch_size"),
+        "ppl_dataset": ppl.get("dataset"),
+        "ppl_dataset_sha256": ppl.get("sha256"),
+        "measurement_version": MEASUREMENT_VERSION,
+    }
+
+
+def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
+    """Yield one row per cell of the unit. `wikitext`: the raw test-split bytes the driver read and checked, or None
+    for the hub dataset (or when perplexity is off)."""
+    global _loads
+    import torch
+
+    started = now()
+    base = unit_rows_base(unit)
+    device = pick_device(unit["gpus"])
+    env = fingerprint(device)
+    base.update(env)
+    precision = REGISTRY[unit["precision"]["name"]]
+    options = precision.parse_options(unit["precision"]["options"])
+    bf16_ok = torch.cuda.is_bf16_supported() if device.startswith("cuda") else True
+
+    def rows_for_remaining(cells, fields):
+        for cell in cells:
+            yield {**base, **cell_fields(cell), "started_at": started, "ended_at": now(), **fields}
+
+    reason = precision.unsupported_reason(env["device"], options, bf16_ok)
+    if reason:
+        yield from rows_for_remaining(unit["cells"], {"status": "skipped", "error_type": "Unsupported",
+                                                      "error_message": reason})
+        return
+
+    t_load = time.perf_counter()
+    try:
+        model, tokenizer, facts = models.load(unit["model"], precision, options, device)
+        _loads += 1
+        facts.update(models.weight_stats(model))
+        facts["model_loads_in_worker"] = _loads
+        if device.startswith("cuda"):
+            facts["weights_allocated_bytes"] = memory.allocated(device)
+        facts["rss_after_load_bytes"] = memory.rss()
+    except Exception as exc:
+        yield from rows_for_remaining(unit["cells"], {**_failure(exc), "load_s": time.perf_counter() - t_load})
+        return
+    base.update(facts)
+    base.update(measure_perplexity(unit, model, tokenizer, wikitext, device))
+    geometry = models.kv_geometry(model.config)
+    bw_gbs, bw_source = peak_bandwidth(device)
+    base.update(peak_bandwidth_gbs=bw_gbs, peak_bandwidth_source=bw_source)
+
+    for cell in unit["cells"]:
+        cell_started = now()
+        t0 = time.perf_counter()
+        row = {**base, **cell_fields(cell), "started_at": cell_started}
+        try:
+            row.update(measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts, bw_gbs))
+            row["status"] = "ok"
+        except Exception as exc:
+            row.update(_failure(exc))
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        row["latency_s"] = time.perf_counter() - t0
+        row["ended_at"] = now()
+        yield row
+
+
+def cell_fields(cell: dict) -> dict:
+    return {"cell_key": cell["cell_key"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"]}
+
+
+def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, device: str) -> dict:
+    cfg = unit.get("perplexity")
+    if not cfg:
+        return {"ppl_skipped_reason": "perplexity off in the grid"}
+    if unit["model"].get("synthetic") or tokenizer is None:
+        return {"ppl_skipped_reason": "synthetic weights"}
+    try:
+        rows = perplexity.rows_from_raw(wikitext) if wikitext is not None else perplexity.hub_rows()
+        return perplexity.perplexity(model, tokenizer, rows, protocol=cfg["protocol"], seqlen=cfg["seqlen"],
+                                     stride=cfg["stride"], max_windows=cfg["max_windows"],
+                                     batch_size=cfg["batch_size"], device=device)
+    except Exception as exc:
+        f = _failure(exc)
+        return {"ppl_error": f"{f['error_type']}: {f['error_message']}", "ppl_status": f["status"]}
+
+
+def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts, bw_gbs) -> dict:
+    import resource
+
+    g = unit["generation"]
+    record, phases, cache = latency.measure_cell(
+        model, tokenizer, device, new_tokens=cell["new_tokens"], batch_size=cell["batch_size"],
+        prompt_tokens=g["prompt_tokens"], warmup=g["warmup"], repeats=g["repeats"])
+    out = record.summary()
+    tensor_bytes = memory.cache_tensor_bytes(cache)
+    cached_tokens = g["prompt_tokens"] + cell["new_tokens"] - 1  # the last token is never fed back
+    element = tensor_bytes // max(1, 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"]
+                                  * cached_tokens * cell["batch_size"]) or 2
+    del cache
+    nvml_mine, nvml_used = memory.nvml_process_bytes(device)
+    cuda = device.startswith("cuda")
+    out.update({
+        "kv_cache_bytes": memory.kv_cache_bytes(geometry, cached_tokens, cell["batch_size"], element),
+        "kv_cache_tensor_bytes": tensor_bytes,
+        "kv_cache_growth_bytes": (phases.after_decode - phases.before) if cuda else None,
+        "memory_before_bytes": phases.before if cuda else None,
+        "prefill_peak_bytes": phases.prefill_peak,
+        "decode_peak_bytes": phases.decode_peak,
+        "peak_bytes": max(phases.prefill_peak, phases.decode_peak) if cuda else None,
+        "peak_reserved_bytes": memory.peak_reserved(device),
+        "nvml_process_bytes": nvml_mine,
+        "nvml_device_used_bytes": nvml_used,
+        "rss_bytes": memory.rss(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "kv_layers": geometry["layers"], "kv_heads": geometry["kv_heads"], "head_dim": geometry["head_dim"],
+        "kv_bytes_per_element": element,
+    })
+    # Distance to the hardware limit: what one decode step must read, over the measured step time.
+    mean_context = g["prompt_tokens"] + cell["new_tokens"] / 2
+    step_bytes = (facts["weights_bytes"] - facts["embedding_unread_bytes"]
+                  + memory.kv_cache_bytes(geometry, mean_context, cell["batch_size"], element))
+    out["decode_bytes_per_step"] = int(step_bytes)
+    if out["decode_ms_per_token"]:
+        achieved = step_bytes / (out["decode_ms_per_token"] / 1e3) / 1e9
+        out["achieved_bandwidth_gbs"] = achieved
+        out["bandwidth_fraction"] = achieved / bw_gbs if bw_gbs else None
+        out["decode_ms_floor"] = step_bytes / (bw_gbs * 1e9) * 1e3 if bw_gbs else None
+    return out
