@@ -19,7 +19,7 @@ def _fmt_s(s: float | None) -> str:
 
 class Progress:
     def __init__(self, total: int, live: bool | None = None, console: Console | None = None):
-        self.console = console or Console(stderr=False)
+        self.console = console or Console(stderr=False, width=None if sys.stdout.isatty() else 120)
         self.live_mode = sys.stdout.isatty() if live is None else live
         self.total = total
         self.done = self.failed = self.skipped = 0

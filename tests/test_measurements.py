@@ -1,0 +1,156 @@
+"""Measurements on CPU: every precision on a tiny synthetic model, rows that fit the schema, memory and latency
+records, skipped and failed cells, GGUF conversion cache, the bandwidth table."""
+import dataclasses
+import json
+
+import pytest
+
+from orchestrator.schema import NAMES
+from orchestrator.store import Store
+from tasks import latency, models, unit as U
+from tasks.hardware import datasheet_bandwidth_gbs
+from tasks.precisions import REGISTRY
+from tests.conftest import SMOLLM2, TINY_LLAMA, TINY_OPT
+
+ALL = ["fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq"]
+
+
+def make_unit(precision="fp32", options=None, model=None, cells=((4, 1), (6, 2)), ppl=None, label="tiny"):
+    opts = REGISTRY[precision].parse_options(options or {}).model_dump()
+    return {
+        "sweep": "t", "run_id": "r", "unit_id": "u", "attempt": 1,
+        "model": {"synthetic": TINY_LLAMA, "label": label} if model is None else model,
+        "precision": {"name": precision, "options": opts, "label": precision},
+        "cells": [{"cell_key": f"k{n}-{b}", "new_tokens": n, "batch_size": b} for n, b in cells],
+        "generation": {"prompt_tokens": 8, "warmup": 1, "repeats": 2}, "perplexity": ppl, "gpus": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def rows_by_precision():
+    out = {}
+    for p in ALL:
+        out[p] = list(U.run_unit(make_unit(p)))  # default options: 4-bit computes in bf16, int8 in fp16
+    return out
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_every_precision_runs_on_cpu(rows_by_precision, precision, tmp_path):
+    rows = rows_by_precision[precision]
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows[0].get("traceback")
+    r = rows[1]
+    assert set(r) <= set(NAMES)
+    Store(tmp_path, "r").write(r)  # fits the Parquet schema
+    assert r["params"] == rows_by_precision["fp32"][1]["params"]  # 4-bit tensors counted unpacked
+    assert r["model_loads_in_worker"] >= 1  # one per worker under Ray; here every unit shares the test process
+    assert r["weights_note"].startswith("synthetic weights")
+    assert r["ppl_skipped_reason"] == "perplexity off in the grid"
+    # exactly new_tokens tokens: prefill gives the first, new_tokens-1 decode gaps per repeat
+    assert len(r["decode_ms_samples"]) == 2 * (6 - 1) and len(r["ttft_ms_samples"]) == 2
+    # the analytic KV cache equals the bytes of the cache tensors: 2 x layers x kv_heads x head_dim x tokens x batch
+    assert r["kv_cache_bytes"] == r["kv_cache_tensor_bytes"] == 2 * 2 * 2 * 16 * (8 + 6 - 1) * 2 * r["kv_bytes_per_element"]
+    assert r["decode_bytes_per_step"] > r["weights_bytes"] - r["embedding_unread_bytes"]
+    assert 0 < r["bandwidth_fraction"] < 1.5 and r["peak_bandwidth_source"] == "measured-copy"
+    assert r["device"] == "cpu" and r["torch_version"] and r["transformers_version"] and r["bitsandbytes_version"]
+    assert json.loads(r["precision_options"]) == make_unit(precision)["precision"]["options"]
+
+
+def test_quantization_shrinks_weights(rows_by_precision):
+    bits = {p: rows_by_precision[p][0]["bits_per_param"] for p in ALL}
+    assert bits["fp32"] == pytest.approx(32, abs=0.01)
+    assert bits["fp16"] == pytest.approx(16, abs=0.01) and bits["bf16"] == pytest.approx(16, abs=0.01)
+    # bitsandbytes keeps embeddings and the LM head in 16/32 bits; the linear layers shrink
+    assert bits["int8"] < bits["fp16"]
+    assert bits["nf4"] < bits["int8"] and bits["fp4"] < bits["int8"]
+    assert json.loads(rows_by_precision["nf4-dq"][0]["precision_options"])["double_quant"] is True
+
+
+def test_double_quant_shrinks_the_scales():
+    """nf4-dq stores absmax in 8 bits (plus a 1 KB code book per layer): smaller once layers are not tiny."""
+    wide = {**TINY_LLAMA, "hidden_size": 256, "ffn": 1024}
+    stats = {}
+    for name in ("nf4", "nf4-dq"):
+        p = REGISTRY[name]
+        m, _, _ = models.load({"synthetic": wide, "label": "wide"}, p, p.parse_options({}), "cpu")
+        stats[name] = models.weight_stats(m)
+    assert stats["nf4-dq"]["weights_bytes"] < stats["nf4"]["weights_bytes"]
+    assert stats["nf4-dq"]["params"] == stats["nf4"]["params"]
+
+
+def test_unsupported_device_gives_skipped_rows(monkeypatch):
+    cuda_only = dataclasses.replace(REGISTRY["nf4"], devices=("cuda",))
+    monkeypatch.setitem(U.REGISTRY, "nf4", cuda_only)
+    rows = list(U.run_unit(make_unit("nf4")))
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert "does not run on cpu" in rows[0]["error_message"]
+    assert REGISTRY["bf16"].unsupported_reason("cuda", REGISTRY["bf16"].parse_options({}), bf16_ok=False)
+
+
+def test_load_failure_makes_every_cell_an_error(tmp_path):
+    rows = list(U.run_unit(make_unit(model={"path": str(tmp_path / "missing"), "label": "missing"})))
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert rows[0]["error_type"] and rows[0]["traceback"]
+
+
+def test_cell_failure_does_not_stop_the_unit(monkeypatch):
+    real = latency.measure_cell
+
+    def flaky(model, tokenizer, device, **kw):
+        if kw["batch_size"] == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tokenizer, device, **kw)
+
+    monkeypatch.setattr(U.latency, "measure_cell", flaky)
+    rows = list(U.run_unit(make_unit()))
+    assert [r["status"] for r in rows] == ["oom", "ok"]
+    assert rows[0]["error_type"] == "RuntimeError"
+
+
+def test_opt_family_and_synthetic_cache(model_cache):
+    rows = list(U.run_unit(make_unit("fp16", model={"synthetic": TINY_OPT, "label": "opt"}, cells=((3, 1),))))
+    assert rows[0]["status"] == "ok"
+    folders = list(model_cache.glob("synthetic-*"))
+    assert folders and all((f / "config.json").exists() for f in folders)
+    assert not list(model_cache.glob("*.tmp-*"))
+
+
+def test_latency_record_summary_by_hand():
+    rec = latency.LatencyRecord(batch_size=2, new_tokens=4)
+    rec.add([10.0, 1.0, 2.0, 3.0])
+    rec.add([12.0, 1.0, 2.0, 3.0])
+    s = rec.summary()
+    assert s["ttft_ms"] == 11.0 and s["decode_ms_per_token"] == 2.0 and s["decode_ms_p50"] == 2.0
+    assert s["decode_tokens_per_s"] == pytest.approx(1000.0)
+    assert s["e2e_s"] == pytest.approx(0.017) and s["e2e_s_samples"] == pytest.approx([0.016, 0.018])
+    assert s["cv_decode"] == 0.0 and s["cv_ttft"] == pytest.approx(1.41421356 / 11, rel=1e-6)
+    assert s["noisy_timing"] is True  # ttft varies by 13%
+    assert len(s["decode_ms_samples"]) == 6
+
+
+def test_bandwidth_table():
+    assert datasheet_bandwidth_gbs("NVIDIA H100 80GB HBM3") == 3350
+    assert datasheet_bandwidth_gbs("NVIDIA H100 PCIe") == 2000
+    assert datasheet_bandwidth_gbs("NVIDIA H200") == 4800
+    assert datasheet_bandwidth_gbs("NVIDIA A100-SXM4-40GB") == 1555
+    assert datasheet_bandwidth_gbs("NVIDIA A100-SXM4-80GB") == 2039
+    assert datasheet_bandwidth_gbs("Tesla T4") == 320
+    assert datasheet_bandwidth_gbs("NVIDIA L4") == 300
+    assert datasheet_bandwidth_gbs("NVIDIA A10G") == 600
+    assert datasheet_bandwidth_gbs("Some Future GPU") is None
+
+
+@pytest.mark.slow
+def test_smollm2_unit_with_perplexity(wikitext_bytes, smollm2, model_cache):
+    """The real model through the whole unit: GGUF converted once (cached by hash), perplexity on real text."""
+    ppl = {"protocol": "gptq", "seqlen": 512, "stride": 512, "max_windows": 2, "batch_size": 2,
+           "dataset": "local", "sha256": "x"}
+    rows = list(U.run_unit(make_unit("int8", {"compute_dtype": "fp32"}, model={"gguf": SMOLLM2, "label": "smol"},
+                                     cells=((4, 1),), ppl=ppl), wikitext_bytes))
+    r = rows[0]
+    assert r["status"] == "ok", r.get("traceback")
+    assert r["model_source"] == "gguf" and len(r["model_file_sha256"]) == 64
+    assert len(list(model_cache.glob("gguf-*"))) == 1
+    assert "Q4_1" in r["weights_note"]
+    assert 10 < r["perplexity"] < 60 and r["ppl_windows"] == 2 and r["ppl_tokens_scored"] == 2 * 511
+    assert r["params"] == 134_515_008
+    assert 1.0 < r["bits_per_param"] < 16  # int8 linear layers, fp32 embeddings

@@ -1,0 +1,73 @@
+"""Planning: cells are the product of the axes, a unit per (model, precision), stable keys, largest first."""
+import textwrap
+
+from orchestrator.grid import load_grid
+from orchestrator.plan import make_plan
+from orchestrator.sweep import pending_units
+
+GRID = textwrap.dedent("""
+    name: p
+    models:
+      - synthetic: opt-125m
+      - synthetic: llama-2-7b
+      - synthetic: {family: llama, hidden_size: 64, layers: 2, heads: 4, ffn: 128, vocab: 1000}
+    precisions: [fp16, {name: nf4, compute_dtype: fp16}, int8]
+    generation: {new_tokens: [8, 16, 32], batch_sizes: [1, 4]}
+    perplexity: false
+""")
+
+
+def plan(tmp_path, text=GRID, overrides=()):
+    f = tmp_path / "g.yaml"
+    f.write_text(text)
+    return make_plan(load_grid(f, list(overrides)), "run")
+
+
+def test_cells_and_units(tmp_path):
+    p = plan(tmp_path)
+    assert len(p.units) == 3 * 3
+    assert len(p.cells) == 3 * 3 * 3 * 2
+    assert all(len(u.cells) == 6 for u in p.units)
+    assert len({c.key for c in p.cells}) == len(p.cells)
+    # every unit is one (model, precision) pair, so each pair is loaded exactly once
+    assert len({(u.model["label"], u.precision["label"]) for u in p.units}) == len(p.units)
+
+
+def test_largest_first(tmp_path):
+    p = plan(tmp_path)
+    assert [u.model["label"] for u in p.units[:3]] == ["llama-2-7b"] * 3
+    assert [u.model["label"] for u in p.units[-3:]] == ["synthetic-llama-64x2"] * 3
+    assert [u.size for u in p.units] == sorted((u.size for u in p.units), reverse=True)
+
+
+def test_keys_stable_and_change_with_configuration(tmp_path):
+    a = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key for c in plan(tmp_path).cells}
+    b = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key for c in plan(tmp_path).cells}
+    assert a == b
+    c = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key
+         for c in plan(tmp_path, overrides=["generation.repeats=9"]).cells}
+    assert not set(a.values()) & set(c.values())
+    # a changed option of one precision changes only that precision's keys
+    d = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key
+         for c in plan(tmp_path, GRID.replace("name: int8", "x").replace("int8]", "{name: int8, threshold: 0.0}]")).cells}
+    same = {k for k in a if k in d and a[k] == d[k]}
+    assert same and all(k[1] != "int8" for k in same)
+    assert all(k[1].startswith("int8") is False for k in same)
+
+
+def test_label_does_not_change_key(tmp_path):
+    a = plan(tmp_path).cells[0].key
+    b = plan(tmp_path, GRID.replace("  - synthetic: llama-2-7b", "  - synthetic: llama-2-7b\n    label: big")).cells[0].key
+    assert a == b
+
+
+def test_pending_units_skip_ok_cells(tmp_path):
+    p = plan(tmp_path)
+    done = {c.key: "ok" for c in p.units[0].cells[:4]}
+    done[p.units[0].cells[4].key] = "error"
+    units = pending_units(p, done, force=False)
+    assert len(units) == len(p.units)
+    assert [c.key for c in units[0].cells] == [c.key for c in p.units[0].cells[4:]]
+    assert sum(len(u.cells) for u in pending_units(p, done, force=True)) == len(p.cells)
+    all_done = {c.key: "ok" for c in p.cells}
+    assert pending_units(p, all_done, force=False) == []
