@@ -11,9 +11,6 @@
 """
 from __future__ import annotations
 
-import importlib
-import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,19 +18,12 @@ from dataclasses import dataclass, field
 import ray
 
 from orchestrator.plan import Cell, Plan, Unit
+from orchestrator.worker import unit_task
 from tasks.unit import cell_fields, now, unit_rows_base
 
 CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
 DEFAULT_RUNNER = "tasks.unit:run_unit"
-
-
-@ray.remote(max_retries=0, max_calls=1)
-def unit_task(runner: str, unit: dict, wikitext: bytes | None):
-    yield {"_event": "start", "host": socket.gethostname(), "pid": os.getpid(),
-           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    module, _, fn = runner.partition(":")
-    yield from getattr(importlib.import_module(module), fn)(unit, wikitext)
 
 
 @dataclass

@@ -177,6 +177,11 @@ class Grid(Strict):
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"models: two entries share the label {sorted(dup)[0]!r}; give one a `label`")
+        sources = [m.model_dump(exclude={"label"}) for m in self.models]
+        for i, src in enumerate(sources):
+            if src in sources[:i]:
+                raise ValueError(f"models[{i}] is the same model as models[{sources.index(src)}] "
+                                 f"(labels do not make a different measurement)")
         plabels = [p.label for p in self.precisions]
         if len(set(plabels)) != len(plabels):
             raise ValueError(f"precisions: an entry is listed twice ({plabels})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import matplotlib
 
@@ -21,7 +22,10 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    # drop the RDF metadata block and its namespaces: identifiers only, but a self-contained page names no other host
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    return re.sub(r'\s+xmlns:(dc|cc|rdf)="[^"]*"', "", text)
 
 
 def _colors(precisions: list[str]) -> dict[str, str]:

@@ -100,9 +100,11 @@ def findings(df: pd.DataFrame, model: str, baseline: str | None) -> list[str]:
         parts = []
         if base and r["decode_vs_base"]:
             x = r["decode_vs_base"]
-            parts.append(f"{r['precision']} is {x:.1f}× {'slower' if x >= 1 else 'faster'} than {baseline} "
-                         f"at batch {b}" if abs(x - 1) >= 0.05 else
-                         f"{r['precision']} decodes as fast as {baseline} (within 5%) at batch {b}")
+            if abs(x - 1) < 0.05:
+                parts.append(f"{r['precision']} decodes as fast as {baseline} (within 5%) at batch {b}")
+            else:
+                parts.append(f"{r['precision']} is {max(x, 1 / x):.1f}× {'slower' if x > 1 else 'faster'} than "
+                             f"{baseline} at batch {b}")
             parts[-1] += f" on {model} ({n} new tokens)"
         if r["weights_smaller"]:
             w = r["weights_smaller"]

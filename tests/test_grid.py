@@ -53,6 +53,8 @@ BAD = [
     (GOOD.replace("layers: 2", "layers: 0"), "models[0].synthetic.layers", "greater than 0"),
     (GOOD.replace("perplexity: false", "perplexity: {protocol: gptx}"), "perplexity.protocol", "'gptq' or 'strided'"),
     (GOOD.replace("name: t", "name: t\nbaseline: int8"), "baseline 'int8' is not one of the precisions", None),
+    (GOOD.replace("models:\n", "models:\n  - synthetic: opt-125m\n  - synthetic: opt-125m\n    label: b\n"),
+     "models[1] is the same model as models[0]", None),
     (GOOD + "models_extra: 1\n", "models_extra: unknown key; did you mean 'models'?", None),
     ("- just\n- a list\n", "the grid must be a mapping", None),
     (GOOD.replace("name: t", "name: !!python/object/apply:os.system ['echo pwned']"), "YAML syntax error", None),

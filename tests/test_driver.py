@@ -1,0 +1,106 @@
+"""The Ray driver on a local Ray with fake GPUs: pinning, streaming, resume, failure isolation, retries, timeouts."""
+import textwrap
+
+import pandas as pd
+import pytest
+import ray
+
+from orchestrator import sweep
+from orchestrator.store import cell_statuses
+
+RUNNER = "tests.scripted:run_unit"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def grid(tmp_path, labels, new_tokens="[1, 2]", extra=""):
+    models = "\n".join(f"  - synthetic: {{family: opt, hidden_size: 8, layers: 1, heads: 1, ffn: 8, vocab: {i + 8}}}"
+                       f"\n    label: {lab}" for i, lab in enumerate(labels))
+    f = tmp_path / "g.yaml"
+    f.write_text(textwrap.dedent(f"""
+        name: drv
+        models:
+        {{models}}
+        precisions: [fp16]
+        generation: {{{{new_tokens: {new_tokens}, batch_sizes: [1]}}}}
+        perplexity: false
+        resources: {{{{gpus_per_task: 1, cpus_per_task: 0.5, timeout_s: 30, retries: 1}}}}
+    """).format(models=models) + extra)
+    return f
+
+
+def rows(out):
+    return pd.read_parquet(out / "cells")
+
+
+def test_units_pinned_to_distinct_gpus(local_ray, tmp_path):
+    out = tmp_path / "out"
+    code = sweep.run(str(grid(tmp_path, ["sleep-1.5", "sleep-1.51"])), [], output=str(out), runner=RUNNER, live=False)
+    assert code == 0
+    df = rows(out)
+    assert len(df) == 4 and set(df.status) == {"ok"}
+    # the two units overlapped in time and Ray gave each its own GPU
+    spans = df.groupby("model").agg(start=("started_at", "min"), end=("ended_at", "max"),
+                                    gpu=("cuda_visible_devices", "first"), pid=("worker_pid", "first"))
+    a, b = spans.iloc[0], spans.iloc[1]
+    assert a.start < b.end and b.start < a.end
+    assert {a.gpu, b.gpu} == {"0", "1"}
+    assert a.pid != b.pid
+
+
+def test_resume_skips_ok_cells_and_force_reruns(local_ray, tmp_path, capsys):
+    out = tmp_path / "out"
+    g = str(grid(tmp_path, ["sleep-0.01"]))
+    assert sweep.run(g, [], output=str(out), runner=RUNNER, live=False) == 0
+    first = rows(out).set_index("cell_key").run_id
+    assert sweep.run(g, [], output=str(out), runner=RUNNER, live=False) == 0
+    assert "0 to run (2 already ok" in capsys.readouterr().out
+    assert (rows(out).set_index("cell_key").run_id == first).all()
+    # a changed configuration gets new keys; the old rows leave the dataset for history/, nothing is deleted
+    assert sweep.run(g, ["generation.new_tokens=[1, 3]"], output=str(out), runner=RUNNER, live=False) == 0
+    df = rows(out)
+    assert sorted(df.new_tokens) == [1, 3] and (df.set_index("cell_key").run_id.loc[first.index[first.index.isin(
+        df.cell_key)]] == first[first.index.isin(df.cell_key)]).all()
+    assert len(list((out / "history").rglob("*.parquet"))) == 1
+    assert sweep.run(g, ["generation.new_tokens=[1, 3]"], output=str(out), force=True, runner=RUNNER,
+                     live=False) == 0
+    assert not set(rows(out).run_id) & set(first)
+
+
+def test_raise_and_kill_become_failure_rows_while_others_finish(local_ray, tmp_path):
+    out = tmp_path / "out"
+    g = grid(tmp_path, ["raise", "kill-always", "kill-once", "sleep-0.01"], new_tokens="[1, 2, 3]")
+    code = sweep.run(str(g), [], output=str(out), runner=RUNNER, live=False)
+    assert code == 1
+    df = rows(out).set_index(["model", "new_tokens"]).sort_index()
+    st = df.status
+    # the unit that raised: its first cell kept, the rest failed with the exception and traceback
+    assert st.loc[("raise", 1)] == "ok" and st.loc[("raise", 2)] == "error" and st.loc[("raise", 3)] == "error"
+    assert df.loc[("raise", 2)].error_type == "ValueError" and "scripted failure" in df.loc[("raise", 2)].traceback
+    # a worker that dies after one cell on every attempt: each attempt keeps one cell, the last cell fails
+    assert list(st.loc["kill-always"]) == ["ok", "ok", "error"]
+    assert list(df.loc["kill-always"].attempt) == [1, 2, 2]
+    assert df.loc[("kill-always", 3)].error_type == "WorkerCrashedError"
+    assert "crashed on attempt 2 of 2" in df.loc[("kill-always", 3)].error_message
+    # killed once, then retried with the unfinished cells only
+    assert list(st.loc["kill-once"]) == ["ok", "ok", "ok"]
+    assert list(df.loc["kill-once"].attempt) == [1, 2, 2]
+    assert list(st.loc["sleep-0.01"]) == ["ok", "ok", "ok"]
+    # rerunning retries only what failed
+    assert cell_statuses(out) and sum(s != "ok" for s in cell_statuses(out).values()) == 3
+
+
+def test_timeout_cancels_the_unit(local_ray, tmp_path):
+    out = tmp_path / "out"
+    g = grid(tmp_path, ["hang", "sleep-0.01"])
+    code = sweep.run(str(g), ["resources.timeout_s=3"], output=str(out), runner=RUNNER, live=False)
+    assert code == 1
+    df = rows(out).set_index(["model", "new_tokens"])
+    assert list(df.loc["hang"].status) == ["timeout", "timeout"]
+    assert "timeout_s = 3" in df.loc[("hang", 1)].error_message
+    assert set(df.loc["sleep-0.01"].status) == {"ok"}

@@ -1,0 +1,74 @@
+"""End to end through the CLI, as a user runs it: a tiny synthetic model on an embedded local Ray (CPU only here),
+Parquet rows, sweep.json, report.html; then a rerun that resumes."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, TINY_LLAMA, TINY_OPT
+
+GRID = textwrap.dedent(f"""
+    name: e2e
+    models:
+      - synthetic: {json.dumps(TINY_LLAMA)}
+        label: tiny-llama
+      - synthetic: {json.dumps(TINY_OPT)}
+        label: tiny-opt
+    precisions: [fp32, {{name: nf4, compute_dtype: fp32}}]
+    baseline: fp32
+    generation: {{new_tokens: [4, 8], batch_sizes: [1, 2], prompt_tokens: 8, warmup: 1, repeats: 2}}
+    perplexity: false
+    resources: {{gpus_per_task: 1, cpus_per_task: 1}}
+""")
+
+
+def sweep(tmp_path, *args):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(tmp_path / "grid.yaml"),
+                           "--output", str(tmp_path / "out"), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume(tmp_path):
+    (tmp_path / "grid.yaml").write_text(GRID)
+    r = sweep(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "has no GPUs; units run on CPU" in r.stdout
+    assert "4 model loads for 4 units" in r.stdout
+    out = tmp_path / "out"
+    df = pd.read_parquet(out / "cells")
+    assert len(df) == 2 * 2 * 2 * 2 and set(df.status) == {"ok"}
+    assert df.cell_key.is_unique and (df.model_loads_in_worker == 1).all()
+    assert df.groupby(["model", "precision"]).worker_pid.nunique().eq(1).all()  # one worker per unit
+    assert df.worker_pid.nunique() == 4                                         # and a fresh one for each
+    assert (df.gpus_per_task == 0).all() and (df.device == "cpu").all()
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["model_loads"] == 4 and manifest["cells"] == 16
+    html = (out / "report.html").read_text()
+    assert "tiny-llama" in html and "<svg" in html
+    r = sweep(tmp_path)
+    assert r.returncode == 0 and "0 to run (16 already ok)" in r.stdout
+    assert pd.read_parquet(out / "cells").run_id.nunique() == 1
+
+
+def test_offline_without_wikitext_stops_at_once(tmp_path):
+    (tmp_path / "grid.yaml").write_text(GRID.replace("perplexity: false", "perplexity: {max_windows: 1}"))
+    env = {k: v for k, v in os.environ.items() if k != "WIKITEXT2_PATH"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(tmp_path / "grid.yaml")],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "WIKITEXT2_PATH" in r.stderr and "perplexity.path" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wrong_wikitext_file_is_refused(tmp_path):
+    (tmp_path / "grid.yaml").write_text(GRID.replace("perplexity: false", "perplexity: {path: other.raw}"))
+    (tmp_path / "other.raw").write_text("not wikitext\n")
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(tmp_path / "grid.yaml")],
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is not the WikiText-2 raw test split" in r.stderr
