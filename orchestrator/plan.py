@@ -80,8 +80,9 @@ def estimate_params(model: dict) -> float:
         if model.get(key) and not model[key].startswith("pkg:"):
             p = Path(model[key])
             try:
-                size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
-                return size / 2
+                if p.is_file():  # a GGUF file holds mostly 4- to 8-bit weights
+                    return p.stat().st_size * 1.5
+                return sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2
             except OSError:
                 pass
     return 1e9

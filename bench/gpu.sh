@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/results/, one step per call of the device tool (see DEVELOPERS.md and ../shared/device/README.md).
+# Stage first (here): ../shared/device/stage.sh --model --with-deps "ray[default]==2.60.0" <wheels of bitsandbytes 0.50.2,
+#   gguf, pydantic 2.14 (+ pydantic-core, annotated-types, typing-inspection, typing-extensions), nvidia-ml-py>
+# then on the host:  bash .stage/part-I/unstage.sh I  for I = 1..N, then  bash bench/gpu.sh STEP
+#   env       versions, GPUs; warm the model cache (GGUF conversion, synthetic OPT-125M) outside the timed sweeps
+#   ppl       bench/perplexity_pass.py: full WikiText-2 pass, fp16, batched vs one window at a time
+#   sweep G N grid.yaml   the sweep on GPUs G (e.g. 0,1) as sweep name suffix N, embedded Ray, results tarred to $OUT
+#   job       ray start --head + ray job submit of a small sweep, as the README documents it
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=disabled
+export QSWEEP_CACHE=/tmp/qsweep-cache TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+step=${1:-env}; shift || true
+case $step in
+  env)
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, bitsandbytes, ray, pydantic, gguf, pynvml; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'ray', ray.__version__, 'pydantic', pydantic.__version__)"
+    nproc; free -g | head -2
+    python3 - <<'PY'
+import time
+from tasks import models
+t = time.time(); print(models.gguf_folder("/tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf"), round(time.time() - t, 1), "s")
+t = time.time(); print(models.synthetic_folder("opt-125m", "cuda:0"), round(time.time() - t, 1), "s")
+PY
+    ;;
+  ppl)
+    python3 bench/perplexity_pass.py --device cuda --dtype fp16 --batch 8 --gguf /tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf --data /tmp/stage/data/wikitext-2-raw/wiki.test.raw | tee "$OUT/ppl_pass.json"
+    ;;
+  sweep)
+    gpus=$1 suffix=$2 grid=$3; shift 3
+    n=$(echo "$gpus" | tr ',' '\n' | wc -l)
+    out=results/$suffix
+    start=$(date +%s.%N)
+    CUDA_VISIBLE_DEVICES=$gpus python3 -m orchestrator sweep "$grid" --output "$out" "$@" > "$OUT/$suffix.log" 2>&1
+    code=$?
+    echo "$suffix: exit $code, $n GPU(s) [$gpus], command wall $(python3 -c "import time; print(round(time.time() - $start, 1))") s"
+    tail -25 "$OUT/$suffix.log"
+    tar czf "$OUT/$suffix.tgz" "$out" "$OUT/$suffix.log" 2>/dev/null
+    ;;
+  job)
+    ray=/tmp/site/bin/ray
+    $ray start --head --num-gpus=4 --disable-usage-stats > "$OUT/job.log" 2>&1
+    $ray status >> "$OUT/job.log" 2>&1
+    $ray job submit --working-dir . -- python3 -m orchestrator sweep examples/gpu-one.yaml --output /tmp/job-out \
+      --set 'models=[{gguf: /tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf, label: smollm2-135m}]' \
+      --set 'precisions=[fp16, nf4]' --set 'generation.new_tokens=[64]' --set 'generation.batch_sizes=[1]' \
+      --set perplexity.max_windows=8 --set name=job-submit >> "$OUT/job.log" 2>&1
+    echo "job exit $?"; tail -30 "$OUT/job.log"
+    $ray stop > /dev/null 2>&1
+    tar czf "$OUT/job-submit.tgz" /tmp/job-out "$OUT/job.log" 2>/dev/null
+    ;;
+esac
+# phase A of docs/results (one call): 1-GPU and 2-GPU scaling runs and the llama-2-7b run side by side on disjoint GPUs
+if [ "$step" = phaseA ]; then
+  tar czf "$OUT/gpu-one-4gpu.tgz" results/gpu-one-4gpu /tmp/out/gpu-one-4gpu.log 2>/dev/null
+  (bash bench/gpu.sh sweep 0 scaling-1gpu examples/gpu-scaling.yaml > "$OUT/a1.txt" 2>&1) &
+  (bash bench/gpu.sh sweep 1,2 scaling-2gpu examples/gpu-scaling.yaml > "$OUT/a2.txt" 2>&1) &
+  (bash bench/gpu.sh sweep 3 llama7b examples/gpu-llama7b.yaml --set 'precisions=[nf4, fp16]' --set generation.repeats=1 > "$OUT/a3.txt" 2>&1) &
+  deadline=$((SECONDS + ${DEADLINE:-540}))
+  while [ $SECONDS -lt $deadline ] && [ -n "$(jobs -r)" ]; do sleep 5; done
+  for s in scaling-1gpu scaling-2gpu llama7b; do [ -f "$OUT/$s.tgz" ] || tar czf "$OUT/$s.tgz" results/$s "$OUT/$s.log" 2>/dev/null; done
+  cat "$OUT"/a1.txt "$OUT"/a2.txt | grep -E "exit|without failure"; grep -E "exit|ok |error|oom" "$OUT/llama7b.log" | tail -12
+fi
