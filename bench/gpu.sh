@@ -63,3 +63,8 @@ if [ "$step" = phaseA ]; then
   for s in scaling-1gpu scaling-2gpu llama7b; do [ -f "$OUT/$s.tgz" ] || tar czf "$OUT/$s.tgz" results/$s "$OUT/$s.log" 2>/dev/null; done
   cat "$OUT"/a1.txt "$OUT"/a2.txt | grep -E "exit|without failure"; grep -E "exit|ok |error|oom" "$OUT/llama7b.log" | tail -12
 fi
+# phase B (the next call): the 4-GPU scaling run alone, then ray job submit
+if [ "$step" = phaseB ]; then
+  bash bench/gpu.sh sweep 0,1,2,3 scaling-4gpu examples/gpu-scaling.yaml | grep -E "exit|without failure"
+  timeout 200 bash bench/gpu.sh job | grep -E "exit|succeeded|SUCCEEDED|FAILED|Error|without failure" | head -20
+fi
