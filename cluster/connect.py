@@ -38,7 +38,7 @@ class ClusterError(Exception):
 
 
 def _runtime_env(ship_code: bool) -> dict:
-    env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+    env: dict = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     if ship_code:
         env["working_dir"] = str(PROJECT_ROOT)
         env["excludes"] = SHIP_EXCLUDES
@@ -54,8 +54,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     try:
         if address is None and not in_job:
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+            # workers of an embedded Ray inherit this process's environment: no runtime_env needed (it would also
+            # keep Ray from reusing its prestarted workers)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-                     runtime_env=_runtime_env(False), configure_logging=False)
+                     configure_logging=False)
             return info("embedded", None)
         ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env(ship_code=not in_job),
                  configure_logging=False)

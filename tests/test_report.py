@@ -69,7 +69,7 @@ def test_model_table_and_findings(results):
                     "perplexity +5.4%.")
     # the notebook's puzzle: INT4 saves little memory because weights are a small part of the peak
     assert any(s.startswith("nf4: weights are only 8% of the 900 MB peak") for s in f)
-    assert any("Closest to the memory-bandwidth limit: fp16 at 2%" in s for s in f)
+    assert any("Closest to the memory-bandwidth limit: fp16 at 2.0% of peak" in s for s in f)
 
 
 def test_failures_caveats_header(results):

@@ -55,9 +55,12 @@ def _bf16(opts) -> bool:
 
 DEVICES = ("cuda", "cpu")
 PRECISIONS = (
-    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", DEVICES, Int8Options, _int8, _bf16, 8),
-    Precision("nf4", "bitsandbytes 4-bit NormalFloat", DEVICES, FourBitOptions, _four_bit("nf4"), _bf16, 4),
-    Precision("fp4", "bitsandbytes 4-bit float", DEVICES, FourBitOptions, _four_bit("fp4"), _bf16, 4),
+    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", DEVICES, Int8Options, _int8, _bf16, 8,
+              launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4),
+    Precision("nf4", "bitsandbytes 4-bit NormalFloat", DEVICES, FourBitOptions, _four_bit("nf4"), _bf16, 4,
+              launch_cost=lambda o: 1.9),
+    Precision("fp4", "bitsandbytes 4-bit float", DEVICES, FourBitOptions, _four_bit("fp4"), _bf16, 4,
+              launch_cost=lambda o: 1.4),
     Precision("nf4-dq", "bitsandbytes nf4 with double quantization of the scales", DEVICES, DoubleQuantOptions,
-              _four_bit("nf4"), _bf16, 4),
+              _four_bit("nf4"), _bf16, 4, launch_cost=lambda o: 2.0),
 )
