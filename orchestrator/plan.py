@@ -52,6 +52,7 @@ class Unit:
             "model": self.model, "precision": self.precision,
             "cells": [c.to_task() for c in (cells if cells is not None else self.cells)],
             "generation": plan.generation, "perplexity": plan.perplexity, "gpus": plan.gpus_per_task,
+            "baseline": plan.baseline,
         }
 
 

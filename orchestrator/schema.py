@@ -23,6 +23,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("model_file_sha256", S, "sha256 of a GGUF source file"),
     ("weights_note", S, "caveat on the weights: synthetic, or already quantized in a GGUF file"),
     ("precision", S, "precision label: name plus options that differ from the defaults"),
+    ("baseline", S, "the precision label the sweep compares against"),
     ("precision_name", S, "registry name (fp32, fp16, bf16, int8, nf4, fp4, nf4-dq)"),
     ("precision_options", S, "every option of the precision as JSON, defaults included"),
     ("new_tokens", I, "tokens generated per sequence"),

@@ -1,5 +1,5 @@
 """Render one self-contained HTML report (inline CSS, inline SVG charts, no request to any other host) from one or
-more sweep output folders. Reads only the Parquet rows (and each folder's baseline from sweep.json)."""
+more sweep output folders. Reads only the Parquet rows, so any past sweep can be re-rendered."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -8,7 +8,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from reports import charts, tables
-from reports.data import baselines, precision_order, read_results
+from reports.data import first, precision_order, read_results
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -32,12 +32,11 @@ def _env() -> Environment:
 
 def context(dirs) -> dict:
     df = read_results(dirs)
-    base_of = baselines(dirs)
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
         d = df[df.model == model]
-        baseline = next((base_of[s] for s in d.sweep.dropna().unique() if s in base_of), None)
+        baseline = first(d.baseline) if "baseline" in d else None  # rows say what their sweep compared against
         baseline = baseline if baseline in set(d.precision) else (precision_order(d, None) or [None])[0]
         rows, cell = tables.model_table(d, baseline)
         models.append({

@@ -1,7 +1,6 @@
 """Reading result folders and the numbers the report shows. pandas and pyarrow only: no torch here."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -21,18 +20,6 @@ def read_results(dirs) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame(columns=["cell_key", "status", "model", "precision"])
     return pa.concat_tables(tables, promote_options="default").to_pandas()
-
-
-def baselines(dirs) -> dict[str, str]:
-    """sweep -> baseline precision label, from each folder's sweep.json (first precision when absent)."""
-    out = {}
-    for d in dirs:
-        f = Path(d) / "sweep.json"
-        if f.is_file():
-            m = json.loads(f.read_text())
-            if m.get("grid", {}).get("baseline"):
-                out[m["sweep"]] = m["grid"]["baseline"]
-    return out
 
 
 def col(df: pd.DataFrame, name: str) -> pd.Series:

@@ -126,9 +126,9 @@ def findings(df: pd.DataFrame, model: str, baseline: str | None) -> list[str]:
     slow = [r for r in rows if r["status"] == "ok" and r["bandwidth_fraction"] is not None]
     if slow:
         best = max(slow, key=lambda r: r["bandwidth_fraction"])
+        floor = f" against a floor of {best['decode_ms_floor']:.3f} ms" if best["decode_ms_floor"] else ""
         out.append(f"Closest to the memory-bandwidth limit: {best['precision']} at {percent(best['bandwidth_fraction'])} "
-                   f"of peak ({best['decode_ms_per_token']:.2f} ms/token against a floor of "
-                   f"{best['decode_ms_floor']:.3f} ms).")
+                   f"of peak ({best['decode_ms_per_token']:.2f} ms/token{floor}).")
     return out
 
 

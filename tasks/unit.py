@@ -71,6 +71,7 @@ def unit_rows_base(unit: dict) -> dict:
         "model_spec": json.dumps(unit["model"], sort_keys=True),
         "weights_note": weights_note(unit["model"]),
         "precision": p["label"],
+        "baseline": unit.get("baseline"),
         "precision_name": p["name"],
         "precision_options": json.dumps(p["options"], sort_keys=True),
         "prompt_tokens": g["prompt_tokens"],

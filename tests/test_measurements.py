@@ -154,3 +154,23 @@ def test_smollm2_unit_with_perplexity(wikitext_bytes, smollm2, model_cache):
     assert 10 < r["perplexity"] < 60 and r["ppl_windows"] == 2 and r["ppl_tokens_scored"] == 2 * 511
     assert r["params"] == 134_515_008
     assert 1.0 < r["bits_per_param"] < 16  # int8 linear layers, fp32 embeddings
+
+
+@pytest.mark.parametrize("name,billions", [("opt-125m", 0.125), ("opt-350m", 0.331), ("opt-1.3b", 1.316),
+                                           ("llama-2-7b", 6.738), ("mistral-7b", 7.242)])
+def test_synthetic_architectures_have_their_published_size(name, billions):
+    """Built on the meta device: the named shapes give the published parameter counts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(models.synthetic_config(name))
+    assert sum(p.numel() for p in m.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+@pytest.mark.slow
+def test_local_folder_source(smollm2, model_cache):
+    """A `path:` source is a plain Hugging Face folder (here: the converted GGUF in the cache)."""
+    folder = next(model_cache.glob("gguf-*"))
+    rows = list(U.run_unit(make_unit("fp32", model={"path": str(folder), "label": "local"}, cells=((2, 1),))))
+    assert rows[0]["status"] == "ok" and rows[0]["model_source"] == "path" and rows[0]["params"] == 134_515_008

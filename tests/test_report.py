@@ -1,6 +1,5 @@
 """The report: tables and findings on hand-made rows (failures and an empty sweep included), and the rendered page
 in headless Chromium: every chart visible, no console error, a screenshot."""
-import json
 import re
 import os
 import shutil
@@ -18,6 +17,7 @@ T0 = datetime(2026, 11, 27, 10, 0, tzinfo=timezone.utc)
 
 def row(model, precision, n, b, **kw):
     base = dict(cell_key=f"{model}-{precision}-{n}-{b}", sweep="hand", run_id="r1", model=model, precision=precision,
+                baseline="fp16",
                 precision_name=precision, precision_options="{}", new_tokens=n, batch_size=b, status="ok",
                 started_at=T0.isoformat(), ended_at=(T0 + timedelta(seconds=90)).isoformat(), device="cuda",
                 gpu_name="NVIDIA H100 80GB HBM3", gpu_uuid="GPU-a", host="h1", noisy_timing=False)
@@ -49,7 +49,6 @@ def results(tmp_path):
     store = Store(out, "r1")
     for r in opt_rows():
         store.write(r)
-    (out / "sweep.json").write_text(json.dumps({"sweep": "hand", "grid": {"baseline": "fp16"}}))
     return out
 
 
@@ -136,3 +135,43 @@ def test_report_in_headless_chromium(results, tmp_path):
         browser.close()
     assert shot.stat().st_size > 20_000
     assert errors == [] and requests == []
+
+
+def test_large_sweep_stays_legible(tmp_path):
+    """10 models x 8 precisions x 5 lengths x 3 batch sizes: one section per model, at most 4 batch facets and 8
+    lines per chart, the 120-cell breakdown folded away."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.store import row_table
+
+    precisions = ["fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq", "fp32", "int8(threshold=0.0)"]
+    rows = []
+    for m in range(10):
+        for i, p in enumerate(precisions):
+            for n in (64, 128, 256, 512, 1024):
+                for b in (1, 8, 32):
+                    rows.append(row(f"model-{m}", p, n, b, perplexity=20 + i + m, weights_bytes=1e9 / (1 + i),
+                                    decode_ms_per_token=5 + i + n / 512, prefill_peak_bytes=2e9, decode_peak_bytes=3e9,
+                                    kv_cache_bytes=1e8 * b, bandwidth_fraction=0.1))
+    (tmp_path / "big" / "cells").mkdir(parents=True)
+    pq.write_table(row_table(rows), tmp_path / "big" / "cells" / "all.parquet")
+    html = render([tmp_path / "big"], tmp_path / "big.html").read_text()
+    assert html.count('<h2 id="model-') == 10
+    assert html.count('<div class="chart">') == 30
+    assert html.count("<details>") == 10
+    assert len(html) < 15_000_000
+
+
+def test_decode_chart_facets_at_most_four_batch_sizes(monkeypatch):
+    import pandas as pd
+
+    from reports import charts
+
+    df = pd.DataFrame([row("m", p, n, b, decode_ms_per_token=1.0 + n / 100) for p in ("fp16", "nf4")
+                       for n in (64, 128) for b in (1, 2, 4, 8, 16, 32)])
+    seen = {}
+    monkeypatch.setattr(charts, "_svg", lambda fig: seen.setdefault("axes", fig.axes) and "<svg/>")
+    assert charts.decode_vs_length(df, "fp16") == "<svg/>"
+    axes = seen["axes"]
+    assert [a.get_title() for a in axes] == ["batch 1", "batch 4", "batch 8", "batch 32"]  # ends and evenly between
+    assert all(len(a.get_lines()) == 2 for a in axes)  # one line per precision
