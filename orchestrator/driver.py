@@ -31,7 +31,6 @@ class Running:
     unit: Unit
     task: dict
     remaining: dict[str, Cell]
-    submitted: float
     started: float | None = None
     where: str = "queued"
 
@@ -41,7 +40,6 @@ class DriverResult:
     rows: list[dict] = field(default_factory=list)
     attempts: int = 0          # unit tasks started (first tries and retries)
     retries: int = 0
-    wall_s: float = 0.0
     per_unit_s: dict = field(default_factory=dict)
 
 
@@ -57,7 +55,6 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
               poll_s: float = 0.2) -> DriverResult:
     """Run `units` (each holding only the cells still to do) and hand every row to `sink(row)` as it arrives."""
     result = DriverResult()
-    t0 = time.monotonic()
     wikitext_ref = ray.put(wikitext) if wikitext is not None else None
     options = dict(num_gpus=gpus_per_task, num_cpus=cpus_per_task)
     active: dict = {}
@@ -65,7 +62,7 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
     def submit(unit: Unit, cells: list[Cell]) -> None:
         task = unit.to_task(plan, cells)
         gen = unit_task.options(**options).remote(runner, task, wikitext_ref)
-        active[gen] = Running(unit, task, {c.key: c for c in cells}, time.monotonic())
+        active[gen] = Running(unit, task, {c.key: c for c in cells})
 
     def emit(row: dict) -> None:
         sink(row)
@@ -139,5 +136,4 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                 for row in failure_rows(state.task, state.remaining.values(), "timeout", "Timeout",
                                         f"unit ran past resources.timeout_s = {timeout_s:g} s and was cancelled"):
                     emit(row)
-    result.wall_s = time.monotonic() - t0
     return result

@@ -1,7 +1,6 @@
 """One sweep from start to end: grid -> plan -> resume check -> Ray -> Parquet -> report."""
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -44,7 +43,6 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
 
     grid = load_grid(grid_path, overrides)
     out = output_dir(grid, output)
-    progress_console = None
     try:
         cluster = connect(address, **(ray_init or {}))
     except ClusterError as e:
