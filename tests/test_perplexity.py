@@ -153,3 +153,23 @@ def test_real_model_on_real_data(smollm2, wikitext_bytes):
     assert r["ppl_windows"] == 2 and r["ppl_tokens_scored"] == 2 * 2047
     assert r["ppl_corpus_tokens"] > 280_000
     assert r["perplexity"] == pytest.approx(SMOLLM2_GPTQ_2048_TWO_WINDOWS, rel=2e-3)
+
+
+@pytest.mark.slow
+def test_tokenization_is_cached_and_identical(smollm2, wikitext_bytes, model_cache):
+    _, tok = smollm2
+    text = P.corpus_text(P.rows_from_raw(wikitext_bytes)[:300])
+    calls = []
+
+    class Counting:
+        backend_tokenizer = tok.backend_tokenizer
+
+        def __call__(self, *a, **kw):
+            calls.append(1)
+            return tok(*a, **kw)
+
+    first = P.token_ids(Counting(), text)
+    second = P.token_ids(Counting(), text)
+    assert calls == [1] and torch.equal(first, second)
+    assert torch.equal(first, tok(text, return_tensors="pt").input_ids[0])
+    assert len(list((model_cache / "tokens").glob("*.npy"))) >= 1
