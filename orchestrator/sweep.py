@@ -91,7 +91,10 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
         print(f"interrupted: finished cells are in {store.cells}; run the same command again to resume")
         return 130
     report = render_report(out)
-    progress.console.print(summary_table(result.rows))
+    grid_order = {(m.default_label(), p.label): (i, j) for i, m in enumerate(grid.models)
+                  for j, p in enumerate(grid.precisions)}
+    progress.console.print(summary_table(sorted(result.rows, key=lambda r: grid_order.get(
+        (r.get("model"), r.get("precision")), (len(grid_order), 0)))))
     failed = sum(r["status"] in ("error", "oom", "timeout") for r in result.rows)
     print(f"{len(result.rows) - failed} of {len(result.rows)} cells without failure in {manifest['wall_s']:.1f} s; "
           f"{result.attempts} model loads for {len(units)} units; results {store.cells}"
