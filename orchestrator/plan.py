@@ -103,14 +103,11 @@ def _gguf_shape(path: str) -> tuple[float, int]:
     return float(sum(t.n_elements for t in reader.tensors)), layers
 
 
-def unit_cost(model: dict, precision_name: str, options: dict, cells: list[Cell], generation: dict) -> float:
+def unit_cost(model: dict, precision, options, cells: list[Cell], generation: dict) -> float:
     """Relative work of a unit, for largest-first ordering. Eager decode of small models is bound by launching
     kernels layer by layer (per-layer cost, times the backend's extra kernels), large ones by reading weights."""
-    from tasks.precisions import REGISTRY
-
     params, layers = model_shape(model)
-    precision = REGISTRY[precision_name]
-    step = layers * precision.launch_cost(precision.parse_options(options)) + params * precision.weight_bits / 8 / 1e8
+    step = layers * precision.launch_cost(options) + params * precision.weight_bits / 8 / 1e8
     runs = generation["warmup"] + generation["repeats"] + 1
     return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
 
@@ -136,11 +133,12 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
     for m in grid.models:
         model = m.spec(base_dir)
         for p in grid.precisions:
-            opts = REGISTRY[p.name].parse_options(p.options).model_dump()
+            parsed = REGISTRY[p.name].parse_options(p.options)
+            opts = parsed.model_dump()
             precision = {"name": p.name, "options": opts, "label": p.label}
             cells = [Cell(cell_key(model, precision, n, b, grid), model["label"], p.label, n, b)
                      for n in grid.generation.new_tokens for b in grid.generation.batch_sizes]
-            size = unit_cost(model, p.name, opts, cells, grid.generation.model_dump())
+            size = unit_cost(model, REGISTRY[p.name], parsed, cells, grid.generation.model_dump())
             uid = hashlib.sha256(json.dumps([model, precision], sort_keys=True).encode()).hexdigest()[:12]
             units.append(Unit(uid, model, precision, cells, size))
     units.sort(key=lambda u: -u.size)
