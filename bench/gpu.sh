@@ -7,6 +7,8 @@
 #   ppl       bench/perplexity_pass.py: full WikiText-2 pass, fp16, batched vs one window at a time
 #   sweep G N grid.yaml   the sweep on GPUs G (e.g. 0,1) as sweep name suffix N, embedded Ray, results tarred to $OUT
 #   job       ray start --head + ray job submit of a small sweep, as the README documents it
+#   phaseC    (second session) the item-1 grid and the llama-2-7b grid as two sweeps sharing one Ray head on all GPUs
+#             (--address auto), stopped at DEADLINE s and resumed by the next call; then the driver-overhead bench
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=disabled
 export QSWEEP_CACHE=/tmp/qsweep-cache TOKENIZERS_PARALLELISM=false
@@ -67,4 +69,26 @@ fi
 if [ "$step" = phaseB ]; then
   bash bench/gpu.sh sweep 0,1,2,3 scaling-4gpu examples/gpu-scaling.yaml | grep -E "exit|without failure"
   timeout 200 bash bench/gpu.sh job | grep -E "exit|succeeded|SUCCEEDED|FAILED|Error|without failure" | head -20
+fi
+# phase C (second session, with unit processes forked from a warm fork server): the one-GPU grid (item 1) and the
+# llama-2-7b grid (item 2) as two sweeps on one Ray head holding every GPU; each unit runs on one GPU. Interrupted at
+# DEADLINE (SIGINT: finished cells are on disk) and resumed by calling the step again; tarred to $OUT each time.
+if [ "$step" = phaseC ]; then
+  ray=/tmp/site/bin/ray
+  nvidia-smi --query-gpu=index,uuid --format=csv,noheader > "$OUT/gpus.csv"
+  echo "GPU processes left from an earlier call:"; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+  $ray status > /dev/null 2>&1 || $ray start --head --num-gpus=$(wc -l < "$OUT/gpus.csv") --disable-usage-stats > /dev/null 2>&1
+  dl=${DEADLINE:-540}
+  (timeout -s INT $dl python3 -m orchestrator sweep examples/gpu-llama7b.yaml --address auto --output results/llama7b \
+     > "$OUT/llama7b.log" 2>&1; echo "llama7b exit $?" >> "$OUT/exits.txt") &
+  sleep 3
+  (timeout -s INT $dl python3 -m orchestrator sweep examples/gpu-one.yaml --address auto --output results/gpu-one \
+     > "$OUT/gpu-one.log" 2>&1; echo "gpu-one exit $?" >> "$OUT/exits.txt") &
+  wait
+  cat "$OUT/exits.txt"; grep -hE "without failure|interrupted" "$OUT"/llama7b.log "$OUT"/gpu-one.log
+  tar czf "$OUT/phaseC.tgz" results/llama7b results/gpu-one "$OUT"/*.log "$OUT/gpus.csv" 2>/dev/null
+fi
+if [ "$step" = bench ]; then
+  /tmp/site/bin/ray stop > /dev/null 2>&1
+  python3 bench/driver_overhead.py --json "$OUT/driver_overhead.json" > /dev/null 2>&1; cat "$OUT/driver_overhead.json"
 fi

@@ -1,11 +1,11 @@
 """The Ray driver: one GPU-pinned generator task per unit, rows streamed back cell by cell.
 
 - Each unit is a Ray task asking for `gpus_per_task` GPUs, so Ray sets CUDA_VISIBLE_DEVICES to its own GPU(s).
-- `max_calls=1`: a fresh worker process per unit (clean CUDA context and peak counters; a broken context cannot
-  poison the next unit).
+- A fresh process per unit (clean CUDA context and peak counters; a broken context cannot poison the next unit): the
+  Ray worker is reused, the unit runs in a child forked from its warm fork server (orchestrator.worker).
 - The task is a generator: its first item says where it started, then one row per finished cell, so a crash mid-unit
   keeps what finished.
-- A worker crash (killed process, lost node, Ray's out-of-memory killer) is retried `retries` times with the cells
+- A worker crash (killed process or unit process, lost node, Ray's out-of-memory killer) is retried `retries` times with the cells
   that had not finished; exhausted, they become failure rows. A Python exception that escapes the measurement becomes
   failure rows at once. A unit running past `timeout_s` is cancelled and its unfinished cells recorded as timeout.
 """
@@ -20,6 +20,7 @@ import ray
 from orchestrator.plan import Cell, Plan, Unit
 from orchestrator.worker import unit_task
 from tasks.unit import cell_fields, now, unit_rows_base
+from tasks.unit_process import UnitProcessDied
 
 CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
@@ -75,6 +76,20 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
         if state.started is not None:
             result.per_unit_s[f"{state.unit.unit_id}#{state.unit.attempt}"] = time.monotonic() - state.started
 
+    def crashed(state: Running, e: BaseException) -> None:
+        unit = state.unit
+        if unit.attempt <= retries and state.remaining:
+            result.retries += 1
+            unit.attempt += 1
+            progress.log(f"retry  {unit.label}: worker crashed ({type(e).__name__}); attempt "
+                         f"{unit.attempt} of {retries + 1} with {len(state.remaining)} cell(s) left")
+            submit(unit, list(state.remaining.values()))
+        else:
+            for row in failure_rows(state.task, state.remaining.values(), "error", type(e).__name__,
+                                    f"worker crashed on attempt {unit.attempt} of {retries + 1}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}"):
+                emit(row)
+
     for unit in units:
         submit(unit, unit.cells)
 
@@ -96,27 +111,16 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
             except ray.exceptions.TaskCancelledError:
                 close(gen, state)
                 continue
-            except CRASHES as e:
+            except (CRASHES + (ray.exceptions.RayTaskError,)) as e:
                 close(gen, state)
-                unit = state.unit
-                if unit.attempt <= retries and state.remaining:
-                    result.retries += 1
-                    unit.attempt += 1
-                    progress.log(f"retry  {unit.label}: worker crashed ({type(e).__name__}); attempt "
-                                 f"{unit.attempt} of {retries + 1} with {len(state.remaining)} cell(s) left")
-                    submit(unit, list(state.remaining.values()))
+                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
+                if isinstance(cause, CRASHES + (UnitProcessDied,)):
+                    crashed(state, cause)
                 else:
-                    for row in failure_rows(state.task, state.remaining.values(), "error", type(e).__name__,
-                                            f"worker crashed on attempt {unit.attempt} of {retries + 1}: "
-                                            f"{str(e).splitlines()[0] if str(e) else ''}"):
+                    tb = getattr(cause, "child_traceback", None) or "".join(traceback.format_exception(cause))
+                    for row in failure_rows(state.task, state.remaining.values(), "error", type(cause).__name__,
+                                            str(cause)[:2000], tb[-8000:]):
                         emit(row)
-                continue
-            except ray.exceptions.RayTaskError as e:
-                close(gen, state)
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                for row in failure_rows(state.task, state.remaining.values(), "error", type(cause).__name__,
-                                        str(cause)[:2000], "".join(traceback.format_exception(cause))[-8000:]):
-                    emit(row)
                 continue
             if item.get("_event") == "start":
                 state.started = time.monotonic()

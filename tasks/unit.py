@@ -18,8 +18,12 @@ from tasks import latency, memory, models, perplexity
 from tasks.hardware import fingerprint, peak_bandwidth
 from tasks.precisions import REGISTRY
 
+# imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm; none
+# of these initialises CUDA (bitsandbytes may, so it is not here)
+PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+           "transformers.models.llama.modeling_llama", "transformers.models.opt.modeling_opt", "accelerate")
 MEASUREMENT_VERSION = 1  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
-_loads = 0  # models loaded by this worker process; a worker serves exactly one unit
+_loads = 0  # models loaded by this process; each unit runs in a process of its own
 
 
 def now() -> str:

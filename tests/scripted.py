@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 from tasks.unit import cell_fields, now, unit_rows_base
 
@@ -25,6 +27,7 @@ def run_unit(unit: dict, wikitext: bytes | None = None):
         if label.startswith("sleep-"):
             time.sleep(float(label.split("-", 1)[1]))
         elif label == "hang":
+            Path(tempfile.gettempdir(), f"scripted-hang-{cell['cell_key']}.pid").write_text(str(os.getpid()))
             time.sleep(3600)
         elif i == 1 and label == "raise":
             raise ValueError("scripted failure in the unit")

@@ -1,5 +1,8 @@
 """The Ray driver on a local Ray with fake GPUs: pinning, streaming, resume, failure isolation, retries, timeouts."""
+import tempfile
 import textwrap
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -85,8 +88,11 @@ def test_raise_and_kill_become_failure_rows_while_others_finish(local_ray, tmp_p
     # a worker that dies after one cell on every attempt: each attempt keeps one cell, the last cell fails
     assert list(st.loc["kill-always"]) == ["ok", "ok", "error"]
     assert list(df.loc["kill-always"].attempt) == [1, 2, 2]
-    assert df.loc[("kill-always", 3)].error_type == "WorkerCrashedError"
+    assert df.loc[("kill-always", 3)].error_type == "UnitProcessDied"
     assert "crashed on attempt 2 of 2" in df.loc[("kill-always", 3)].error_message
+    assert "ended before its last row: exit code 1" in df.loc[("kill-always", 3)].error_message
+    # each attempt ran in a process of its own
+    assert df.loc["kill-always"].worker_pid.nunique() == 2
     # killed once, then retried with the unfinished cells only
     assert list(st.loc["kill-once"]) == ["ok", "ok", "ok"]
     assert list(df.loc["kill-once"].attempt) == [1, 2, 2]
@@ -104,3 +110,10 @@ def test_timeout_cancels_the_unit(local_ray, tmp_path):
     assert list(df.loc["hang"].status) == ["timeout", "timeout"]
     assert "timeout_s = 3" in df.loc[("hang", 1)].error_message
     assert set(df.loc["sleep-0.01"].status) == {"ok"}
+    # cancelling the task killed its Ray worker; the unit's process (forked from the worker's fork server) went too
+    pid = int(Path(tempfile.gettempdir(), f"scripted-hang-{df.loc[('hang', 1)].cell_key}.pid").read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists(), f"unit process {pid} outlived its cancelled task"
