@@ -27,10 +27,12 @@ class ClusterInfo:
     gpus: float
     gpus_per_node: list[float] = field(default_factory=list)
     cpus_per_node: list[float] = field(default_factory=list)
+    accelerators: list[str] = field(default_factory=list)  # Ray's accelerator types of the GPU nodes (e.g. "T4")
 
     def describe(self) -> str:
         where = {"embedded": "embedded local Ray", "job": "Ray job"}.get(self.mode, f"Ray at {self.address}")
-        return f"{where}: {self.nodes} node(s), {self.cpus:g} CPU, {self.gpus:g} GPU"
+        kinds = f" ({', '.join(self.accelerators)})" if self.accelerators else ""
+        return f"{where}: {self.nodes} node(s), {self.cpus:g} CPU, {self.gpus:g} GPU{kinds}"
 
 
 class ClusterError(Exception):
@@ -78,7 +80,8 @@ def info(mode: str, address: str | None) -> ClusterInfo:
     alive = [n for n in ray.nodes() if n.get("Alive")]
     gpn = [n["Resources"].get("GPU", 0.0) for n in alive]
     cpn = [n["Resources"].get("CPU", 0.0) for n in alive]
-    return ClusterInfo(mode, address, len(alive), sum(cpn), sum(gpn), gpn, cpn)
+    acc = sorted({k.split(":", 1)[1] for n in alive for k in n["Resources"] if k.startswith("accelerator_type:")})
+    return ClusterInfo(mode, address, len(alive), sum(cpn), sum(gpn), gpn, cpn, acc)
 
 
 def shutdown() -> None:

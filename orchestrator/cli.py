@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("grid")
     v.add_argument("--set", dest="overrides", **sets)
     v.add_argument("--output")
+    v.add_argument("--gpu", metavar="TYPE", help="the GPUs the sweep will run on (Ray accelerator type: T4, A100, "
+                                                 "L4, H100, ...), to list the precisions they cannot run")
 
     r = sub.add_parser("report", help="render the HTML report of one or more result folders")
     r.add_argument("dirs", nargs="+", metavar="DIR", help="sweep output folder(s); several are merged")
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> int:
     from orchestrator.grid import load_grid
+    from orchestrator.plan import unsupported_before_start
     from orchestrator.store import cell_statuses
     from orchestrator.sweep import output_dir, plan_for, pending_units
 
@@ -66,6 +69,19 @@ def validate(args) -> int:
     print("perplexity: off" if not ppl else
           f"perplexity: protocol {ppl['protocol']}, seqlen {ppl['seqlen']}, windows {ppl['max_windows'] or 'all'}, "
           f"batch {ppl['batch_size']}, data {ppl['dataset']}")
+    device = "cuda" if gp > 0 else "cpu"
+    unsupported = unsupported_before_start(plan, device, [args.gpu] if args.gpu else [])
+    for u in plan.units:
+        if u.unit_id in unsupported:
+            print(f"skipped before start ({len(u.cells)} cells): {u.label}: {unsupported[u.unit_id]}")
+    if device == "cuda" and not args.gpu:
+        from tasks.precisions import REGISTRY
+
+        needs = sorted({u.precision["label"] for u in plan.units if REGISTRY[u.precision["name"]].min_capability(
+            REGISTRY[u.precision["name"]].parse_options(u.precision["options"]))})
+        if needs:
+            print(f"depends on the GPU (checked against the cluster's GPUs when the sweep starts; or pass --gpu): "
+                  f"{', '.join(needs)}")
     print("units (largest first):")
     for u in plan.units:
         print(f"  {u.unit_id}  {u.label}: {len(u.cells)} cells "

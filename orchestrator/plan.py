@@ -107,7 +107,7 @@ def unit_cost(model: dict, precision, options, cells: list[Cell], generation: di
     """Relative work of a unit, for largest-first ordering. Eager decode of small models is bound by launching
     kernels layer by layer (per-layer cost, times the backend's extra kernels), large ones by reading weights."""
     params, layers = model_shape(model)
-    step = layers * precision.launch_cost(options) + params * precision.weight_bits / 8 / 1e8
+    step = layers * precision.launch_cost(options) + params * precision.bits(options) / 8 / 1e8
     runs = generation["warmup"] + generation["repeats"] + 1
     return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
 
@@ -148,3 +148,21 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
         ppl.update(perplexity_source or {})
     return Plan(grid.name, run_id, units, grid.generation.model_dump(), ppl, grid.resources.gpus_per_task,
                 grid.baseline)
+
+
+def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[str]) -> dict[str, str]:
+    """unit_id -> why its precision cannot run where the sweep will run it, known before anything starts: the device
+    type (cuda or cpu) and, when every GPU node reports the same Ray accelerator type, its compute capability. The
+    workers check again on the device itself."""
+    from tasks.hardware import capability_of
+    from tasks.precisions import REGISTRY
+
+    caps = {capability_of(a) for a in accelerators}
+    capability = caps.pop() if device_type == "cuda" and len(caps) == 1 else None
+    out = {}
+    for u in plan.units:
+        p = REGISTRY[u.precision["name"]]
+        reason = p.unsupported_reason(device_type, p.parse_options(u.precision["options"]), None, capability)
+        if reason:
+            out[u.unit_id] = reason + (f" ({accelerators[0]})" if capability and "capability" in reason else "")
+    return out

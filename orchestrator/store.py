@@ -32,6 +32,7 @@ def row_table(rows: list[dict]) -> pa.Table:
 class Store:
     def __init__(self, output: str | Path, run_id: str):
         self.root = Path(output)
+        self.run_id = run_id
         self.cells = self.root / "cells"
         self.history = self.root / "history" / run_id
         self.cells.mkdir(parents=True, exist_ok=True)
@@ -62,10 +63,14 @@ class Store:
         return len(stale)
 
     def write_manifest(self, manifest: dict) -> None:
-        target = self.root / "sweep.json"
-        tmp = target.with_name(".sweep.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        os.replace(tmp, target)
+        """`sweep.json` describes the latest run; `runs/<run_id>.json` keeps every run's (a resumed sweep's earlier
+        runs keep their wall time, model loads and retries)."""
+        (self.root / "runs").mkdir(parents=True, exist_ok=True)
+        text = json.dumps(manifest, indent=2, default=str)
+        for target in (self.root / "runs" / f"{self.run_id}.json", self.root / "sweep.json"):
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
 
 
 def cell_statuses(output: str | Path) -> dict[str, str]:

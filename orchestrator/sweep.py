@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator.grid import Grid, GridError, load_grid
-from orchestrator.plan import Plan, Unit, make_plan
+from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start
 from orchestrator.progress import Progress, summary_table
 from orchestrator.store import Store
 from orchestrator import wikitext
@@ -39,7 +39,7 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
         force: bool = False, runner: str | None = None, live: bool | None = None,
         ray_init: dict | None = None) -> int:
     from cluster.connect import ClusterError, connect
-    from orchestrator.driver import DEFAULT_RUNNER, run_units
+    from orchestrator.driver import DEFAULT_RUNNER, failure_rows, run_units
 
     grid = load_grid(grid_path, overrides)
     out = output_dir(grid, output)
@@ -62,6 +62,9 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
     statuses = {} if force else store.statuses()
     retired = store.retire_except({c.key for c in plan.cells})
     units = pending_units(plan, statuses, force)
+    unsupported = unsupported_before_start(plan, "cuda" if gpus > 0 else "cpu", cluster.accelerators)
+    skipped_units = [u for u in units if u.unit_id in unsupported]
+    units = [u for u in units if u.unit_id not in unsupported]
     todo = sum(len(u.cells) for u in units)
     print(f"sweep {grid.name}: {len(plan.cells)} cells in {len(plan.units)} units; {todo} to run "
           f"({len(plan.cells) - todo} already ok{', forced' if force else ''}"
@@ -70,8 +73,15 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
     manifest = {"sweep": grid.name, "run_id": plan.run_id, "started_at": datetime.now(timezone.utc).isoformat(),
                 "grid": grid.model_dump(), "grid_file": str(Path(grid_path).resolve()), "overrides": overrides,
                 "cluster": vars(cluster), "cells": len(plan.cells), "cells_to_run": todo,
-                "units": [{"unit_id": u.unit_id, "label": u.label, "cells": len(u.cells)} for u in units]}
+                "units": [{"unit_id": u.unit_id, "label": u.label, "cells": len(u.cells)} for u in units],
+                "skipped_before_start": {u.label: unsupported[u.unit_id] for u in skipped_units}}
     store.write_manifest(manifest)
+    skipped_rows = []
+    for u in skipped_units:  # known before anything starts: rows at once, no task
+        print(f"skip   {u.label}: {unsupported[u.unit_id]}")
+        for row in failure_rows(u.to_task(plan), u.cells, "skipped", "Unsupported", unsupported[u.unit_id]):
+            store.write(row)
+            skipped_rows.append(row)
     t0 = time.monotonic()
     interrupted = False
     with Progress(todo, live=live) as progress:
@@ -85,6 +95,7 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
     manifest.update(ended_at=datetime.now(timezone.utc).isoformat(), wall_s=time.monotonic() - t0,
                     interrupted=interrupted)
     if result:
+        result.rows[:0] = skipped_rows
         manifest.update(model_loads=result.attempts, retries=result.retries, per_unit_s=result.per_unit_s)
     store.write_manifest(manifest)
     if interrupted:

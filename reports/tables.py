@@ -37,7 +37,9 @@ def model_table(df: pd.DataFrame, baseline: str | None) -> tuple[list[dict], tup
     cell = headline_cell(df)
     rows = []
     base = {}
-    for p in precision_order(df, baseline):
+    order = precision_order(df, baseline)
+    order = order[:1] + sorted(order[1:], key=lambda p: method_rank(df[df.precision == p]))
+    for p in order:
         d = df[df.precision == p]
         at = d[(d.new_tokens == cell[0]) & (d.batch_size == cell[1]) & (d.status == "ok")] if cell else d.iloc[0:0]
         r = at.iloc[0] if len(at) else None
@@ -58,6 +60,9 @@ def model_table(df: pd.DataFrame, baseline: str | None) -> tuple[list[dict], tup
             "bandwidth_fraction": get("bandwidth_fraction"),
             "decode_ms_floor": get("decode_ms_floor"),
             "load_s": _f(first(col(d, "load_s"))),
+            "quantize_s": _f(first(col(d, "quantize_s"))),
+            "method": method_group(d),
+            "library": first(col(d, "quant_library")),
             "noisy": bool(r.get("noisy_timing")) if r is not None and "noisy_timing" in r else False,
         }
         if p == baseline:
@@ -68,6 +73,34 @@ def model_table(df: pd.DataFrame, baseline: str | None) -> tuple[list[dict], tup
         row["weights_smaller"] = _ratio(base.get("weights_bytes"), row["weights_bytes"])
         row["decode_vs_base"] = _ratio(row["decode_ms_per_token"], base.get("decode_ms_per_token"))
     return rows, cell
+
+
+SCHEMES = {"none": 0, "weight-only": 1, "weight+activation": 2}
+
+
+# rows written before quant_scheme and weight_bits_nominal existed (bitsandbytes and unquantized only)
+LEGACY = {"fp32": ("none", 32), "fp16": ("none", 16), "bf16": ("none", 16), "int8": ("weight-only", 8),
+          "nf4": ("weight-only", 4), "fp4": ("weight-only", 4), "nf4-dq": ("weight-only", 4)}
+
+
+def _method(d: pd.DataFrame) -> tuple:
+    scheme, bits = first(col(d, "quant_scheme")), first(col(d, "weight_bits_nominal"))
+    if scheme is None:
+        scheme, bits = LEGACY.get(first(col(d, "precision_name")), (None, None))
+    return scheme, bits
+
+
+def method_group(d: pd.DataFrame) -> str:
+    """How a precision quantizes, in the report's groups: unquantized, weight-only N-bit, weight+activation N-bit."""
+    scheme, bits = _method(d)
+    if scheme in (None, "none") or bits is None or pd.isna(bits):
+        return "unquantized" if scheme == "none" else "–"
+    return f"{scheme} {bits:g}-bit"
+
+
+def method_rank(d: pd.DataFrame) -> tuple:
+    scheme, bits = _method(d)
+    return (SCHEMES.get(scheme, 3), -(bits if bits is not None and not pd.isna(bits) else 0))
 
 
 def _ratio(a, b, pct: bool = False):

@@ -88,6 +88,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Ray's accelerator types (the `accelerator_type:<name>` node resource) -> compute capability, to know before a sweep
+# starts which precisions a cluster's GPUs cannot run
+ACCELERATOR_CAPABILITY = {"V100": (7, 0), "T4": (7, 5), "A10G": (8, 6), "A10": (8, 6), "A100": (8, 0),
+                          "L4": (8, 9), "L40S": (8, 9), "H100": (9, 0), "H200": (9, 0), "B200": (10, 0)}
+
+
+def capability_of(accelerator: str | None) -> tuple[int, int] | None:
+    """Compute capability of a Ray accelerator type name (e.g. "T4", "A100-80G"), None if unknown."""
+    if not accelerator:
+        return None
+    name = accelerator.upper()
+    return ACCELERATOR_CAPABILITY.get(name) or ACCELERATOR_CAPABILITY.get(name.split("-")[0])
+
+
 def nvml_driver() -> str | None:
     try:
         import pynvml

@@ -89,7 +89,7 @@ def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phas
     import torch
 
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
         cache = new_cache(model)
         if clock:
             clock.mark()
@@ -164,8 +164,9 @@ def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: 
     record = LatencyRecord(batch_size, new_tokens)
     for _ in range(repeats):
         clock = Clock(device)
-        tokens, _ = generate(model, ids, new_tokens, clock=clock)
+        tokens, cache = generate(model, ids, new_tokens, clock=clock)
         assert tokens.shape == (batch_size, new_tokens)
+        del tokens, cache  # a run's KV cache must not outlive it: the next run (and the memory run) would count it
         record.add(clock.intervals_ms())
     if device.startswith("cuda"):
         torch.cuda.synchronize()

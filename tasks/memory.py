@@ -48,6 +48,16 @@ def peak_reserved(device: str) -> int | None:
     return sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
 
 
+def alloc_retries(device: str) -> int | None:
+    """Times the caching allocator found no free block, freed its cache and retried cudaMalloc, in this process so
+    far: a peak reserved near the whole card with retries > 0 is fragmentation, not memory the cell needs."""
+    import torch
+
+    if not _cuda(device):
+        return None
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+
+
 def nvml_process_bytes(device: str) -> tuple[int | None, int | None]:
     """(this process's GPU memory, the whole GPU's used memory) from NVML; None where NVML cannot tell."""
     if not _cuda(device):

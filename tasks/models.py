@@ -162,12 +162,20 @@ def load(model: dict, precision, options, device: str):
     common = {"revision": model.get("revision")} if model.get("revision") else {}
     common["trust_remote_code"] = bool(model.get("trust_remote_code", False))
     t0 = time.perf_counter()
-    kwargs = precision.build(options)
+    kwargs = precision.build(options, device)
+    facts.update(quant_config=kwargs.pop("_quant_config", None), quant_library=precision.library,
+                 quant_scheme=precision.scheme, weight_bits_nominal=float(precision.bits(options)))
     m = AutoModelForCausalLM.from_pretrained(where, device_map={"": device}, **kwargs, **common)
     m.eval()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     facts["load_s"] = time.perf_counter() - t0
+    if precision.after_load is not None:  # libraries that quantize a loaded model through their own API
+        t0 = time.perf_counter()
+        precision.after_load(m, options, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        facts["quantize_s"] = time.perf_counter() - t0
     tokenizer = None
     if not model.get("synthetic"):
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
@@ -175,19 +183,31 @@ def load(model: dict, precision, options, device: str):
 
 
 def weight_stats(model) -> dict[str, Any]:
-    """Logical parameter count (4-bit packed tensors counted by their unpacked shape), bytes of every parameter and
-    buffer as stored, effective bits per parameter, and the bytes of an input embedding a decode step does not read."""
+    """Logical parameter count (quantized tensors counted by their unpacked shape), bytes of every parameter and
+    buffer as stored, effective bits per parameter, and the bytes of an input embedding a decode step does not read.
+
+    Stored bytes follow each library's layout: bitsandbytes' quant_state (absmax, nested scales, code books) and SCB;
+    tensor subclasses (torchao, quanto) by the plain tensors they flatten to, recursively (scales, zero points, packed
+    data); HQQLinear by W_q plus the scale and zero tensors in its `meta`."""
     import math
 
     params = 0
     seen: dict[int, int] = {}  # data_ptr -> bytes: tensors shared between layers (code books) count once
 
     def add(t) -> None:
-        seen.setdefault(t.data_ptr(), t.numel() * t.element_size())
+        for inner in _stored_tensors(t):
+            seen.setdefault(inner.data_ptr(), inner.numel() * inner.element_size())
 
+    hqq = {id(m.W_q): m for m in model.modules() if hasattr(m, "W_q") and isinstance(getattr(m, "meta", None), dict)}
     for p in model.parameters():
         qs = getattr(p, "quant_state", None)
-        params += math.prod(qs.shape) if qs is not None else p.numel()
+        if id(p) in hqq:
+            meta = hqq[id(p)].meta
+            params += math.prod(meta["shape"])
+            for t in _meta_tensors(meta):
+                add(t)
+        else:
+            params += math.prod(qs.shape) if qs is not None else p.numel()
         add(p)
         if qs is not None:  # absmax, nested scales and code books
             for t in _quant_state_tensors(qs):
@@ -200,13 +220,37 @@ def weight_stats(model) -> dict[str, Any]:
     weights_bytes = sum(seen.values())
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and inp.weight.data_ptr() == out.weight.data_ptr()
-    unread = 0 if tied else inp.weight.numel() * inp.weight.element_size()
+    unread = 0 if tied else sum(t.numel() * t.element_size() for t in _stored_tensors(inp.weight))
     return {
         "params": params,
         "weights_bytes": weights_bytes,
         "bits_per_param": 8.0 * weights_bytes / params if params else None,
         "embedding_unread_bytes": unread,
     }
+
+
+def _stored_tensors(t):
+    """The plain tensors that hold a tensor's bytes: itself, or for a tensor subclass (torchao, quanto) the tensors it
+    flattens to, recursively."""
+    import torch
+
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
+        yield t
+        return
+    names, _ = flatten()
+    for name in names:
+        yield from _stored_tensors(getattr(t, name))
+
+
+def _meta_tensors(meta: dict):
+    import torch
+
+    for v in meta.values():
+        if torch.is_tensor(v):
+            yield v
+        elif isinstance(v, dict):  # quantized scales/zeros keep their own meta
+            yield from _meta_tensors(v)
 
 
 def _quant_state_tensors(qs):

@@ -108,7 +108,7 @@ def window_losses(model, ids, windows: list[Window], batch_size: int, device: st
             groups[-1].append(i)
         else:
             groups.append([i])
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
         for group in groups:
             batch = torch.stack([ids[windows[i].begin:windows[i].end] for i in group]).to(device)
             logits = model(input_ids=batch, use_cache=False).logits

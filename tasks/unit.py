@@ -17,12 +17,15 @@ from typing import Iterator
 from tasks import latency, memory, models, perplexity
 from tasks.hardware import fingerprint, peak_bandwidth
 from tasks.precisions import REGISTRY
+from tasks.precisions.base import Unsupported
 
 # imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm; none
 # of these initialises CUDA (bitsandbytes may, so it is not here)
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
            "transformers.models.llama.modeling_llama", "transformers.models.opt.modeling_opt", "accelerate")
-MEASUREMENT_VERSION = 1  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
+# 2: the memory run no longer counts the last timed run's KV cache (v1 peaks were one KV cache too high);
+#    no_grad instead of inference_mode
+MEASUREMENT_VERSION = 2  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
 
 
@@ -112,7 +115,8 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         for cell in cells:
             yield {**base, **cell_fields(cell), "started_at": started, "ended_at": now(), **fields}
 
-    reason = precision.unsupported_reason(env["device"], options, bf16_ok)
+    capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
+    reason = precision.unsupported_reason(env["device"], options, bf16_ok, capability)
     if reason:
         yield from rows_for_remaining(unit["cells"], {"status": "skipped", "error_type": "Unsupported",
                                                       "error_message": reason})
@@ -127,6 +131,10 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         if device.startswith("cuda"):
             facts["weights_allocated_bytes"] = memory.allocated(device)
         facts["rss_after_load_bytes"] = memory.rss()
+    except Unsupported as exc:
+        yield from rows_for_remaining(unit["cells"], {"status": "skipped", "error_type": "Unsupported",
+                                                      "error_message": str(exc)})
+        return
     except Exception as exc:
         yield from rows_for_remaining(unit["cells"], {**_failure(exc), "load_s": time.perf_counter() - t_load})
         return
@@ -196,6 +204,7 @@ def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts
         "decode_peak_bytes": phases.decode_peak,
         "peak_bytes": max(phases.prefill_peak, phases.decode_peak) if cuda else None,
         "peak_reserved_bytes": memory.peak_reserved(device),
+        "alloc_retries": memory.alloc_retries(device),
         "nvml_process_bytes": nvml_mine,
         "nvml_device_used_bytes": nvml_used,
         "rss_bytes": memory.rss(),

@@ -1,4 +1,5 @@
 """The Ray driver on a local Ray with fake GPUs: pinning, streaming, resume, failure isolation, retries, timeouts."""
+import json
 import tempfile
 import textwrap
 import time
@@ -16,7 +17,9 @@ RUNNER = "tests.scripted:run_unit"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # two fake GPUs that say they are T4s (compute capability 7.5), as Ray labels real ones
+    ray.init(num_cpus=4, num_gpus=2, resources={"accelerator_type:T4": 1}, include_dashboard=False,
+             log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -117,3 +120,22 @@ def test_timeout_cancels_the_unit(local_ray, tmp_path):
             break
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), f"unit process {pid} outlived its cancelled task"
+
+
+def test_precisions_the_gpus_cannot_run_are_skipped_before_start(local_ray, tmp_path):
+    """float8 needs compute capability 8.9 and bf16 8.0; the cluster's GPUs are T4s (7.5): those units never start,
+    their cells are `skipped` rows with the reason, and the rest run."""
+    out = tmp_path / "out"
+    g = grid(tmp_path, ["sleep-0.01"]).read_text().replace(
+        "precisions: [fp16]", "precisions: [fp16, {name: torchao-fp8wo, compute_dtype: fp16}, bf16]")
+    (tmp_path / "g.yaml").write_text(g)
+    code = sweep.run(str(tmp_path / "g.yaml"), [], output=str(out), runner=RUNNER, live=False)
+    assert code == 0
+    df = rows(out).set_index(["precision_name", "new_tokens"])
+    assert set(df.loc["fp16"].status) == {"ok"}
+    assert set(df.loc["torchao-fp8wo"].status) == {"skipped"} and set(df.loc["bf16"].status) == {"skipped"}
+    assert "needs compute capability 8.9 or newer; the GPU has 7.5 (T4)" in df.loc[("torchao-fp8wo", 1)].error_message
+    assert "bfloat16" in df.loc[("bf16", 1)].error_message
+    assert df.loc["torchao-fp8wo"].worker_pid.isna().all()  # no process ever ran them
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["model_loads"] == 1 and len(manifest["skipped_before_start"]) == 2

@@ -65,6 +65,43 @@ def test_quantization_shrinks_weights(rows_by_precision):
     assert json.loads(rows_by_precision["nf4-dq"][0]["precision_options"])["double_quant"] is True
 
 
+# issue 6: one small module per library; every one of these runs on CPU (torchao int4 with the packing CPU has)
+MORE = {"torchao-int8wo": {}, "torchao-int8dq": {}, "torchao-int4wo": {"group_size": 32}, "torchao-fp8wo": {},
+        "quanto-int8": {}, "quanto-int4": {}, "quanto-int2": {},
+        "hqq": {"bits": 4, "compute_dtype": "bf16"}, "hqq-2": {"bits": 2, "compute_dtype": "bf16"}}
+LINEAR_WEIGHTS = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)  # tiny llama: q, o; k, v (2 kv heads); gate, up, down
+
+
+@pytest.fixture(scope="module")
+def rows_more():
+    return {name: list(U.run_unit(make_unit(name.split("-2")[0], opts, cells=((4, 1),)))) for name, opts in MORE.items()}
+
+
+@pytest.mark.parametrize("name", MORE)
+def test_more_quantization_libraries_run_on_cpu(rows_more, rows_by_precision, name, tmp_path):
+    r = rows_more[name][0]
+    assert r["status"] == "ok", r.get("traceback")
+    Store(tmp_path, "r").write(r)
+    assert r["params"] == rows_by_precision["fp32"][1]["params"]  # counted by the unpacked shape
+    assert r["quant_library"] == name.split("-")[0] and r["quant_config"]
+    assert r["quant_scheme"] == ("weight+activation" if name == "torchao-int8dq" else "weight-only")
+    assert (r.get("quantize_s", 0) > 0) == name.startswith("hqq")
+
+
+def test_more_quantization_libraries_store_what_they_claim(rows_more, rows_by_precision):
+    """Bytes saved on the linear layers against bf16 (2 bytes per weight), per library's layout."""
+    bf16 = rows_by_precision["bf16"][0]["weights_bytes"]
+    saved = {name: (bf16 - rows[0]["weights_bytes"]) / LINEAR_WEIGHTS for name, rows in rows_more.items()}
+    for name in ("torchao-int8wo", "torchao-int8dq", "torchao-fp8wo", "quanto-int8"):
+        assert 0.9 < saved[name] <= 1.0, (name, saved[name])    # 1 byte per weight, plus per-row scales
+    # torchao's CPU int4 (IntxWeightOnlyConfig) keeps each 4-bit value in a byte: no smaller than int8
+    assert saved["torchao-int4wo"] <= saved["torchao-int8wo"]
+    assert "IntxWeightOnlyConfig" in rows_more["torchao-int4wo"][0]["quant_config"]
+    # quanto and hqq pack 4-bit values two to a byte, 2-bit four to a byte
+    assert 1.3 < saved["quanto-int4"] < 1.5 and 1.3 < saved["hqq"] < 1.5, saved
+    assert saved["quanto-int2"] > saved["quanto-int4"] and saved["hqq-2"] > saved["hqq"]
+
+
 def test_double_quant_shrinks_the_scales():
     """nf4-dq stores absmax in 8 bits (plus a 1 KB code book per layer): smaller once layers are not tiny."""
     wide = {**TINY_LLAMA, "hidden_size": 256, "ffn": 1024}
@@ -104,6 +141,28 @@ def test_cell_failure_does_not_stop_the_unit(monkeypatch):
     rows = list(U.run_unit(make_unit()))
     assert [r["status"] for r in rows] == ["oom", "ok"]
     assert rows[0]["error_type"] == "RuntimeError"
+
+
+def test_memory_run_starts_without_earlier_runs_caches(monkeypatch):
+    """Found on an H200: the last timed run's KV cache was still referenced during the memory run, so every peak
+    counted one KV cache twice (Llama-2-7B, 1024 tokens x 16: 31.4 GB for 22.4 GB of weights + cache). On CPU the
+    allocator cannot tell, so check that no earlier run's cache is alive when the memory run starts."""
+    import weakref
+
+    real, earlier, alive_at_memory_run = latency.generate, [], []
+
+    def watched(model, ids, new_tokens, clock=None, phases=None):
+        if phases is not None:
+            alive_at_memory_run.extend(r() is not None for r in earlier)
+        tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases)
+        earlier.append(weakref.ref(cache))
+        return tokens, cache
+
+    monkeypatch.setattr(latency, "generate", watched)
+    rows = list(U.run_unit(make_unit(cells=((5, 2),))))
+    assert rows[0]["status"] == "ok"
+    assert len(earlier) == 1 + 2 + 1 and len(alive_at_memory_run) == 3  # warm-up, 2 repeats, the memory run
+    assert not any(alive_at_memory_run)
 
 
 def test_opt_family_and_synthetic_cache(model_cache):

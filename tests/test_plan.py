@@ -88,3 +88,30 @@ def test_smollm2_bitsandbytes_units_go_first(tmp_path):
     assert order[0] == "SmolLM2-135M-Instruct.Q4_1 × int8(threshold=0.0)"
     assert order[1] == "SmolLM2-135M-Instruct.Q4_1 × nf4"
     assert order[-1] == "opt-125m × fp16"
+
+
+def test_unsupported_before_start_by_device_and_accelerator(tmp_path):
+    from orchestrator.plan import unsupported_before_start
+    from tasks.hardware import capability_of
+
+    g = tmp_path / "g.yaml"
+    g.write_text("""
+name: caps
+models: [{synthetic: opt-125m}]
+precisions: [fp16, bf16, {name: torchao-fp8wo, compute_dtype: fp16}, nf4, hqq]
+generation: {new_tokens: [4], batch_sizes: [1]}
+perplexity: false
+""")
+    plan = make_plan(load_grid(str(g), []), "r", None)
+    label = {u.unit_id: u.precision["name"] for u in plan.units}
+
+    def skipped(device, acc):
+        return sorted(label[k] for k in unsupported_before_start(plan, device, acc))
+
+    assert skipped("cpu", []) == []                       # every one of these runs on CPU
+    assert skipped("cuda", []) == []                      # GPU type unknown: the worker checks on the device
+    assert skipped("cuda", ["H100"]) == []
+    assert skipped("cuda", ["A100"]) == ["torchao-fp8wo"]  # 8.0 < 8.9
+    assert skipped("cuda", ["T4"]) == ["bf16", "nf4", "torchao-fp8wo"]  # nf4 computes in bf16 by default
+    assert skipped("cuda", ["T4", "H100"]) == []          # mixed cluster: left to the workers
+    assert capability_of("A100-80G") == (8, 0) and capability_of("mystery") is None

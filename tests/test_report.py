@@ -175,3 +175,25 @@ def test_decode_chart_facets_at_most_four_batch_sizes(monkeypatch):
     axes = seen["axes"]
     assert [a.get_title() for a in axes] == ["batch 1", "batch 4", "batch 8", "batch 32"]  # ends and evenly between
     assert all(len(a.get_lines()) == 2 for a in axes)  # one line per precision
+
+
+def test_precisions_grouped_by_method():
+    import pandas as pd
+
+    from reports.tables import method_group, model_table
+
+    def rows(p, scheme, bits, lib):
+        return {"model": "m", "precision": p, "precision_name": p.split("(")[0], "quant_scheme": scheme,
+                "weight_bits_nominal": bits, "quant_library": lib, "status": "ok", "new_tokens": 8, "batch_size": 1,
+                "weights_bytes": 100.0 * bits, "decode_ms_per_token": 1.0}
+
+    df = pd.DataFrame([rows("quanto-int2", "weight-only", 2, "quanto"), rows("torchao-int8dq", "weight+activation", 8,
+                       "torchao"), rows("fp16", "none", 16, "torch"), rows("hqq(bits=3)", "weight-only", 3, "hqq"),
+                       rows("torchao-int8wo", "weight-only", 8, "torchao"), rows("nf4", "weight-only", 4, "bitsandbytes")])
+    table, _ = model_table(df, "fp16")
+    assert [r["precision"] for r in table] == ["fp16", "torchao-int8wo", "nf4", "hqq(bits=3)", "quanto-int2",
+                                              "torchao-int8dq"]
+    assert [r["method"] for r in table][:3] == ["unquantized", "weight-only 8-bit", "weight-only 4-bit"]
+    assert table[-1]["method"] == "weight+activation 8-bit" and table[-1]["library"] == "torchao"
+    # rows from before these columns existed still group
+    assert method_group(pd.DataFrame([{"precision_name": "nf4"}])) == "weight-only 4-bit"

@@ -13,16 +13,27 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Unsupported(Exception):
+    """Raised while loading when the device at hand cannot run this precision (e.g. float8 below compute capability
+    8.9): the unit's cells become `skipped` rows with the message, not errors."""
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str
     description: str
     devices: tuple[str, ...]                      # device types it runs on: "cuda", "cpu"
     options: type[BaseModel] = NoOptions
-    # options -> kwargs for AutoModelForCausalLM.from_pretrained (quantization_config, dtype)
-    build: Callable[[BaseModel], dict[str, Any]] = field(default=lambda o: {})
+    # (options, device) -> kwargs for AutoModelForCausalLM.from_pretrained (quantization_config, dtype); a
+    # "_quant_config" entry, if any, is a one-line description of what was applied (recorded as `quant_config`)
+    build: Callable[[BaseModel, str], dict[str, Any]] = field(default=lambda o, device: {})
+    # for libraries that quantize a loaded model in place through their own API (hqq): (model, options, device)
+    after_load: Callable[[Any, BaseModel, str], str | None] | None = None
     needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
-    weight_bits: float = 16.0                     # nominal bits of a stored weight
+    weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
+    min_capability: Callable[[BaseModel], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
+    library: str = "torch"                        # who quantizes: torch (none), bitsandbytes, torchao, quanto, hqq
+    scheme: str = "none"                          # none | weight-only | weight+activation
     # decode cost per layer relative to fp16 when launches dominate (only orders units, largest first); measured on
     # an H200 with SmolLM2-135M: nf4 1.9x, fp4 1.4x, int8 (threshold 0) 2.4x, int8 (threshold 6) 3.9x
     launch_cost: Callable[[BaseModel], float] = field(default=lambda o: 1.0)
@@ -30,12 +41,22 @@ class Precision:
     def parse_options(self, raw: dict[str, Any]) -> BaseModel:
         return self.options(**raw)
 
-    def unsupported_reason(self, device_type: str, opts: BaseModel, bf16_ok: bool) -> str | None:
-        """Why this precision cannot run on the device at hand, or None."""
+    def bits(self, opts: BaseModel) -> float:
+        return self.weight_bits(opts) if callable(self.weight_bits) else self.weight_bits
+
+    def unsupported_reason(self, device_type: str, opts: BaseModel, bf16_ok: bool | None = True,
+                           capability: tuple[int, int] | None = None) -> str | None:
+        """Why this precision cannot run on the device at hand, or None. `capability`: the GPU's compute capability
+        when known (before the sweep, from the cluster's accelerator type; in the worker, from the device)."""
         if device_type not in self.devices:
             return f"{self.name} does not run on {device_type} (runs on {', '.join(self.devices)})"
-        if self.needs_bf16(opts) and not bf16_ok:
+        if self.needs_bf16(opts) and (bf16_ok is False or (device_type == "cuda" and capability is not None
+                                                           and capability < (8, 0))):
             return f"{self.name} with bf16 needs a GPU with bfloat16 support (compute capability 8.0 or newer)"
+        need = self.min_capability(opts) if device_type == "cuda" else None
+        if need and capability is not None and capability < need:
+            return (f"{self.name} needs compute capability {need[0]}.{need[1]} or newer; the GPU has "
+                    f"{capability[0]}.{capability[1]}")
         return None
 
 

@@ -27,7 +27,7 @@ class DoubleQuantOptions(FourBitOptions):
     double_quant: bool = Field(True, description="always on for nf4-dq")
 
 
-def _int8(opts: Int8Options) -> dict:
+def _int8(opts: Int8Options, device: str) -> dict:
     from transformers import BitsAndBytesConfig
 
     cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=opts.threshold)
@@ -35,7 +35,7 @@ def _int8(opts: Int8Options) -> dict:
 
 
 def _four_bit(quant_type: str):
-    def build(opts: FourBitOptions) -> dict:
+    def build(opts: FourBitOptions, device: str) -> dict:
         from transformers import BitsAndBytesConfig
 
         cfg = BitsAndBytesConfig(
@@ -54,13 +54,14 @@ def _bf16(opts) -> bool:
 
 
 DEVICES = ("cuda", "cpu")
+BNB = {"library": "bitsandbytes", "scheme": "weight-only"}
 PRECISIONS = (
-    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", DEVICES, Int8Options, _int8, _bf16, 8,
-              launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4),
-    Precision("nf4", "bitsandbytes 4-bit NormalFloat", DEVICES, FourBitOptions, _four_bit("nf4"), _bf16, 4,
-              launch_cost=lambda o: 1.9),
-    Precision("fp4", "bitsandbytes 4-bit float", DEVICES, FourBitOptions, _four_bit("fp4"), _bf16, 4,
-              launch_cost=lambda o: 1.4),
+    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", DEVICES, Int8Options, _int8,
+              needs_bf16=_bf16, weight_bits=8, launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4, **BNB),
+    Precision("nf4", "bitsandbytes 4-bit NormalFloat", DEVICES, FourBitOptions, _four_bit("nf4"), needs_bf16=_bf16,
+              weight_bits=4, launch_cost=lambda o: 1.9, **BNB),
+    Precision("fp4", "bitsandbytes 4-bit float", DEVICES, FourBitOptions, _four_bit("fp4"), needs_bf16=_bf16,
+              weight_bits=4, launch_cost=lambda o: 1.4, **BNB),
     Precision("nf4-dq", "bitsandbytes nf4 with double quantization of the scales", DEVICES, DoubleQuantOptions,
-              _four_bit("nf4"), _bf16, 4, launch_cost=lambda o: 2.0),
+              _four_bit("nf4"), needs_bf16=_bf16, weight_bits=4, launch_cost=lambda o: 2.0, **BNB),
 )

@@ -5,7 +5,7 @@ from tasks.precisions.base import Precision, torch_dtype
 
 
 def _dtype(name: str):
-    return lambda opts: {"dtype": torch_dtype(name)}
+    return lambda opts, device: {"dtype": torch_dtype(name)}
 
 
 PRECISIONS = (

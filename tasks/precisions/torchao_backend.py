@@ -1,0 +1,72 @@
+"""torchao (0.18) through transformers' TorchAoConfig: int8 weight-only, int8 dynamic activation + int8 weight, int4
+weight-only, float8 weight-only.
+
+int4 weight-only takes the packing that works on the device at hand, recorded in `quant_config`: on CUDA
+`Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")` (bf16, tinygemm); on CPU, where every packing of
+Int4WeightOnlyConfig fails in 0.18, `IntxWeightOnlyConfig(int4, PerGroup)`, which stores each 4-bit value in a byte
+(weights_bytes shows it). float8 needs compute capability 8.9 (Ada, Hopper) on a GPU; it runs on CPU.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.precisions.base import DTypeName, Precision, Unsupported, torch_dtype
+
+
+class AoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    compute_dtype: DTypeName = Field("bf16", description="dtype of activations and unquantized modules")
+
+
+class AoInt4Options(AoOptions):
+    group_size: Literal[32, 64, 128, 256] = 128
+
+
+def _config(kind: str):
+    def build(opts: AoOptions, device: str) -> dict:
+        import torch
+        from torchao.quantization import (Float8WeightOnlyConfig, Int4WeightOnlyConfig,
+                                          Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                          IntxWeightOnlyConfig)
+        from torchao.quantization.granularity import PerGroup
+        from transformers import TorchAoConfig
+
+        cuda = device.startswith("cuda")
+        if kind == "int8wo":
+            cfg, text = Int8WeightOnlyConfig(), "Int8WeightOnlyConfig()"
+        elif kind == "int8dq":
+            cfg, text = Int8DynamicActivationInt8WeightConfig(), "Int8DynamicActivationInt8WeightConfig()"
+        elif kind == "int4wo" and cuda:
+            cfg = Int4WeightOnlyConfig(group_size=opts.group_size, int4_packing_format="tile_packed_to_4d")
+            text = f"Int4WeightOnlyConfig(group_size={opts.group_size}, int4_packing_format='tile_packed_to_4d')"
+        elif kind == "int4wo":
+            cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(opts.group_size))
+            text = f"IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup({opts.group_size}))"
+        else:
+            if cuda and torch.cuda.get_device_capability(device) < (8, 9):
+                major, minor = torch.cuda.get_device_capability(device)
+                raise Unsupported(f"torchao float8 needs compute capability 8.9 or newer; this GPU has {major}.{minor}")
+            cfg, text = Float8WeightOnlyConfig(), "Float8WeightOnlyConfig()"
+        return {"quantization_config": TorchAoConfig(cfg), "dtype": torch_dtype(opts.compute_dtype),
+                "_quant_config": f"torchao {text}"}
+
+    return build
+
+
+def _bf16(opts) -> bool:
+    return opts.compute_dtype == "bf16"
+
+
+AO = {"library": "torchao", "needs_bf16": _bf16}
+PRECISIONS = (
+    Precision("torchao-int8wo", "torchao int8 weight-only", ("cuda", "cpu"), AoOptions, _config("int8wo"),
+              weight_bits=8, scheme="weight-only", launch_cost=lambda o: 1.5, **AO),
+    Precision("torchao-int8dq", "torchao int8 dynamic activation + int8 weight", ("cuda", "cpu"), AoOptions,
+              _config("int8dq"), weight_bits=8, scheme="weight+activation", launch_cost=lambda o: 2.0, **AO),
+    Precision("torchao-int4wo", "torchao int4 weight-only (packing per device)", ("cuda", "cpu"), AoInt4Options,
+              _config("int4wo"), weight_bits=4, scheme="weight-only", launch_cost=lambda o: 1.5, **AO),
+    Precision("torchao-fp8wo", "torchao float8 (e4m3) weight-only", ("cuda", "cpu"), AoOptions, _config("fp8wo"),
+              weight_bits=8, scheme="weight-only", launch_cost=lambda o: 1.5, min_capability=lambda o: (8, 9), **AO),
+)
