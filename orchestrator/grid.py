@@ -115,6 +115,10 @@ class Generation(Strict):
     prompt_tokens: PositiveInt = 32
     warmup: NonNegativeInt = 2
     repeats: PositiveInt = 5
+    # eager: DynamicCache, one kernel launch at a time; compiled: StaticCache + torch.compile of the decode step
+    decode: list[Literal["eager", "compiled"]] = Field(default=["eager"], min_length=1)
+    # one more decode step per cell under torch.profiler: its top kernels (CUDA) or operators (CPU), after the timing
+    profile: bool = False
 
 
 class Perplexity(Strict):

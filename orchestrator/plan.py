@@ -27,9 +27,11 @@ class Cell:
     precision: str
     new_tokens: int
     batch_size: int
+    decode: str = "eager"
 
     def to_task(self) -> dict:
-        return {"cell_key": self.key, "new_tokens": self.new_tokens, "batch_size": self.batch_size}
+        return {"cell_key": self.key, "new_tokens": self.new_tokens, "batch_size": self.batch_size,
+                "decode": self.decode}
 
 
 @dataclass
@@ -112,12 +114,12 @@ def unit_cost(model: dict, precision, options, cells: list[Cell], generation: di
     return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
 
 
-def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid) -> str:
+def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid, decode: str = "eager") -> str:
     identity = {
         "model": {k: v for k, v in model.items() if k != "label"},
         "precision": {"name": precision["name"], "options": precision["options"]},
-        "new_tokens": new_tokens, "batch_size": batch_size,
-        "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes"}),
+        "new_tokens": new_tokens, "batch_size": batch_size, "decode": decode,
+        "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes", "decode"}),
         "perplexity": grid.perplexity.model_dump(exclude={"path"}) if grid.perplexity else False,
         "gpus_per_task": grid.resources.gpus_per_task,
         "measurement_version": MEASUREMENT_VERSION,
@@ -136,8 +138,9 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
             parsed = REGISTRY[p.name].parse_options(p.options)
             opts = parsed.model_dump()
             precision = {"name": p.name, "options": opts, "label": p.label}
-            cells = [Cell(cell_key(model, precision, n, b, grid), model["label"], p.label, n, b)
-                     for n in grid.generation.new_tokens for b in grid.generation.batch_sizes]
+            cells = [Cell(cell_key(model, precision, n, b, grid, d), model["label"], p.label, n, b, d)
+                     for d in grid.generation.decode for n in grid.generation.new_tokens
+                     for b in grid.generation.batch_sizes]
             size = unit_cost(model, REGISTRY[p.name], parsed, cells, grid.generation.model_dump())
             uid = hashlib.sha256(json.dumps([model, precision], sort_keys=True).encode()).hexdigest()[:12]
             units.append(Unit(uid, model, precision, cells, size))
@@ -165,4 +168,18 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
         reason = p.unsupported_reason(device_type, p.parse_options(u.precision["options"]), None, capability)
         if reason:
             out[u.unit_id] = reason + (f" ({accelerators[0]})" if capability and "capability" in reason else "")
+    return out
+
+
+def unsupported_cells(plan: Plan) -> dict[str, str]:
+    """cell key -> why the cell cannot run, for cells whose axis values a backend does not support (decode: compiled
+    with a backend that cannot be compiled), known before anything starts."""
+    from tasks.precisions import REGISTRY
+
+    out = {}
+    for u in plan.units:
+        reason = REGISTRY[u.precision["name"]].compile_reason
+        for c in u.cells:
+            if c.decode == "compiled" and reason:
+                out[c.key] = f"decode: compiled is not available for {u.precision['name']}: {reason}"
     return out

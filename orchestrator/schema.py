@@ -7,6 +7,7 @@ import pyarrow as pa
 S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 T = pa.timestamp("us", tz="UTC")
 LF = pa.list_(pa.float64())
+KERNELS = pa.list_(pa.struct([("name", pa.string()), ("calls", pa.int64()), ("time_us", pa.float64())]))
 
 # (column, type, meaning). Units are in the names: _ms, _s, _bytes, _gbs (GB/s = 1e9 bytes/s).
 COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -28,6 +29,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("precision_options", S, "every option of the precision as JSON, defaults included"),
     ("new_tokens", I, "tokens generated per sequence"),
     ("batch_size", I, "sequences per batch"),
+    ("decode", S, "eager (DynamicCache, eager kernels) or compiled (StaticCache + torch.compile of the decode step)"),
     ("prompt_tokens", I, "prompt length in tokens"),
     ("warmup", I, "untimed runs before the timed ones"),
     ("repeats", I, "timed runs"),
@@ -89,8 +91,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ttft_ms_samples", LF, "raw: ttft of each repeat"),
     ("decode_ms_samples", LF, "raw: every decode gap of every repeat"),
     ("e2e_s_samples", LF, "raw: end-to-end seconds of each repeat"),
+    ("top_kernels", KERNELS, "with generation.profile: one decode step's top CUDA kernels by GPU time (CPU: operators "
+                             "by CPU time): name, calls, time_us"),
     # memory
     ("kv_cache_bytes", I, "analytic: 2 x layers x kv_heads x head_dim x cached tokens x batch x bytes"),
+    ("compile_s", F, "compiled decode: seconds of the first run, compilation included (not in any latency column)"),
     ("kv_cache_tensor_bytes", I, "bytes of the cache's key/value tensors at the end of generation"),
     ("kv_cache_growth_bytes", I, "GPU allocated after decode minus before prefill"),
     ("memory_before_bytes", I, "GPU allocated before prefill (weights and leftovers)"),

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator.grid import Grid, GridError, load_grid
-from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start
+from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start, unsupported_cells
 from orchestrator.progress import Progress, summary_table
 from orchestrator.store import Store
 from orchestrator import wikitext
@@ -65,6 +65,11 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
     unsupported = unsupported_before_start(plan, "cuda" if gpus > 0 else "cpu", cluster.accelerators)
     skipped_units = [u for u in units if u.unit_id in unsupported]
     units = [u for u in units if u.unit_id not in unsupported]
+    bad_cells = unsupported_cells(plan)  # e.g. decode: compiled with a backend that cannot compile
+    skipped_cells = [(u, c) for u in units for c in u.cells if c.key in bad_cells]
+    units = [Unit(u.unit_id, u.model, u.precision, [c for c in u.cells if c.key not in bad_cells], u.size)
+             for u in units]
+    units = [u for u in units if u.cells]
     todo = sum(len(u.cells) for u in units)
     print(f"sweep {grid.name}: {len(plan.cells)} cells in {len(plan.units)} units; {todo} to run "
           f"({len(plan.cells) - todo} already ok{', forced' if force else ''}"
@@ -82,6 +87,12 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
         for row in failure_rows(u.to_task(plan), u.cells, "skipped", "Unsupported", unsupported[u.unit_id]):
             store.write(row)
             skipped_rows.append(row)
+    for u, c in skipped_cells:
+        row = failure_rows(u.to_task(plan, [c]), [c], "skipped", "Unsupported", bad_cells[c.key])[0]
+        store.write(row)
+        skipped_rows.append(row)
+    if skipped_cells:
+        print(f"skip   {len(skipped_cells)} cell(s) whose axis values their backend cannot run (see their rows)")
     t0 = time.monotonic()
     interrupted = False
     with Progress(todo, live=live) as progress:

@@ -8,7 +8,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from reports import charts, tables
-from reports.data import first, precision_order, read_results
+from reports.data import col, first, precision_order, read_results
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -35,7 +35,8 @@ def context(dirs) -> dict:
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
-        d = df[df.model == model]
+        every = df[df.model == model]
+        d = every[col(every, "decode").fillna("eager") == "eager"]  # tables and charts: the eager path
         baseline = first(d.baseline) if "baseline" in d else None  # rows say what their sweep compared against
         baseline = baseline if baseline in set(d.precision) else (precision_order(d, None) or [None])[0]
         rows, cell = tables.model_table(d, baseline)
@@ -45,7 +46,9 @@ def context(dirs) -> dict:
             "note": tables.first(d.weights_note) if "weights_note" in d else None,
             "rows": rows,
             "cell": cell,
-            "breakdown": tables.breakdown(d, baseline),
+            "breakdown": tables.breakdown(every, baseline),
+            "compiled": tables.eager_vs_compiled(every, baseline),
+            "kernels": tables.top_kernels(every, baseline, cell),
             "findings": tables.findings(d, model, baseline),
             "charts": [c for c in (charts.decode_vs_length(d, baseline), charts.memory_by_phase(rows, cell),
                                    charts.quality_tradeoffs(rows)) if c],

@@ -112,10 +112,48 @@ def _ratio(a, b, pct: bool = False):
 def breakdown(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Every (precision, new_tokens, batch) cell of one model."""
     order = {p: i for i, p in enumerate(precision_order(df, baseline))}
-    d = df.assign(_o=df.precision.map(order)).sort_values(["_o", "new_tokens", "batch_size"])
-    keys = ["precision", "new_tokens", "batch_size", "status", "ttft_ms", "decode_ms_per_token", "decode_ms_p99",
+    d = df.assign(_o=df.precision.map(order), decode=col(df, "decode").fillna("eager"))
+    d = d.sort_values(["_o", "decode", "new_tokens", "batch_size"])
+    keys = ["precision", "decode", "new_tokens", "batch_size", "status", "ttft_ms", "decode_ms_per_token", "decode_ms_p99",
             "decode_tokens_per_s", "peak_bytes", "kv_cache_bytes", "bandwidth_fraction", "noisy_timing", "cv_decode"]
     return [{k: _f(r.get(k)) if k in r else None for k in keys} for _, r in d.iterrows()]
+
+
+def eager_vs_compiled(df: pd.DataFrame, baseline: str | None) -> list[dict]:
+    """Per precision and cell, eager against compiled ms/token next to the bandwidth floor: whether a method is slow
+    because of its kernels or because of launching them one by one."""
+    if "decode" not in df or not (df.decode == "compiled").any():
+        return []
+    ok = df[df.status == "ok"]
+    out = []
+    for p in precision_order(df, baseline):
+        for (n, b), g in ok[ok.precision == p].groupby(["new_tokens", "batch_size"]):
+            e, c = g[g.decode.fillna("eager") == "eager"], g[g.decode == "compiled"]
+            eager = _f(first(col(e, "decode_ms_per_token")))
+            comp = _f(first(col(c, "decode_ms_per_token")))
+            out.append({"precision": p, "new_tokens": int(n), "batch_size": int(b), "eager_ms": eager,
+                        "compiled_ms": comp, "floor_ms": _f(first(col(g, "decode_ms_floor"))),
+                        "speedup": _ratio(eager, comp), "compile_s": _f(first(col(c, "compile_s")))})
+    skipped = df[(df.decode == "compiled") & (df.status == "skipped")]
+    for p in dict.fromkeys(skipped.precision):
+        out.append({"precision": p, "skipped": first(skipped[skipped.precision == p].error_message)})
+    return out
+
+
+def top_kernels(df: pd.DataFrame, baseline: str | None, cell: tuple[int, int] | None, n: int = 5) -> list[dict]:
+    """With generation.profile: per precision (and decode path), the top kernels of one decode step at the headline
+    cell."""
+    if "top_kernels" not in df or cell is None:
+        return []
+    out = []
+    at = df[(df.new_tokens == cell[0]) & (df.batch_size == cell[1]) & df.top_kernels.notna()]
+    for p in precision_order(df, baseline):
+        for _, r in at[at.precision == p].iterrows():
+            ks = list(r.top_kernels)[:n]
+            if ks:
+                out.append({"precision": p, "decode": r.get("decode") or "eager",
+                            "kernels": [f"{k['name']} ×{k['calls']}: {k['time_us']:.0f} µs" for k in ks]})
+    return out
 
 
 def findings(df: pd.DataFrame, model: str, baseline: str | None) -> list[str]:

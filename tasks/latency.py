@@ -41,14 +41,26 @@ def prompt_ids(tokenizer, vocab_size: int, prompt_tokens: int, batch: int, devic
     return torch.tensor([ids[11 * b:11 * b + prompt_tokens] for b in range(batch)], device=device)
 
 
-def prefill(model, input_ids, cache):
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+def prefill(model, input_ids, cache, cache_position=None):
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                cache_position=cache_position)
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
-def decode_one_token(model, token, cache):
-    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+def decode_one_token(model, token, cache, cache_position=None):
+    out = model(input_ids=token, past_key_values=cache, use_cache=True, cache_position=cache_position)
     return out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def compiled_decode_step(device: str):
+    """`decode_one_token` through torch.compile (fullgraph; CUDA graphs on a GPU via "reduce-overhead"). Dynamo's
+    caches are reset first, so each cell compiles for its own shapes and never hits the recompile limit (past it,
+    torch.compile silently runs eager)."""
+    import torch
+
+    torch._dynamo.reset()
+    mode = "reduce-overhead" if device.startswith("cuda") else None
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
 
 
 class Clock:
@@ -76,31 +88,42 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def new_cache(model):
-    from transformers import DynamicCache
+def new_cache(model, static_len: int | None = None):
+    """DynamicCache (grows by concatenation), or for the compiled path a StaticCache of `static_len` tokens."""
+    from transformers import DynamicCache, StaticCache
 
+    if static_len:
+        return StaticCache(config=model.config, max_cache_len=static_len)
     return DynamicCache(config=model.config)
 
 
-def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None):
-    """Greedy generation of exactly `new_tokens` tokens; returns (tokens [batch, new_tokens], cache)."""
+def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None,
+             step=None):
+    """Greedy generation of exactly `new_tokens` tokens; returns (tokens [batch, new_tokens], cache). `step`: a
+    compiled decode step (see `compiled_decode_step`): then the cache is static and positions are explicit."""
     import contextlib
 
     import torch
 
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
+    prompt = input_ids.shape[1]
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
-        cache = new_cache(model)
+        cache = new_cache(model, prompt + new_tokens if step else None)
+        positions = (lambda start, n: torch.arange(start, start + n, device=input_ids.device)) if step else \
+            (lambda start, n: None)
         if clock:
             clock.mark()
         with phase("prefill"):
-            token = prefill(model, input_ids, cache)
+            token = prefill(model, input_ids, cache, positions(0, prompt))
         if clock:
             clock.mark()
         out = [token]
+        decode = step or decode_one_token
         with phase("decode"):
-            for _ in range(new_tokens - 1):
-                token = decode_one_token(model, token, cache)
+            for i in range(new_tokens - 1):
+                token = decode(model, token, cache, positions(prompt + i, 1))
+                if step is not None:
+                    token = token.clone()  # CUDA graphs reuse their output buffer
                 if clock:
                     clock.mark()
                 out.append(token)
@@ -152,19 +175,61 @@ def _cv(values: list[float]) -> float | None:
     return statistics.stdev(values) / mean if mean else None
 
 
+def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top: int = 10) -> list[dict]:
+    """One decode step (after a prefill and two unprofiled steps) under torch.profiler: the top kernels by GPU time
+    on CUDA, the top operators by CPU time on CPU. Separate from the timed runs; the profiler's overhead is not in
+    any latency."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    static_len = ids.shape[1] + max(new_tokens, 4) if step else None
+    decode = step or decode_one_token
+    with torch.no_grad():
+        cache = new_cache(model, static_len)
+        pos = (lambda p: torch.tensor([p], device=ids.device)) if step else (lambda p: None)
+        token = prefill(model, ids, cache, torch.arange(ids.shape[1], device=ids.device) if step else None)
+        for i in range(2):
+            token = decode(model, token, cache, pos(ids.shape[1] + i)).clone()
+        if cuda:
+            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            decode(model, token, cache, pos(ids.shape[1] + 2))
+            if cuda:
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+    if cuda:
+        rows = [(e.key, e.count, e.self_device_time_total) for e in events if e.self_device_time_total > 0]
+    else:
+        rows = [(e.key, e.count, e.self_cpu_time_total) for e in events if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda r: -r[2])
+    return [{"name": name[:200], "calls": int(calls), "time_us": float(us)} for name, calls, us in rows[:top]]
+
+
 def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int,
-                 warmup: int, repeats: int) -> tuple[LatencyRecord, memory.PhaseMemory, object]:
-    """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases and final cache."""
+                 warmup: int, repeats: int, decode: str = "eager", profile: bool = False):
+    """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases, final cache, for
+    the compiled path the seconds of its first run (compilation included; never part of the latency), and with
+    `profile` the top kernels of one decode step (else None)."""
     import torch
 
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = prompt_ids(tokenizer, vocab, prompt_tokens, batch_size, device)
+    step, compile_s = None, None
+    if decode == "compiled":
+        step = compiled_decode_step(device)
+        t0 = time.perf_counter()
+        generate(model, ids, new_tokens, step=step)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        generate(model, ids, new_tokens)
+        generate(model, ids, new_tokens, step=step)
     record = LatencyRecord(batch_size, new_tokens)
     for _ in range(repeats):
         clock = Clock(device)
-        tokens, cache = generate(model, ids, new_tokens, clock=clock)
+        tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step)
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's KV cache must not outlive it: the next run (and the memory run) would count it
         record.add(clock.intervals_ms())
@@ -173,5 +238,8 @@ def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: 
         torch.cuda.empty_cache()
     phases = memory.PhaseMemory(device)
     phases.before = memory.allocated(device)
-    _, cache = generate(model, ids, new_tokens, phases=phases)
-    return record, phases, cache
+    _, cache = generate(model, ids, new_tokens, phases=phases, step=step)
+    kernels = None
+    if profile:
+        kernels = profile_decode_step(model, ids, new_tokens, device, step)
+    return record, phases, cache, compile_s, kernels

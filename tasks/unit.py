@@ -148,6 +148,12 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         cell_started = now()
         t0 = time.perf_counter()
         row = {**base, **cell_fields(cell), "started_at": cell_started}
+        if cell.get("decode") == "compiled" and precision.compile_reason:  # the driver skips these before start
+            row.update(status="skipped", error_type="Unsupported", ended_at=now(),
+                       error_message=f"decode: compiled is not available for {precision.name}: "
+                                     f"{precision.compile_reason}")
+            yield row
+            continue
         try:
             row.update(measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts, bw_gbs))
             row["status"] = "ok"
@@ -161,7 +167,8 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
 
 
 def cell_fields(cell: dict) -> dict:
-    return {"cell_key": cell["cell_key"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"]}
+    return {"cell_key": cell["cell_key"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"],
+            "decode": cell.get("decode", "eager")}
 
 
 def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, device: str) -> dict:
@@ -184,12 +191,15 @@ def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts
     import resource
 
     g = unit["generation"]
-    record, phases, cache = latency.measure_cell(
+    decode = cell.get("decode", "eager")
+    record, phases, cache, compile_s, kernels = latency.measure_cell(
         model, tokenizer, device, new_tokens=cell["new_tokens"], batch_size=cell["batch_size"],
-        prompt_tokens=g["prompt_tokens"], warmup=g["warmup"], repeats=g["repeats"])
+        prompt_tokens=g["prompt_tokens"], warmup=g["warmup"], repeats=g["repeats"], decode=decode,
+        profile=g.get("profile", False))
     out = record.summary()
     tensor_bytes = memory.cache_tensor_bytes(cache)
-    cached_tokens = g["prompt_tokens"] + cell["new_tokens"] - 1  # the last token is never fed back
+    # the last token is never fed back; a static cache (compiled decode) is allocated for every position up front
+    cached_tokens = g["prompt_tokens"] + cell["new_tokens"] - (0 if decode == "compiled" else 1)
     element = tensor_bytes // max(1, 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"]
                                   * cached_tokens * cell["batch_size"]) or 2
     del cache
@@ -198,6 +208,8 @@ def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts
     out.update({
         "kv_cache_bytes": memory.kv_cache_bytes(geometry, cached_tokens, cell["batch_size"], element),
         "kv_cache_tensor_bytes": tensor_bytes,
+        "compile_s": compile_s,
+        "top_kernels": kernels,
         "kv_cache_growth_bytes": (phases.after_decode - phases.before) if cuda else None,
         "memory_before_bytes": phases.before if cuda else None,
         "prefill_peak_bytes": phases.prefill_peak,

@@ -151,10 +151,10 @@ def test_memory_run_starts_without_earlier_runs_caches(monkeypatch):
 
     real, earlier, alive_at_memory_run = latency.generate, [], []
 
-    def watched(model, ids, new_tokens, clock=None, phases=None):
+    def watched(model, ids, new_tokens, clock=None, phases=None, step=None):
         if phases is not None:
             alive_at_memory_run.extend(r() is not None for r in earlier)
-        tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases)
+        tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases, step=step)
         earlier.append(weakref.ref(cache))
         return tokens, cache
 
@@ -233,3 +233,40 @@ def test_local_folder_source(smollm2, model_cache):
     folder = next(model_cache.glob("gguf-*"))
     rows = list(U.run_unit(make_unit("fp32", model={"path": str(folder), "label": "local"}, cells=((2, 1),))))
     assert rows[0]["status"] == "ok" and rows[0]["model_source"] == "path" and rows[0]["params"] == 134_515_008
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache):
+    """decode: compiled = StaticCache + torch.compile of decode_one_token: the same greedy tokens as eager, compile
+    time in compile_s (never in the latency), a static cache allocated for every position."""
+    import torch
+
+    p = REGISTRY["fp32"]
+    model, _, _ = models.load({"synthetic": TINY_LLAMA, "label": "t"}, p, p.parse_options({}), "cpu")
+    ids = latency.prompt_ids(None, 1000, 8, 2, "cpu")
+    eager, _ = latency.generate(model, ids, 6)
+    compiled, cache = latency.generate(model, ids, 6, step=latency.compiled_decode_step("cpu"))
+    assert torch.equal(eager, compiled) and type(cache).__name__ == "StaticCache"
+
+    unit = make_unit(cells=((5, 2),))
+    unit["cells"][0]["decode"] = "compiled"
+    r = list(U.run_unit(unit))[0]
+    assert r["status"] == "ok", r.get("traceback")
+    assert r["decode"] == "compiled" and r["compile_s"] > 0
+    assert r["compile_s"] > 20 * max(r["decode_ms_samples"]) / 1e3  # compilation is not in the samples
+    assert len(r["decode_ms_samples"]) == 2 * (5 - 1)
+    # a static cache holds prompt + new_tokens positions from the start
+    assert r["kv_cache_tensor_bytes"] == r["kv_cache_bytes"] == 2 * 2 * 2 * 16 * (8 + 5) * 2 * 4
+
+
+def test_profile_lists_the_top_operators_of_one_decode_step(tmp_path):
+    unit = make_unit("nf4", cells=((4, 1),))
+    unit["generation"]["profile"] = True
+    r = list(U.run_unit(unit))[0]
+    assert r["status"] == "ok", r.get("traceback")
+    k = r["top_kernels"]
+    assert 3 <= len(k) <= 10 and [x["time_us"] for x in k] == sorted((x["time_us"] for x in k), reverse=True)
+    assert all(x["calls"] >= 1 for x in k) and any(x["name"].startswith("aten::") for x in k)
+    assert any("bitsandbytes" in x["name"] or "dequantize" in x["name"] for x in k), [x["name"] for x in k]
+    Store(tmp_path, "r").write(r)  # the list of structs fits the Parquet schema
+    # off by default: nothing profiled, the timings untouched
+    assert list(U.run_unit(make_unit("nf4", cells=((4, 1),))))[0].get("top_kernels") is None

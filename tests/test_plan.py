@@ -115,3 +115,35 @@ perplexity: false
     assert skipped("cuda", ["T4"]) == ["bf16", "nf4", "torchao-fp8wo"]  # nf4 computes in bf16 by default
     assert skipped("cuda", ["T4", "H100"]) == []          # mixed cluster: left to the workers
     assert capability_of("A100-80G") == (8, 0) and capability_of("mystery") is None
+
+
+def test_decode_axis_and_backends_that_cannot_compile(tmp_path, monkeypatch):
+    import dataclasses
+
+    from orchestrator.plan import unsupported_cells
+    from tasks.precisions import REGISTRY
+
+    # every backend registered today compiles on CPU (checked: bitsandbytes, torchao, quanto, hqq); declare one that
+    # does not, as a future backend would
+    monkeypatch.setitem(REGISTRY, "nf4", dataclasses.replace(REGISTRY["nf4"], compile_reason="its kernels break the graph"))
+
+    g = tmp_path / "g.yaml"
+    g.write_text("""
+name: dec
+models: [{synthetic: opt-125m}]
+precisions: [fp16, nf4]
+generation: {new_tokens: [4, 8], batch_sizes: [1], decode: [eager, compiled]}
+perplexity: false
+""")
+    plan = make_plan(load_grid(str(g), []), "r", None)
+    assert len(plan.cells) == 2 * 2 * 2 and len({c.key for c in plan.cells}) == 8
+    assert {c.decode for c in plan.cells} == {"eager", "compiled"}
+    skipped = unsupported_cells(plan)
+    nf4_compiled = {c.key for u in plan.units if u.precision["name"] == "nf4" for c in u.cells if c.decode == "compiled"}
+    assert set(skipped) == nf4_compiled and all(
+        r == "decode: compiled is not available for nf4: its kernels break the graph" for r in skipped.values())
+    # eager alone keeps the default, and keys of eager cells do not depend on whether compiled is also asked for
+    g2 = tmp_path / "g2.yaml"
+    g2.write_text(g.read_text().replace(", decode: [eager, compiled]", ""))
+    eager = {c.key for c in make_plan(load_grid(str(g2), []), "r", None).cells}
+    assert eager == {c.key for c in plan.cells if c.decode == "eager"}

@@ -197,3 +197,27 @@ def test_precisions_grouped_by_method():
     assert table[-1]["method"] == "weight+activation 8-bit" and table[-1]["library"] == "torchao"
     # rows from before these columns existed still group
     assert method_group(pd.DataFrame([{"precision_name": "nf4"}])) == "weight-only 4-bit"
+
+
+def test_compiled_against_eager_and_top_kernels(tmp_path):
+    k = [{"name": "aten::mm", "calls": 30, "time_us": 900.0}, {"name": "void gemv_kernel<half>", "calls": 30,
+                                                               "time_us": 400.0}]
+    rows = []
+    for p, eager, comp in (("fp16", 20.0, 4.0), ("nf4", 38.0, 9.5)):
+        for d, ms in (("eager", eager), ("compiled", comp)):
+            rows.append(row("m", p, 64, 1, cell_key=f"{p}-{d}", decode=d, decode_ms_per_token=ms, decode_ms_floor=0.1,
+                            compile_s=41.0 if d == "compiled" else None, top_kernels=k))
+    rows.append(row("m", "int8", 64, 1, cell_key="int8-c", decode="compiled", status="skipped",
+                    error_message="decode: compiled is not available for int8: its kernels break the graph"))
+    rows.append(row("m", "int8", 64, 1, cell_key="int8-e", decode="eager", decode_ms_per_token=55.0))
+    store = Store(tmp_path, "r1")
+    for r in rows:
+        store.write(r)
+    html = render([tmp_path], tmp_path / "report.html").read_text()
+    section = html[html.index("Eager against compiled"):html.index("</table>", html.index("Eager against compiled"))]
+    assert "5.00×" in section and "4.00×" in section                      # 20/4 and 38/9.5
+    assert "41.0" in section and "its kernels break the graph" in section
+    # the per-precision table stays on the eager path
+    table = html[html.index("Per precision"):html.index("</table>", html.index("Per precision"))]
+    assert ">20.00<" in table and ">4.00<" not in table and ">38.00<" in table
+    assert "void gemv_kernel&lt;half&gt; ×30: 400 µs" in html

@@ -31,6 +31,7 @@ class Precision:
     after_load: Callable[[Any, BaseModel, str], str | None] | None = None
     needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
     weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
+    compile_reason: str | None = None             # why decode: compiled cannot run with this backend (None: it can)
     min_capability: Callable[[BaseModel], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
     library: str = "torch"                        # who quantizes: torch (none), bitsandbytes, torchao, quanto, hqq
     scheme: str = "none"                          # none | weight-only | weight+activation
