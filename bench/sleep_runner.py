@@ -3,7 +3,7 @@ import os
 import socket
 import time
 
-from tasks.unit import cell_fields, now, unit_rows_base
+from tasks.rows import cell_fields, now, unit_rows_base
 
 
 def run_unit(unit, wikitext=None):

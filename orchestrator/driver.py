@@ -19,7 +19,7 @@ import ray
 
 from orchestrator.plan import Cell, Plan, Unit
 from orchestrator.worker import unit_task
-from tasks.unit import cell_fields, now, unit_rows_base
+from tasks.rows import cell_fields, now, unit_rows_base
 from tasks.unit_process import UnitProcessDied
 
 CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from orchestrator.grid import Grid
 from tasks.models import synthetic_shapes
-from tasks.unit import MEASUREMENT_VERSION
+from tasks.rows import MEASUREMENT_VERSION
 
 
 @dataclass

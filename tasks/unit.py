@@ -7,30 +7,21 @@ failure row; a cell that fails (out of memory included) becomes a failure row an
 """
 from __future__ import annotations
 
-import json
-import re
 import time
 import traceback
-from datetime import datetime, timezone
 from typing import Iterator
 
 from tasks import latency, memory, models, perplexity
 from tasks.hardware import fingerprint, peak_bandwidth
 from tasks.precisions import REGISTRY
 from tasks.precisions.base import Unsupported
+from tasks.rows import MEASUREMENT_VERSION, cell_fields, now, unit_rows_base, weights_note  # noqa: F401
 
 # imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm; none
 # of these initialises CUDA (bitsandbytes may, so it is not here)
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
            "transformers.models.llama.modeling_llama", "transformers.models.opt.modeling_opt", "accelerate")
-# 2: the memory run no longer counts the last timed run's KV cache (v1 peaks were one KV cache too high);
-#    no_grad instead of inference_mode
-MEASUREMENT_VERSION = 2  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def pick_device(gpus: float) -> str:
@@ -51,48 +42,6 @@ def _failure(exc: BaseException) -> dict:
         "error_type": type(exc).__name__,
         "error_message": str(exc)[:2000],
         "traceback": traceback.format_exc()[-8000:],
-    }
-
-
-def weights_note(model: dict) -> str | None:
-    if model.get("synthetic"):
-        return "synthetic weights (random, seed 0): latency and memory only, no perplexity"
-    if model.get("gguf"):
-        kind = re.search(r"(IQ\d\w*|Q\d+(?:_[A-Z0-9]+)*|BF16|F16|F32)", model["gguf"], re.I)
-        kind = kind.group(1).upper() if kind else "unknown type"
-        return (f"GGUF source ({kind}): weights were quantized before release; full-precision rows hold the "
-                f"dequantized {kind} weights")
-    return None
-
-
-def unit_rows_base(unit: dict) -> dict:
-    p = unit["precision"]
-    g = unit["generation"]
-    ppl = unit.get("perplexity") or {}
-    return {
-        "sweep": unit["sweep"],
-        "run_id": unit["run_id"],
-        "unit_id": unit["unit_id"],
-        "attempt": unit.get("attempt", 1),
-        "model": unit["model"]["label"],
-        "model_spec": json.dumps(unit["model"], sort_keys=True),
-        "weights_note": weights_note(unit["model"]),
-        "precision": p["label"],
-        "baseline": unit.get("baseline"),
-        "precision_name": p["name"],
-        "precision_options": json.dumps(p["options"], sort_keys=True),
-        "prompt_tokens": g["prompt_tokens"],
-        "warmup": g["warmup"],
-        "repeats": g["repeats"],
-        "gpus_per_task": unit["gpus"],
-        "ppl_protocol": ppl.get("protocol"),
-        "ppl_seqlen": ppl.get("seqlen"),
-        "ppl_stride": ppl.get("stride") if ppl.get("protocol") == "strided" else None,
-        "ppl_max_windows": ppl.get("max_windows"),
-        "ppl_batch_size": ppl.get("batch_size"),
-        "ppl_dataset": ppl.get("dataset"),
-        "ppl_dataset_sha256": ppl.get("sha256"),
-        "measurement_version": MEASUREMENT_VERSION,
     }
 
 
@@ -164,11 +113,6 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         row["latency_s"] = time.perf_counter() - t0
         row["ended_at"] = now()
         yield row
-
-
-def cell_fields(cell: dict) -> dict:
-    return {"cell_key": cell["cell_key"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"],
-            "decode": cell.get("decode", "eager")}
 
 
 def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, device: str) -> dict:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.unit import cell_fields, now, unit_rows_base
+from tasks.rows import cell_fields, now, unit_rows_base
 
 
 def run_unit(unit: dict, wikitext: bytes | None = None):
