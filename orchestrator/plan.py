@@ -178,8 +178,9 @@ def unsupported_cells(plan: Plan) -> dict[str, str]:
 
     out = {}
     for u in plan.units:
-        reason = REGISTRY[u.precision["name"]].compile_reason
+        precision = REGISTRY[u.precision["name"]]
         for c in u.cells:
-            if c.decode == "compiled" and reason:
-                out[c.key] = f"decode: compiled is not available for {u.precision['name']}: {reason}"
+            reason = precision.decode_reason(c.decode)
+            if reason:
+                out[c.key] = reason
     return out

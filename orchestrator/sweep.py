@@ -81,16 +81,14 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
                 "units": [{"unit_id": u.unit_id, "label": u.label, "cells": len(u.cells)} for u in units],
                 "skipped_before_start": {u.label: unsupported[u.unit_id] for u in skipped_units}}
     store.write_manifest(manifest)
-    skipped_rows = []
-    for u in skipped_units:  # known before anything starts: rows at once, no task
+    for u in skipped_units:
         print(f"skip   {u.label}: {unsupported[u.unit_id]}")
-        for row in failure_rows(u.to_task(plan), u.cells, "skipped", "Unsupported", unsupported[u.unit_id]):
+    skipped_rows = []  # known before anything starts: rows at once, no task
+    for u, cells, reason in ([(u, u.cells, unsupported[u.unit_id]) for u in skipped_units]
+                             + [(u, [c], bad_cells[c.key]) for u, c in skipped_cells]):
+        for row in failure_rows(u.to_task(plan, cells), cells, "skipped", "Unsupported", reason):
             store.write(row)
             skipped_rows.append(row)
-    for u, c in skipped_cells:
-        row = failure_rows(u.to_task(plan, [c]), [c], "skipped", "Unsupported", bad_cells[c.key])[0]
-        store.write(row)
-        skipped_rows.append(row)
     if skipped_cells:
         print(f"skip   {len(skipped_cells)} cell(s) whose axis values their backend cannot run (see their rows)")
     t0 = time.monotonic()

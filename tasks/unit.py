@@ -14,8 +14,7 @@ from typing import Iterator
 from tasks import latency, memory, models, perplexity
 from tasks.hardware import fingerprint, peak_bandwidth
 from tasks.precisions import REGISTRY
-from tasks.precisions.base import Unsupported
-from tasks.rows import MEASUREMENT_VERSION, cell_fields, now, unit_rows_base, weights_note  # noqa: F401
+from tasks.rows import cell_fields, now, unit_rows_base
 
 # imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm; none
 # of these initialises CUDA (bitsandbytes may, so it is not here)
@@ -80,10 +79,6 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         if device.startswith("cuda"):
             facts["weights_allocated_bytes"] = memory.allocated(device)
         facts["rss_after_load_bytes"] = memory.rss()
-    except Unsupported as exc:
-        yield from rows_for_remaining(unit["cells"], {"status": "skipped", "error_type": "Unsupported",
-                                                      "error_message": str(exc)})
-        return
     except Exception as exc:
         yield from rows_for_remaining(unit["cells"], {**_failure(exc), "load_s": time.perf_counter() - t_load})
         return
@@ -97,10 +92,9 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         cell_started = now()
         t0 = time.perf_counter()
         row = {**base, **cell_fields(cell), "started_at": cell_started}
-        if cell.get("decode") == "compiled" and precision.compile_reason:  # the driver skips these before start
-            row.update(status="skipped", error_type="Unsupported", ended_at=now(),
-                       error_message=f"decode: compiled is not available for {precision.name}: "
-                                     f"{precision.compile_reason}")
+        reason = precision.decode_reason(cell.get("decode", "eager"))  # the driver skips these before start
+        if reason:
+            row.update(status="skipped", error_type="Unsupported", error_message=reason, ended_at=now())
             yield row
             continue
         try:

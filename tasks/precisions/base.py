@@ -13,11 +13,6 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Unsupported(Exception):
-    """Raised while loading when the device at hand cannot run this precision (e.g. float8 below compute capability
-    8.9): the unit's cells become `skipped` rows with the message, not errors."""
-
-
 @dataclass(frozen=True)
 class Precision:
     name: str
@@ -41,6 +36,12 @@ class Precision:
 
     def parse_options(self, raw: dict[str, Any]) -> BaseModel:
         return self.options(**raw)
+
+    def decode_reason(self, decode: str) -> str | None:
+        """Why a cell with this decode path cannot run with this backend, or None."""
+        if decode == "compiled" and self.compile_reason:
+            return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
+        return None
 
     def bits(self, opts: BaseModel) -> float:
         return self.weight_bits(opts) if callable(self.weight_bits) else self.weight_bits

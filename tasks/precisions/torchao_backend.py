@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.precisions.base import DTypeName, Precision, Unsupported, torch_dtype
+from tasks.precisions.base import DTypeName, Precision, torch_dtype
 
 
 class AoOptions(BaseModel):
@@ -44,10 +44,7 @@ def _config(kind: str):
         elif kind == "int4wo":
             cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(opts.group_size))
             text = f"IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup({opts.group_size}))"
-        else:
-            if cuda and torch.cuda.get_device_capability(device) < (8, 9):
-                major, minor = torch.cuda.get_device_capability(device)
-                raise Unsupported(f"torchao float8 needs compute capability 8.9 or newer; this GPU has {major}.{minor}")
+        else:  # float8: GPUs below compute capability 8.9 are refused by min_capability before loading
             cfg, text = Float8WeightOnlyConfig(), "Float8WeightOnlyConfig()"
         return {"quantization_config": TorchAoConfig(cfg), "dtype": torch_dtype(opts.compute_dtype),
                 "_quant_config": f"torchao {text}"}
