@@ -123,8 +123,8 @@ def test_decode_axis_and_backends_that_cannot_compile(tmp_path, monkeypatch):
     from orchestrator.plan import unsupported_cells
     from tasks.precisions import REGISTRY
 
-    # every backend registered today compiles on CPU (checked: bitsandbytes, torchao, quanto, hqq); declare one that
-    # does not, as a future backend would
+    # no registered backend declares a compile_reason (those checked compile on CPU: see the README); declare one,
+    # as a backend that cannot compile would
     monkeypatch.setitem(REGISTRY, "nf4", dataclasses.replace(REGISTRY["nf4"], compile_reason="its kernels break the graph"))
 
     g = tmp_path / "g.yaml"
