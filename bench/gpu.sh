@@ -18,13 +18,19 @@ step=${1:-env}; shift || true
 case $step in
   env)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+    # pypcre (gptqmodel needs it) is an sdist with a C extension: built here, against the host's Python
+    ls /tmp/stage/wheels/pypcre-*.whl > /dev/null 2>&1 || { python3 -m pip wheel -q --no-deps --no-build-isolation \
+      .stage/extra/pypcre-0.6.4.tar.gz -w /tmp/stage/wheels 2>&1 | tail -2; python3 -m pip install -q --no-deps --target /tmp/site /tmp/stage/wheels/pypcre-*.whl 2>&1 | tail -2; }
     python3 -c "import torch, transformers, bitsandbytes, ray, pydantic, gguf, pynvml; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'ray', ray.__version__, 'pydantic', pydantic.__version__)"
+    for m in torchao optimum.quanto hqq pcre gptqmodel; do python3 -c "import $m; print('$m', getattr($m, '__version__', 'ok'))" 2>&1 | grep -vE "INFO|WARN|^\s*$|│|┌|└|─" | tail -1; done
+    which nvcc gcc; ls /usr/local/cuda*/bin/nvcc 2>/dev/null
     nproc; free -g | head -2
     python3 - <<'PY'
 import time
 from tasks import models
 t = time.time(); print(models.gguf_folder("/tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf"), round(time.time() - t, 1), "s")
 t = time.time(); print(models.synthetic_folder("opt-125m", "cuda:0"), round(time.time() - t, 1), "s")
+t = time.time(); print(models.synthetic_folder("llama-2-7b", "cuda:0"), round(time.time() - t, 1), "s")
 PY
     ;;
   ppl)
@@ -91,4 +97,33 @@ fi
 if [ "$step" = bench ]; then
   /tmp/site/bin/ray stop > /dev/null 2>&1
   python3 bench/driver_overhead.py --json "$OUT/driver_overhead.json" > /dev/null 2>&1; cat "$OUT/driver_overhead.json"
+fi
+# phase D (third session): issue 5's llama-2-7b grid re-measured with measurement v2 (its int8 unit split over three
+# sweeps so that no GPU holds all four slow LLM.int8 cells), then issue 6's method sweeps (SmolLM2 every method,
+# eager and compiled; the KV-cache axis; llama-2-7b every method). One Ray head holds every GPU; sweeps start in
+# priority order and Ray hands GPUs out as units finish. Interrupted at DEADLINE (SIGINT) and resumed by calling the
+# step again (finished cells are on disk); everything is tarred to $OUT each time.
+if [ "$step" = phaseD ]; then
+  ray=/tmp/site/bin/ray
+  nvidia-smi --query-gpu=index,uuid --format=csv,noheader > "$OUT/gpus.csv"
+  $ray status > /dev/null 2>&1 || $ray start --head --num-gpus=$(wc -l < "$OUT/gpus.csv") --disable-usage-stats > /dev/null 2>&1
+  dl=${DEADLINE:-560}
+  run() {  # name grid [--set ...]
+    local name=$1 grid=$2; shift 2
+    (timeout -s INT $dl python3 -m orchestrator sweep "$grid" --address auto --output results/$name "$@" \
+       > "$OUT/$name.log" 2>&1; echo "$name exit $?" >> "$OUT/exits.txt") &
+    sleep 2
+  }
+  L=examples/gpu-llama7b.yaml
+  run llama7b-int8-long16 $L --set 'precisions=[int8]' --set 'generation.new_tokens=[1024]' --set 'generation.batch_sizes=[16]'
+  run llama7b-int8-long1 $L --set 'precisions=[int8]' --set 'generation.new_tokens=[1024]' --set 'generation.batch_sizes=[1]'
+  run llama7b-fp16-nf4 $L --set 'precisions=[fp16, nf4]'
+  run methods examples/gpu-methods.yaml
+  run llama7b-int8-short $L --set 'precisions=[int8]' --set 'generation.new_tokens=[128]'
+  run kv-a examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[native, hqq-int2]'
+  run kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]'
+  run methods-llama7b examples/gpu-methods-llama7b.yaml
+  wait
+  cat "$OUT/exits.txt"; grep -hE "without failure|interrupted" "$OUT"/*.log
+  tar czf "$OUT/phaseD.tgz" results "$OUT"/*.log "$OUT/gpus.csv" 2>/dev/null
 fi

@@ -14,6 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
+from tasks import kv_cache
 from tasks.models import SYNTHETIC_ARCHITECTURES
 from tasks.precisions import REGISTRY
 
@@ -105,8 +106,30 @@ class PrecisionEntry(Strict):
     @property
     def label(self) -> str:
         defaults = REGISTRY[self.name].options().model_dump()
-        changed = {k: v for k, v in self.options.items() if defaults.get(k) != v}
+        # the calibration file is on the row (calib_text, calib_sha256), not in the label
+        changed = {k: v for k, v in self.options.items() if defaults.get(k) != v and k != "calib_path"}
         return self.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
+
+
+class KvCacheEntry(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.name not in kv_cache.KV_CACHES:
+            near = difflib.get_close_matches(self.name, kv_cache.KV_CACHES, n=1)
+            raise ValueError(f"unknown kv_cache {self.name!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                             + f" (known: {', '.join(kv_cache.KV_CACHES)})")
+        self.options = kv_cache.parse_options(self.name, self.options)
+        return self
+
+    @property
+    def label(self) -> str:
+        return kv_cache.label(self.name, self.options)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "options": self.options, "label": self.label}
 
 
 class Generation(Strict):
@@ -119,6 +142,28 @@ class Generation(Strict):
     decode: list[Literal["eager", "compiled"]] = Field(default=["eager"], min_length=1)
     # one more decode step per cell under torch.profiler: its top kernels (CUDA) or operators (CPU), after the timing
     profile: bool = False
+    # native: DynamicCache in the model's dtype; quanto-int4/int2, hqq-int8/int4/int2: transformers' QuantizedCache
+    kv_cache: list[KvCacheEntry] = Field(default=[KvCacheEntry(name="native")], min_length=1)
+
+    @field_validator("kv_cache", mode="before")
+    @classmethod
+    def _kv_entries(cls, v):
+        if not isinstance(v, list):
+            return v
+        return [{"name": x} if isinstance(x, str) else
+                {"name": x["name"], "options": {k: y for k, y in x.items() if k != "name"}}
+                if isinstance(x, dict) and "name" in x else x for x in v]
+
+    @model_validator(mode="after")
+    def _kv_unique(self):
+        labels = [k.label for k in self.kv_cache]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"kv_cache: an entry is listed twice ({labels})")
+        return self
+
+    @property
+    def quantized_kv(self) -> bool:
+        return any(kv_cache.KV_CACHES[k.name] for k in self.kv_cache)
 
 
 class Perplexity(Strict):
@@ -128,6 +173,11 @@ class Perplexity(Strict):
     stride: PositiveInt = 512
     max_windows: PositiveInt | None = None
     batch_size: PositiveInt = 8
+    # protocol kv-continuation, measured per kv_cache entry when the grid has a quantized one: `kv_windows` windows
+    # of the test split, `kv_prefill` tokens into the cache, then `kv_continuation` tokens scored one at a time
+    kv_windows: PositiveInt = 4
+    kv_prefill: PositiveInt = 1024
+    kv_continuation: PositiveInt = 512
 
     @model_validator(mode="after")
     def _stride(self):

@@ -28,10 +28,15 @@ class Cell:
     new_tokens: int
     batch_size: int
     decode: str = "eager"
+    kv: dict = field(default_factory=lambda: {"name": "native", "options": {}, "label": "native"})
+
+    @property
+    def kv_cache(self) -> str:
+        return self.kv["label"]
 
     def to_task(self) -> dict:
         return {"cell_key": self.key, "new_tokens": self.new_tokens, "batch_size": self.batch_size,
-                "decode": self.decode}
+                "decode": self.decode, "kv_cache": self.kv}
 
 
 @dataclass
@@ -55,6 +60,9 @@ class Unit:
             "cells": [c.to_task() for c in (cells if cells is not None else self.cells)],
             "generation": plan.generation, "perplexity": plan.perplexity, "gpus": plan.gpus_per_task,
             "baseline": plan.baseline,
+            **({"calibration": {**self.precision["calibration"],
+                                "text": plan.texts.get(self.precision["calibration"]["sha256"])}}
+               if self.precision.get("calibration") else {}),
         }
 
 
@@ -67,6 +75,7 @@ class Plan:
     perplexity: dict | None
     gpus_per_task: float
     baseline: str
+    texts: dict[str, bytes] = field(default_factory=dict)  # calibration texts by sha256, shipped with their units
 
     @property
     def cells(self) -> list[Cell]:
@@ -114,33 +123,57 @@ def unit_cost(model: dict, precision, options, cells: list[Cell], generation: di
     return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
 
 
-def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid, decode: str = "eager") -> str:
+KV_PPL = {"kv_windows", "kv_prefill", "kv_continuation"}
+
+
+def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid, decode: str = "eager",
+             kv: dict | None = None) -> str:
+    quantized_kv = grid.generation.quantized_kv  # kv-continuation perplexity is measured only then
     identity = {
         "model": {k: v for k, v in model.items() if k != "label"},
         "precision": {"name": precision["name"], "options": precision["options"]},
         "new_tokens": new_tokens, "batch_size": batch_size, "decode": decode,
-        "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes", "decode"}),
-        "perplexity": grid.perplexity.model_dump(exclude={"path"}) if grid.perplexity else False,
+        "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes", "decode", "kv_cache"}),
+        "perplexity": grid.perplexity.model_dump(exclude={"path"} | (set() if quantized_kv else KV_PPL))
+        if grid.perplexity else False,
         "gpus_per_task": grid.resources.gpus_per_task,
         "measurement_version": MEASUREMENT_VERSION,
     }
+    if kv and kv["name"] != "native":  # (native cells keep the keys they had before the kv_cache axis existed)
+        identity["kv_cache"] = {"name": kv["name"], "options": kv["options"]}
+    if precision.get("calibration"):  # calibrated methods: the calibration data by content, not by path
+        identity["precision"]["options"] = {k: v for k, v in precision["options"].items() if k != "calib_path"}
+        identity["calibration"] = precision["calibration"]["sha256"] or precision["calibration"]["name"]
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) -> Plan:
     from tasks.precisions import REGISTRY
 
+    from orchestrator import wikitext
+    from tasks.calibration import RANDOM_IDS
+
     base_dir = getattr(grid, "_base_dir", Path(os.getcwd()))
-    units = []
+    units, texts, calibrations = [], {}, {}
+    for j, p in enumerate(grid.precisions):  # calibration text, read and checked once (never the test split)
+        if REGISTRY[p.name].calibrated and any(not m.synthetic for m in grid.models):
+            raw, source = wikitext.calibration(p.options.get("calib_path"), base_dir, f"precisions[{j}].calib_path")
+            calibrations[j] = source
+            if raw is not None:
+                texts[source["sha256"]] = raw
     for m in grid.models:
         model = m.spec(base_dir)
-        for p in grid.precisions:
+        for j, p in enumerate(grid.precisions):
             parsed = REGISTRY[p.name].parse_options(p.options)
             opts = parsed.model_dump()
             precision = {"name": p.name, "options": opts, "label": p.label}
-            cells = [Cell(cell_key(model, precision, n, b, grid, d), model["label"], p.label, n, b, d)
-                     for d in grid.generation.decode for n in grid.generation.new_tokens
-                     for b in grid.generation.batch_sizes]
+            if REGISTRY[p.name].calibrated:
+                precision["calibration"] = ({"name": RANDOM_IDS, "sha256": None} if m.synthetic
+                                            else calibrations[j])
+            cells = [Cell(cell_key(model, precision, n, b, grid, d, kv.spec()), model["label"], p.label, n, b, d,
+                          kv.spec())
+                     for kv in grid.generation.kv_cache for d in grid.generation.decode
+                     for n in grid.generation.new_tokens for b in grid.generation.batch_sizes]
             size = unit_cost(model, REGISTRY[p.name], parsed, cells, grid.generation.model_dump())
             uid = hashlib.sha256(json.dumps([model, precision], sort_keys=True).encode()).hexdigest()[:12]
             units.append(Unit(uid, model, precision, cells, size))
@@ -149,8 +182,9 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
     if grid.perplexity:
         ppl = grid.perplexity.model_dump()
         ppl.update(perplexity_source or {})
+        ppl["kv"] = grid.generation.quantized_kv  # kv-continuation perplexity per kv_cache entry
     return Plan(grid.name, run_id, units, grid.generation.model_dump(), ppl, grid.resources.gpus_per_task,
-                grid.baseline)
+                grid.baseline, texts)
 
 
 def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[str]) -> dict[str, str]:
@@ -173,14 +207,15 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
 
 def unsupported_cells(plan: Plan) -> dict[str, str]:
     """cell key -> why the cell cannot run, for cells whose axis values a backend does not support (decode: compiled
-    with a backend that cannot be compiled), known before anything starts."""
+    with a backend that cannot be compiled, or with a quantized KV cache), known before anything starts."""
+    from tasks import kv_cache
     from tasks.precisions import REGISTRY
 
     out = {}
     for u in plan.units:
         precision = REGISTRY[u.precision["name"]]
         for c in u.cells:
-            reason = precision.decode_reason(c.decode)
+            reason = precision.decode_reason(c.decode) or kv_cache.decode_reason(c.kv, c.decode)
             if reason:
                 out[c.key] = reason
     return out

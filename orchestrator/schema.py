@@ -30,6 +30,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("new_tokens", I, "tokens generated per sequence"),
     ("batch_size", I, "sequences per batch"),
     ("decode", S, "eager (DynamicCache, eager kernels) or compiled (StaticCache + torch.compile of the decode step)"),
+    ("kv_cache", S, "KV cache label: native (DynamicCache in the model's dtype) or a quantized cache (quanto-int4, "
+                    "hqq-int2, ...) plus options that differ from the defaults"),
+    ("kv_cache_options", S, "the quantized cache's options as JSON (q_group_size, residual_length)"),
     ("prompt_tokens", I, "prompt length in tokens"),
     ("warmup", I, "untimed runs before the timed ones"),
     ("repeats", I, "timed runs"),
@@ -53,11 +56,22 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("weights_allocated_bytes", I, "GPU memory allocated after load"),
     ("rss_after_load_bytes", I, "process resident memory after load"),
     ("model_loads_in_worker", I, "models loaded by the process that measured the unit (always 1)"),
-    ("quant_library", S, "who quantized the weights: torch (none), bitsandbytes, torchao, quanto, hqq"),
+    ("quant_library", S, "who quantized the weights: torch (none), bitsandbytes, torchao, quanto, hqq, gptqmodel"),
+    ("quant_library_version", S, "version of that library"),
+    ("linear_class", S, "module classes that run the first decoder layer's projections (the kernel path taken)"),
     ("quant_scheme", S, "none | weight-only | weight+activation"),
     ("weight_bits_nominal", F, "bits of a quantized weight as the method names it (4 for nf4; bits_per_param is measured)"),
     ("quant_config", S, "what was applied, as the library's call (e.g. torchao's int4 packing for this device)"),
     ("quantize_s", F, "time to quantize a loaded model through the library's own API (hqq), apart from load_s"),
+    ("calibration_s", F, "gptq/awq: seconds the calibration took when the calibrated checkpoint was built (also on "
+                         "rows that loaded it from the cache)"),
+    ("calibration_cached", B, "gptq/awq: the calibrated checkpoint came from the disk cache (no calibration now)"),
+    ("calibration_device", S, "device the calibration ran on"),
+    ("calib_text", S, "calibration data: a file path, the hub's validation split, or random token ids (synthetic)"),
+    ("calib_sha256", S, "sha256 of the calibration text"),
+    ("calib_samples", I, "calibration samples"),
+    ("calib_seqlen", I, "tokens per calibration sample"),
+    ("calibrated_folder", S, "the cached calibrated checkpoint"),
     # perplexity
     ("perplexity", F, "WikiText-2 raw test perplexity under ppl_protocol"),
     ("ppl_protocol", S, "gptq | strided (see tasks/perplexity.py)"),
@@ -75,6 +89,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ppl_skipped_reason", S, "why there is no perplexity (synthetic weights, off in the grid)"),
     ("ppl_error", S, "perplexity failure, if any"),
     ("ppl_status", S, "status of the perplexity measurement when it failed"),
+    ("ppl_kv", F, "perplexity through this cell's KV cache, protocol kv-continuation: the prefill goes into the cache, "
+                  "the continuation is scored token by token from cached keys/values (not comparable with perplexity)"),
+    ("ppl_kv_windows", I, "kv-continuation: windows (batched)"),
+    ("ppl_kv_prefill_tokens", I, "kv-continuation: tokens per window put into the cache at once"),
+    ("ppl_kv_tokens_scored", I, "kv-continuation: targets scored, one decode step each"),
+    ("ppl_kv_s", F, "kv-continuation: seconds"),
+    ("ppl_kv_skipped_reason", S, "why there is no ppl_kv (synthetic weights)"),
+    ("ppl_kv_error", S, "kv-continuation failure, if any"),
     # latency
     ("ttft_ms", F, "time to first token (prefill), median of repeats"),
     ("ttft_ms_mean", F, "time to first token, mean of repeats"),
@@ -94,9 +116,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("top_kernels", KERNELS, "with generation.profile: one decode step's top CUDA kernels by GPU time (CPU: operators "
                              "by CPU time): name, calls, time_us"),
     # memory
-    ("kv_cache_bytes", I, "analytic: 2 x layers x kv_heads x head_dim x cached tokens x batch x bytes"),
+    ("kv_cache_bytes", I, "analytic KV bytes at the end of generation: 2 x layers x kv_heads x head_dim x cached "
+                          "tokens x batch x bytes; quantized: bits/8 + a scale and a zero point per group in "
+                          "the activation dtype, the residual tokens at full precision"),
     ("compile_s", F, "compiled decode: seconds of the first run, compilation included (not in any latency column)"),
-    ("kv_cache_tensor_bytes", I, "bytes of the cache's key/value tensors at the end of generation"),
+    ("kv_cache_tensor_bytes", I, "measured: bytes the cache's tensors hold at the end of generation (quantized "
+                                 "states, scales and zero points, residual)"),
+    ("kv_bytes_per_token", F, "kv_cache_tensor_bytes / (cached tokens x batch)"),
+    ("kv_bytes_per_token_analytic", F, "kv_cache_bytes / (cached tokens x batch)"),
     ("kv_cache_growth_bytes", I, "GPU allocated after decode minus before prefill"),
     ("memory_before_bytes", I, "GPU allocated before prefill (weights and leftovers)"),
     ("prefill_peak_bytes", I, "peak GPU allocated during prefill (peak counters reset before)"),
@@ -112,7 +139,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("kv_layers", I, "layers holding a KV cache"),
     ("kv_heads", I, "key/value heads"),
     ("head_dim", I, "head dimension"),
-    ("kv_bytes_per_element", I, "bytes of a cached key or value element"),
+    ("kv_bytes_per_element", I, "bytes of a full-precision cached key or value element (a quantized cache's residual)"),
     # distance to the hardware limit
     ("decode_bytes_per_step", I, "bytes a decode step must read: weights (less unread embedding) + mean KV cache"),
     ("achieved_bandwidth_gbs", F, "decode_bytes_per_step / decode step time"),

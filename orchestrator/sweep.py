@@ -71,8 +71,9 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
              for u in units]
     units = [u for u in units if u.cells]
     todo = sum(len(u.cells) for u in units)
+    skipping = sum(len(u.cells) for u in skipped_units) + len(skipped_cells)
     print(f"sweep {grid.name}: {len(plan.cells)} cells in {len(plan.units)} units; {todo} to run "
-          f"({len(plan.cells) - todo} already ok{', forced' if force else ''}"
+          f"({len(plan.cells) - todo - skipping} already ok, {skipping} skipped{', forced' if force else ''}"
           f"{f', {retired} stale rows moved to history' if retired else ''}); {cluster.describe()}; "
           f"{gpus:g} GPU and {cpus:g} CPU per unit; output {out}")
     manifest = {"sweep": grid.name, "run_id": plan.run_id, "started_at": datetime.now(timezone.utc).isoformat(),

@@ -47,3 +47,31 @@ def resolve(path: str | None, base_dir: Path) -> tuple[bytes | None, dict]:
     if _offline():
         raise GridError(f"perplexity: no local WikiText-2 file is set and the Hugging Face hub is out of reach; {HINT}")
     return None, {"dataset": f"hub:{HUB_DATASET}", "sha256": None}
+
+
+VALID_HINT = ("set the precision's calib_path or $WIKITEXT2_VALID_PATH to calibration text, e.g. the WikiText-2 "
+              "validation split ../shared/data/wikitext-2/wiki.valid.tokens")
+HUB_VALIDATION = "hub:wikitext/wikitext-2-raw-v1/validation"
+
+
+def calibration(path: str | None, base_dir: Path, field: str) -> tuple[bytes | None, dict]:
+    """Calibration text for gptq/awq: the precision's `calib_path`, else $WIKITEXT2_VALID_PATH, else the hub's
+    WikiText-2 validation split (fetched by the worker). Never the test split: calibrating on the text perplexity is
+    measured on would flatter the method. Returns (bytes or None for the hub, {"name", "sha256"})."""
+    if path is None and os.environ.get("WIKITEXT2_VALID_PATH"):
+        path, field, base_dir = os.environ["WIKITEXT2_VALID_PATH"], "WIKITEXT2_VALID_PATH", Path.cwd()
+    if path is None:
+        if _offline():
+            raise GridError(f"{field}: no calibration text is set and the Hugging Face hub is out of reach; "
+                            f"{VALID_HINT}")
+        return None, {"name": HUB_VALIDATION, "sha256": None}
+    file = (base_dir / Path(path).expanduser()).resolve()
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise GridError(f"{field}: cannot read {file} ({e.strerror}); {VALID_HINT}")
+    sha = hashlib.sha256(raw).hexdigest()
+    if sha == WIKITEXT2_TEST_SHA256:
+        raise GridError(f"{field}: {file} is the WikiText-2 test split, on which perplexity is measured; calibrating "
+                        f"on it would flatter the method. {VALID_HINT}")
+    return raw, {"name": str(file), "sha256": sha}

@@ -36,7 +36,8 @@ def context(dirs) -> dict:
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
         every = df[df.model == model]
-        d = every[col(every, "decode").fillna("eager") == "eager"]  # tables and charts: the eager path
+        # tables and charts: the eager path with the native KV cache; the other axes have tables of their own
+        d = every[(col(every, "decode").fillna("eager") == "eager") & (col(every, "kv_cache").fillna("native") == "native")]
         baseline = first(d.baseline) if "baseline" in d else None  # rows say what their sweep compared against
         baseline = baseline if baseline in set(d.precision) else (precision_order(d, None) or [None])[0]
         rows, cell = tables.model_table(d, baseline)
@@ -48,6 +49,7 @@ def context(dirs) -> dict:
             "cell": cell,
             "breakdown": tables.breakdown(every, baseline),
             "compiled": tables.eager_vs_compiled(every, baseline),
+            "kv": tables.kv_cache_table(every[col(every, "decode").fillna("eager") == "eager"], baseline),
             "kernels": tables.top_kernels(every, baseline, cell),
             "findings": tables.findings(d, model, baseline),
             "charts": [c for c in (charts.decode_vs_length(d, baseline), charts.memory_by_phase(rows, cell),

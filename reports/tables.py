@@ -61,6 +61,9 @@ def model_table(df: pd.DataFrame, baseline: str | None) -> tuple[list[dict], tup
             "decode_ms_floor": get("decode_ms_floor"),
             "load_s": _f(first(col(d, "load_s"))),
             "quantize_s": _f(first(col(d, "quantize_s"))),
+            "calibration_s": _f(first(col(d, "calibration_s"))),
+            "calibration_cached": bool(first(col(d, "calibration_cached"))),
+            "calib": _calib_text(d),
             "method": method_group(d),
             "library": first(col(d, "quant_library")),
             "noisy": bool(r.get("noisy_timing")) if r is not None and "noisy_timing" in r else False,
@@ -103,6 +106,41 @@ def method_rank(d: pd.DataFrame) -> tuple:
     return (SCHEMES.get(scheme, 3), -(bits if bits is not None and not pd.isna(bits) else 0))
 
 
+def _calib_text(d: pd.DataFrame) -> str | None:
+    n, length = first(col(d, "calib_samples")), first(col(d, "calib_seqlen"))
+    if n is None or pd.isna(n):
+        return None
+    text = str(first(col(d, "calib_text")) or "–").rsplit("/", 1)[-1]
+    return f"{int(n)} × {int(length)} tokens of {text}"
+
+
+def kv_cache_table(df: pd.DataFrame, baseline: str | None) -> list[dict]:
+    """The KV-cache axis: per precision, cell and cache, KV bytes per token (measured from the cache's tensors and
+    analytic), the peak, decode speed, and perplexity through the cache (kv-continuation) against the native cache."""
+    if "kv_cache" not in df or not (df.kv_cache.fillna("native") != "native").any():
+        return []
+    d = df.assign(kv_cache=df.kv_cache.fillna("native"), decode=col(df, "decode").fillna("eager"))
+    out = []
+    for p in precision_order(d, baseline):
+        dp = d[d.precision == p]
+        native_ppl = _f(first(col(dp[dp.kv_cache == "native"], "ppl_kv")))
+        for (n, b, kv), g in dp.groupby(["new_tokens", "batch_size", "kv_cache"], sort=False):
+            r = g.iloc[0]
+            get = (lambda k: _f(r.get(k)) if k in r else None)
+            ppl = get("ppl_kv")
+            out.append({"precision": p, "new_tokens": int(n), "batch_size": int(b), "kv_cache": kv,
+                        "status": r.status, "reason": get("error_message"),
+                        "kv_bytes_per_token": get("kv_bytes_per_token"),
+                        "kv_bytes_per_token_analytic": get("kv_bytes_per_token_analytic"),
+                        "kv_cache_tensor_bytes": get("kv_cache_tensor_bytes"), "peak_bytes": get("peak_bytes"),
+                        "decode_ms_per_token": get("decode_ms_per_token"), "ppl_kv": ppl,
+                        "ppl_kv_change": _ratio(ppl, native_ppl, pct=True) if kv != "native" else None,
+                        "ppl_kv_error": get("ppl_kv_error") or get("ppl_kv_skipped_reason")})
+    out.sort(key=lambda r: (r["precision"] != baseline, r["precision"], r["new_tokens"], r["batch_size"],
+                            r["kv_cache"] != "native", r["kv_cache"]))
+    return out
+
+
 def _ratio(a, b, pct: bool = False):
     if a is None or b is None or not b:
         return None
@@ -112,9 +150,10 @@ def _ratio(a, b, pct: bool = False):
 def breakdown(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Every (precision, new_tokens, batch) cell of one model."""
     order = {p: i for i, p in enumerate(precision_order(df, baseline))}
-    d = df.assign(_o=df.precision.map(order), decode=col(df, "decode").fillna("eager"))
-    d = d.sort_values(["_o", "decode", "new_tokens", "batch_size"])
-    keys = ["precision", "decode", "new_tokens", "batch_size", "status", "ttft_ms", "decode_ms_per_token", "decode_ms_p99",
+    d = df.assign(_o=df.precision.map(order), decode=col(df, "decode").fillna("eager"),
+                  kv_cache=col(df, "kv_cache").fillna("native"))
+    d = d.sort_values(["_o", "decode", "kv_cache", "new_tokens", "batch_size"])
+    keys = ["precision", "decode", "kv_cache", "new_tokens", "batch_size", "status", "ttft_ms", "decode_ms_per_token", "decode_ms_p99",
             "decode_tokens_per_s", "peak_bytes", "kv_cache_bytes", "bandwidth_fraction", "noisy_timing", "cv_decode"]
     return [{k: _f(r.get(k)) if k in r else None for k in keys} for _, r in d.iterrows()]
 
@@ -124,7 +163,7 @@ def eager_vs_compiled(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     because of its kernels or because of launching them one by one."""
     if "decode" not in df or not (df.decode == "compiled").any():
         return []
-    ok = df[df.status == "ok"]
+    ok = df[(df.status == "ok") & (col(df, "kv_cache").fillna("native") == "native")]
     out = []
     for p in precision_order(df, baseline):
         for (n, b), g in ok[ok.precision == p].groupby(["new_tokens", "batch_size"]):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tasks import memory
+from tasks.kv_cache import new_cache
 
 # Prompts for real models are cut from this text (written for this project; deterministic).
 PROMPT_TEXT = (
@@ -88,19 +89,11 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def new_cache(model, static_len: int | None = None):
-    """DynamicCache (grows by concatenation), or for the compiled path a StaticCache of `static_len` tokens."""
-    from transformers import DynamicCache, StaticCache
-
-    if static_len:
-        return StaticCache(config=model.config, max_cache_len=static_len)
-    return DynamicCache(config=model.config)
-
-
 def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None,
-             step=None):
+             step=None, kv: dict | None = None):
     """Greedy generation of exactly `new_tokens` tokens; returns (tokens [batch, new_tokens], cache). `step`: a
-    compiled decode step (see `compiled_decode_step`): then the cache is static and positions are explicit."""
+    compiled decode step (see `compiled_decode_step`): then the cache is static and positions are explicit. `kv`:
+    the cell's KV cache ({"name", "options"}, see tasks.kv_cache; None or native: DynamicCache)."""
     import contextlib
 
     import torch
@@ -108,7 +101,7 @@ def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phas
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
     prompt = input_ids.shape[1]
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
-        cache = new_cache(model, prompt + new_tokens if step else None)
+        cache = new_cache(model, kv, prompt + new_tokens if step else None)
         positions = (lambda start, n: torch.arange(start, start + n, device=input_ids.device)) if step else \
             (lambda start, n: None)
         if clock:
@@ -175,7 +168,8 @@ def _cv(values: list[float]) -> float | None:
     return statistics.stdev(values) / mean if mean else None
 
 
-def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top: int = 10) -> list[dict]:
+def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top: int = 10,
+                        kv: dict | None = None) -> list[dict]:
     """One decode step (after a prefill and two unprofiled steps) under torch.profiler: the top kernels by GPU time
     on CUDA, the top operators by CPU time on CPU. Separate from the timed runs; the profiler's overhead is not in
     any latency."""
@@ -186,7 +180,7 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
     static_len = ids.shape[1] + max(new_tokens, 4) if step else None
     decode = step or decode_one_token
     with torch.no_grad():
-        cache = new_cache(model, static_len)
+        cache = new_cache(model, kv, static_len)
         pos = (lambda p: torch.tensor([p], device=ids.device)) if step else (lambda p: None)
         token = prefill(model, ids, cache, torch.arange(ids.shape[1], device=ids.device) if step else None)
         for i in range(2):
@@ -208,7 +202,7 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
 
 
 def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int,
-                 warmup: int, repeats: int, decode: str = "eager", profile: bool = False):
+                 warmup: int, repeats: int, decode: str = "eager", profile: bool = False, kv: dict | None = None):
     """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases, final cache, for
     the compiled path the seconds of its first run (compilation included; never part of the latency), and with
     `profile` the top kernels of one decode step (else None)."""
@@ -220,16 +214,16 @@ def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: 
     if decode == "compiled":
         step = compiled_decode_step(device)
         t0 = time.perf_counter()
-        generate(model, ids, new_tokens, step=step)
+        generate(model, ids, new_tokens, step=step, kv=kv)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
     for _ in range(warmup):
-        generate(model, ids, new_tokens, step=step)
+        generate(model, ids, new_tokens, step=step, kv=kv)
     record = LatencyRecord(batch_size, new_tokens)
     for _ in range(repeats):
         clock = Clock(device)
-        tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step)
+        tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv)
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's KV cache must not outlive it: the next run (and the memory run) would count it
         record.add(clock.intervals_ms())
@@ -238,8 +232,8 @@ def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: 
         torch.cuda.empty_cache()
     phases = memory.PhaseMemory(device)
     phases.before = memory.allocated(device)
-    _, cache = generate(model, ids, new_tokens, phases=phases, step=step)
+    _, cache = generate(model, ids, new_tokens, phases=phases, step=step, kv=kv)
     kernels = None
     if profile:
-        kernels = profile_decode_step(model, ids, new_tokens, device, step)
+        kernels = profile_decode_step(model, ids, new_tokens, device, step, kv=kv)
     return record, phases, cache, compile_s, kernels

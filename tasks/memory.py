@@ -79,24 +79,6 @@ def nvml_process_bytes(device: str) -> tuple[int | None, int | None]:
         return None, None
 
 
-def cache_tensor_bytes(cache) -> int:
-    """Bytes held by the key/value tensors of a transformers Cache."""
-    import torch
-
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-def kv_cache_bytes(geometry: dict, tokens: int, batch: int, bytes_per_element: int) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes."""
-    return 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"] * tokens * batch * bytes_per_element
-
-
 @dataclass
 class PhaseMemory:
     """Memory seen over one generation, phase by phase (bytes)."""

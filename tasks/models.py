@@ -151,8 +151,9 @@ def source_folder(model: dict, device: str) -> tuple[str, dict[str, Any]]:
     return str(folder), {"model_source": "synthetic"}
 
 
-def load(model: dict, precision, options, device: str):
-    """Load (model, tokenizer or None) at a precision onto `device`; returns them with load facts."""
+def load(model: dict, precision, options, device: str, calibration: dict | None = None):
+    """Load (model, tokenizer or None) at a precision onto `device`; returns them with load facts. `calibration`:
+    {"text": bytes or None, "name": str} for calibrated precisions (gptq, awq)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,25 +162,57 @@ def load(model: dict, precision, options, device: str):
     facts["prepare_s"] = time.perf_counter() - t0
     common = {"revision": model.get("revision")} if model.get("revision") else {}
     common["trust_remote_code"] = bool(model.get("trust_remote_code", False))
+    source = where
+    if precision.prepare is not None:  # calibrated methods load a cached calibrated checkpoint instead
+        calibration = calibration or {}
+        where, calib = precision.prepare(where, options, device, calibration.get("text"), calibration.get("name"),
+                                         bool(model.get("synthetic")))
+        facts.update(calib)
     t0 = time.perf_counter()
     kwargs = precision.build(options, device)
     facts.update(quant_config=kwargs.pop("_quant_config", None), quant_library=precision.library,
+                 quant_library_version=library_version(precision.library),
                  quant_scheme=precision.scheme, weight_bits_nominal=float(precision.bits(options)))
     m = AutoModelForCausalLM.from_pretrained(where, device_map={"": device}, **kwargs, **common)
     m.eval()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     facts["load_s"] = time.perf_counter() - t0
+    facts["linear_class"] = linear_class(m)
     if precision.after_load is not None:  # libraries that quantize a loaded model through their own API
         t0 = time.perf_counter()
         precision.after_load(m, options, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         facts["quantize_s"] = time.perf_counter() - t0
+        facts["linear_class"] = linear_class(m)
     tokenizer = None
     if not model.get("synthetic"):
-        tokenizer = AutoTokenizer.from_pretrained(where, **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
     return m, tokenizer, facts
+
+
+LIBRARY_DISTRIBUTIONS = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "quanto": "optimum-quanto",
+                         "hqq": "hqq", "gptqmodel": "gptqmodel", "torch": "torch"}
+
+
+def library_version(library: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(LIBRARY_DISTRIBUTIONS.get(library, library))
+    except PackageNotFoundError:
+        return None
+
+
+def linear_class(model) -> str:
+    """The module classes that run the first decoder layer's projections (which kernel path a method took), e.g.
+    "Linear", "Linear4bit", "TorchAtenLinear", "HQQLinear" (after_load replaces them later: call again then)."""
+    layers = next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), model)
+    names = {type(m).__name__ for n, m in layers.named_modules() if n and not list(m.children())
+             and (hasattr(m, "weight") or hasattr(m, "qweight") or hasattr(m, "W_q"))
+             and "norm" not in type(m).__name__.lower()}
+    return ",".join(sorted(names))
 
 
 def weight_stats(model) -> dict[str, Any]:
@@ -190,6 +223,8 @@ def weight_stats(model) -> dict[str, Any]:
     tensor subclasses (torchao, quanto) by the plain tensors they flatten to, recursively (scales, zero points, packed
     data); HQQLinear by W_q plus the scale and zero tensors in its `meta`."""
     import math
+
+    import torch
 
     params = 0
     seen: dict[int, int] = {}  # data_ptr -> bytes: tensors shared between layers (code books) count once
@@ -215,6 +250,9 @@ def weight_stats(model) -> dict[str, Any]:
         scb = getattr(p, "SCB", None)
         if scb is not None:
             add(scb)
+    for m in model.modules():  # gptqmodel's packed layers (GPTQ, AWQ): weights are int32 buffers, not parameters
+        if isinstance(getattr(m, "qweight", None), torch.Tensor) and hasattr(m, "in_features"):
+            params += m.in_features * m.out_features
     for b in model.buffers():
         add(b)
     weights_bytes = sum(seen.values())

@@ -164,3 +164,35 @@ def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int,
         "ppl_s": time.perf_counter() - t0,                       # tokenization (or its cache) included
         "ppl_tokens_per_s": sum(w.end - w.begin for w in windows) / forward_s,  # model forward only
     }
+
+
+def continuation_perplexity(model, tokenizer, rows: list[str], *, kv: dict | None, windows: int, prefill: int,
+                            continuation: int, device: str) -> dict:
+    """Perplexity through a KV cache (protocol `kv-continuation`): the first `windows` non-overlapping windows of
+    prefill + continuation tokens of the test split, batched; each window's first `prefill` tokens go through the
+    model at once into the cache (a quantized cache quantizes them there), then the continuation is scored token by
+    token, each step reading every earlier key and value from the cache. ppl = exp(mean cross-entropy of the
+    `continuation` targets). Unlike the weight-only protocols, which score every position of a window in one pass
+    with exact attention, every target here is predicted from cached keys and values, as in generation."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.kv_cache import new_cache
+
+    t0 = time.perf_counter()
+    ids = token_ids(tokenizer, corpus_text(rows))
+    span = prefill + continuation
+    if len(ids) < windows * span:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than {windows} windows of {span}")
+    batch = torch.stack([ids[i * span:(i + 1) * span] for i in range(windows)]).to(device)
+    nll = torch.zeros((), dtype=torch.float64, device=batch.device)
+    with torch.no_grad():
+        cache = new_cache(model, kv)
+        logits = model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        for t in range(prefill, span):
+            nll += F.cross_entropy(logits[:, -1].float(), batch[:, t], reduction="sum").double()
+            if t + 1 < span:
+                logits = model(input_ids=batch[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+    return {"ppl_kv": math.exp(float(nll) / (windows * continuation)), "ppl_kv_windows": windows,
+            "ppl_kv_prefill_tokens": prefill, "ppl_kv_tokens_scored": windows * continuation,
+            "ppl_kv_s": time.perf_counter() - t0}

@@ -58,5 +58,7 @@ def unit_rows_base(unit: dict) -> dict:
 
 
 def cell_fields(cell: dict) -> dict:
+    kv = cell.get("kv_cache") or {"label": "native", "options": {}}
     return {"cell_key": cell["cell_key"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"],
-            "decode": cell.get("decode", "eager")}
+            "decode": cell.get("decode", "eager"), "kv_cache": kv["label"],
+            "kv_cache_options": json.dumps(kv["options"], sort_keys=True)}

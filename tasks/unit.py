@@ -11,7 +11,7 @@ import time
 import traceback
 from typing import Iterator
 
-from tasks import latency, memory, models, perplexity
+from tasks import kv_cache, latency, memory, models, perplexity
 from tasks.hardware import fingerprint, peak_bandwidth
 from tasks.precisions import REGISTRY
 from tasks.rows import cell_fields, now, unit_rows_base
@@ -72,7 +72,7 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
 
     t_load = time.perf_counter()
     try:
-        model, tokenizer, facts = models.load(unit["model"], precision, options, device)
+        model, tokenizer, facts = models.load(unit["model"], precision, options, device, calibration_text(unit))
         _loads += 1
         facts.update(models.weight_stats(model))
         facts["model_loads_in_worker"] = _loads
@@ -88,15 +88,23 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
     bw_gbs, bw_source = peak_bandwidth(device)
     base.update(peak_bandwidth_gbs=bw_gbs, peak_bandwidth_source=bw_source)
 
+    kv_quality: dict[str, dict] = {}  # kv_cache label -> kv-continuation perplexity, measured once per unit
     for cell in unit["cells"]:
         cell_started = now()
         t0 = time.perf_counter()
         row = {**base, **cell_fields(cell), "started_at": cell_started}
-        reason = precision.decode_reason(cell.get("decode", "eager"))  # the driver skips these before start
+        kv = cell.get("kv_cache")
+        decode = cell.get("decode", "eager")
+        reason = precision.decode_reason(decode) or (kv and kv_cache.decode_reason(kv, decode))  # skipped upstream
         if reason:
             row.update(status="skipped", error_type="Unsupported", error_message=reason, ended_at=now())
             yield row
             continue
+        if (unit.get("perplexity") or {}).get("kv"):
+            label = kv["label"] if kv else "native"
+            if label not in kv_quality:
+                kv_quality[label] = measure_kv_perplexity(unit, model, tokenizer, wikitext, device, kv)
+            row.update(kv_quality[label])
         try:
             row.update(measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts, bw_gbs))
             row["status"] = "ok"
@@ -107,6 +115,19 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         row["latency_s"] = time.perf_counter() - t0
         row["ended_at"] = now()
         yield row
+
+
+def calibration_text(unit: dict) -> dict | None:
+    """{"text": bytes or None (synthetic weights: random ids), "name"} for calibrated precisions, else None."""
+    c = unit.get("calibration")
+    if not c:
+        return None
+    text = c.get("text")
+    if text is None and c["name"].startswith("hub:"):
+        import datasets
+
+        text = "".join(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="validation")["text"]).encode()
+    return {"text": text, "name": c["name"]}
 
 
 def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, device: str) -> dict:
@@ -125,27 +146,53 @@ def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, dev
         return {"ppl_error": f"{f['error_type']}: {f['error_message']}", "ppl_status": f["status"]}
 
 
+def measure_kv_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, device: str, kv: dict | None) -> dict:
+    cfg = unit["perplexity"]
+    if unit["model"].get("synthetic") or tokenizer is None:
+        return {"ppl_kv_skipped_reason": "synthetic weights"}
+    try:
+        rows = perplexity.rows_from_raw(wikitext) if wikitext is not None else perplexity.hub_rows()
+        return perplexity.continuation_perplexity(model, tokenizer, rows, kv=kv, windows=cfg["kv_windows"],
+                                                  prefill=cfg["kv_prefill"], continuation=cfg["kv_continuation"],
+                                                  device=device)
+    except Exception as exc:
+        f = _failure(exc)
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        return {"ppl_kv_error": f"{f['error_type']}: {f['error_message']}"}
+
+
 def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts, bw_gbs) -> dict:
     import resource
 
     g = unit["generation"]
     decode = cell.get("decode", "eager")
+    kv = cell.get("kv_cache")
+    kv = kv if kv and kv["name"] != "native" else None
     record, phases, cache, compile_s, kernels = latency.measure_cell(
         model, tokenizer, device, new_tokens=cell["new_tokens"], batch_size=cell["batch_size"],
         prompt_tokens=g["prompt_tokens"], warmup=g["warmup"], repeats=g["repeats"], decode=decode,
-        profile=g.get("profile", False))
+        profile=g.get("profile", False), kv=kv)
     out = record.summary()
-    tensor_bytes = memory.cache_tensor_bytes(cache)
+    tensor_bytes = kv_cache.stored_bytes(cache)
     # the last token is never fed back; a static cache (compiled decode) is allocated for every position up front
     cached_tokens = g["prompt_tokens"] + cell["new_tokens"] - (0 if decode == "compiled" else 1)
-    element = tensor_bytes // max(1, 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"]
-                                  * cached_tokens * cell["batch_size"]) or 2
+    batch = cell["batch_size"]
+    if kv:
+        element = kv_cache.residual_element_size(cache) or 2
+    else:
+        element = tensor_bytes // max(1, kv_cache.analytic_bytes(geometry, 0, cached_tokens, batch, None, 1)) or 2
+    analytic = kv_cache.analytic_bytes(geometry, g["prompt_tokens"], cached_tokens, batch, kv, element)
     del cache
     nvml_mine, nvml_used = memory.nvml_process_bytes(device)
     cuda = device.startswith("cuda")
     out.update({
-        "kv_cache_bytes": memory.kv_cache_bytes(geometry, cached_tokens, cell["batch_size"], element),
+        "kv_cache_bytes": int(analytic),
         "kv_cache_tensor_bytes": tensor_bytes,
+        "kv_bytes_per_token": tensor_bytes / (cached_tokens * batch),
+        "kv_bytes_per_token_analytic": analytic / (cached_tokens * batch),
         "compile_s": compile_s,
         "top_kernels": kernels,
         "kv_cache_growth_bytes": (phases.after_decode - phases.before) if cuda else None,
@@ -163,9 +210,9 @@ def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts
         "kv_bytes_per_element": element,
     })
     # Distance to the hardware limit: what one decode step must read, over the measured step time.
-    mean_context = g["prompt_tokens"] + cell["new_tokens"] / 2
+    mean_context = g["prompt_tokens"] + cell["new_tokens"] // 2
     step_bytes = (facts["weights_bytes"] - facts["embedding_unread_bytes"]
-                  + memory.kv_cache_bytes(geometry, mean_context, cell["batch_size"], element))
+                  + kv_cache.analytic_bytes(geometry, g["prompt_tokens"], mean_context, batch, kv, element))
     out["decode_bytes_per_step"] = int(step_bytes)
     if out["decode_ms_per_token"]:
         achieved = step_bytes / (out["decode_ms_per_token"] / 1e3) / 1e9

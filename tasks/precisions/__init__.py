@@ -7,10 +7,11 @@ imports neither torch nor any quantization library, so a grid can be validated o
 from __future__ import annotations
 
 from tasks.precisions.base import Precision
-from tasks.precisions import bnb, full, hqq_backend, quanto_backend, torchao_backend
+from tasks.precisions import bnb, full, gptq_backend, hqq_backend, quanto_backend, torchao_backend
 
 REGISTRY: dict[str, Precision] = {p.name: p for p in (*full.PRECISIONS, *bnb.PRECISIONS, *torchao_backend.PRECISIONS,
-                                                      *quanto_backend.PRECISIONS, *hqq_backend.PRECISIONS)}
+                                                      *quanto_backend.PRECISIONS, *hqq_backend.PRECISIONS,
+                                                      *gptq_backend.PRECISIONS)}
 
 
 def get(name: str) -> Precision:

@@ -24,6 +24,9 @@ class Precision:
     build: Callable[[BaseModel, str], dict[str, Any]] = field(default=lambda o, device: {})
     # for libraries that quantize a loaded model in place through their own API (hqq): (model, options, device)
     after_load: Callable[[Any, BaseModel, str], str | None] | None = None
+    # for calibrated methods (gptq, awq): (source folder, options, device, calibration text or None, its name,
+    # synthetic?) -> (folder of the calibrated checkpoint to load instead, calibration facts for the row)
+    prepare: Callable[..., tuple[str, dict[str, Any]]] | None = None
     needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
     weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
     compile_reason: str | None = None             # why decode: compiled cannot run with this backend (None: it can)
@@ -42,6 +45,10 @@ class Precision:
         if decode == "compiled" and self.compile_reason:
             return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
         return None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.prepare is not None
 
     def bits(self, opts: BaseModel) -> float:
         return self.weight_bits(opts) if callable(self.weight_bits) else self.weight_bits

@@ -1,0 +1,161 @@
+"""Calibrated quantization (GPTQ, AWQ) through gptqmodel 7.6, cached on disk.
+
+A calibrated model is built once per (source folder, method, options, calibration data, gptqmodel version) into
+$QSWEEP_CACHE/<method>-<key>/ (a transformers checkpoint with its GPTQConfig/AwqConfig), with `calibration.json`
+beside it saying how long calibration took and on what; later units load it with from_pretrained and report the
+recorded calibration time with `calibration_cached` true.
+
+Calibration samples: `samples` windows of `seqlen` tokens at seeded random offsets (seed 0) in the tokenized
+calibration text, as the GPTQ paper samples its calibration set. A model without a tokenizer (synthetic weights) is
+calibrated on seeded random token ids: enough to measure speed and memory, meaningless for quality.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RANDOM_IDS = "random token ids (seed 0)"
+
+
+def calibration_ids(text: bytes | None, tokenizer, vocab: int, samples: int, seqlen: int) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if text is None or tokenizer is None:
+        ids = torch.randint(0, vocab, (samples, seqlen), generator=g)
+    else:
+        tokens = torch.tensor(tokenizer(text.decode("utf-8"), add_special_tokens=False).input_ids)
+        if tokens.numel() <= seqlen:
+            raise ValueError(f"calibration text has {tokens.numel()} tokens, fewer than calib_seqlen {seqlen}")
+        starts = torch.randint(0, tokens.numel() - seqlen, (samples,), generator=g)
+        ids = torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+    return [{"input_ids": row.tolist(), "attention_mask": [1] * seqlen} for row in ids]
+
+
+def _word_level_tokenizer(folder: Path, vocab: int) -> None:
+    """gptqmodel insists on loading a tokenizer; a synthetic model gets a word-level one over its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(folder)
+
+
+def _quantize_config(method: str, opts) -> Any:
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+
+    common = dict(bits=opts.bits, group_size=opts.group_size, offload_to_disk=False)
+    if method == "awq":
+        return QuantizeConfig(method=METHOD.AWQ, format=FORMAT.GEMM, **common)
+    return QuantizeConfig(desc_act=opts.act_order, sym=opts.sym, **common)
+
+
+def quant_config_text(method: str, opts) -> str:
+    if method == "awq":
+        return (f"gptqmodel QuantizeConfig(method=AWQ, format=GEMM, bits={opts.bits}, group_size={opts.group_size}); "
+                f"loaded by transformers (AwqConfig)")
+    return (f"gptqmodel QuantizeConfig(method=GPTQ, bits={opts.bits}, group_size={opts.group_size}, "
+            f"desc_act={opts.act_order}, sym={opts.sym}); loaded by transformers (GPTQConfig)")
+
+
+def import_gptqmodel():
+    """Import gptqmodel without letting it change this process: at import it sets PYTORCH_ALLOC_CONF (expandable
+    segments, which would change every memory figure against the other precisions) and CUDA_DEVICE_ORDER when they
+    are unset. Both are pinned to what every other unit runs with before the import; it also needs a CPU worker
+    count on small machines."""
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, len(os.sched_getaffinity(0)))))
+    import gptqmodel
+
+    return gptqmodel
+
+
+def shape_problem(method: str, opts, config) -> str | None:
+    """Why a model's projection shapes do not fit the method's groups (gptqmodel finds out only after calibrating,
+    or in the matmul)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dims = {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, "intermediate_size", None)
+            or getattr(text, "ffn_dim", None)}
+    for name, d in dims.items():
+        if d and opts.group_size > 0 and d % opts.group_size:
+            return f"{method}: group_size {opts.group_size} does not divide the model's {name} {d}"
+    if method == "awq":  # its clip search takes output channels 64 at a time
+        kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
+        for name, d in {**dims, "kv projection width": kv}.items():
+            if d and d % 64:
+                return f"awq: the model's {name} {d} is not a multiple of 64 (gptqmodel's AWQ clip search needs it)"
+    return None
+
+
+def quantized_folder(source: str, method: str, opts, device: str, text: bytes | None, text_name: str | None,
+                     synthetic: bool) -> tuple[str, dict]:
+    """The cached calibrated checkpoint of `source` (built now if missing), and the calibration facts for the row."""
+    from tasks.models import _publish, cache_root
+
+    gptqmodel = import_gptqmodel()
+    calib = {k: v for k, v in opts.model_dump().items() if k not in ("calib_path", "kernel")}
+    data = RANDOM_IDS if synthetic or text is None else hashlib.sha256(text).hexdigest()
+    identity = {"source": str(Path(source).resolve()) if Path(source).exists() else source, "method": method,
+                "options": calib, "calibration_data": data, "gptqmodel": gptqmodel.__version__}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / f"{method}-{key}"
+    built_here = not (target / "config.json").exists()
+
+    def build(tmp: Path) -> None:
+        import torch
+        from gptqmodel import BACKEND, GPTQModel
+        from transformers import AutoConfig, AutoTokenizer
+
+        staging = tmp / "source"  # the source files by link, plus a tokenizer where it has none
+        staging.mkdir()
+        src = Path(source)
+        for f in src.iterdir():
+            (staging / f.name).symlink_to(f.resolve())
+        config = AutoConfig.from_pretrained(src)
+        problem = shape_problem(method, opts, config)
+        if problem:
+            raise ValueError(problem)
+        vocab = config.get_text_config().vocab_size
+        tokenizer = None
+        if synthetic or text is None:
+            if not any(src.glob("tokenizer*")):
+                _word_level_tokenizer(staging, vocab)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        samples = calibration_ids(None if synthetic else text, tokenizer, vocab, opts.calib_samples,
+                                  opts.calib_seqlen)
+        t0 = time.perf_counter()
+        model = GPTQModel.load(str(staging), _quantize_config(method, opts), device=device)
+        model.quantize(samples, batch_size=1, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        calibration_s = time.perf_counter() - t0
+        out = tmp / "model"
+        model.save(str(out))
+        del model
+        for f in out.iterdir():
+            f.rename(tmp / f.name)
+        out.rmdir()
+        for f in staging.iterdir():
+            f.unlink()
+        staging.rmdir()
+        (tmp / "calibration.json").write_text(json.dumps({
+            **identity, "calibration_s": calibration_s, "device": device,
+            "calib_text": RANDOM_IDS if synthetic or text is None else text_name}))
+
+    _publish(build, target)
+    record = json.loads((target / "calibration.json").read_text())
+    return str(target), {
+        "calibration_s": record["calibration_s"], "calibration_cached": not built_here,
+        "calibration_device": record.get("device"), "calib_text": record["calib_text"],
+        "calib_sha256": None if data == RANDOM_IDS else data, "calib_samples": opts.calib_samples,
+        "calib_seqlen": opts.calib_seqlen, "calibrated_folder": str(target)}
