@@ -94,36 +94,42 @@ if [ "$step" = phaseC ]; then
   cat "$OUT/exits.txt"; grep -hE "without failure|interrupted" "$OUT"/llama7b.log "$OUT"/gpu-one.log
   tar czf "$OUT/phaseC.tgz" results/llama7b results/gpu-one "$OUT"/*.log "$OUT/gpus.csv" 2>/dev/null
 fi
-if [ "$step" = bench ]; then
-  /tmp/site/bin/ray stop > /dev/null 2>&1
-  python3 bench/driver_overhead.py --json "$OUT/driver_overhead.json" > /dev/null 2>&1; cat "$OUT/driver_overhead.json"
-fi
-# phase D (third session): issue 5's llama-2-7b grid re-measured with measurement v2 (its int8 unit split over three
-# sweeps so that no GPU holds all four slow LLM.int8 cells), then issue 6's method sweeps (SmolLM2 every method,
-# eager and compiled; the KV-cache axis; llama-2-7b every method). One Ray head holds every GPU; sweeps start in
-# priority order and Ray hands GPUs out as units finish. Interrupted at DEADLINE (SIGINT) and resumed by calling the
-# step again (finished cells are on disk); everything is tarred to $OUT each time.
+# phase D (third session, a 2-GPU host): issue 5's llama-2-7b grid re-measured with measurement v2 on GPU 0 (its int8
+# unit split into three sweeps so that the slowest cell runs first and alone), its fp16/nf4 units and then issue 6's
+# sweeps (SmolLM2 every method, eager and compiled; the KV-cache axis): two chains of sweeps, one sweep at a time each,
+# on one Ray head holding every GPU (--address auto), which hands GPUs to units as they free up. Stopped at DEADLINE
+# (SIGINT; finished cells are on disk) and resumed by calling the step again; a finished sweep leaves
+# results/NAME/.done and is not started again. Tarred to $OUT.
 if [ "$step" = phaseD ]; then
   ray=/tmp/site/bin/ray
   nvidia-smi --query-gpu=index,uuid --format=csv,noheader > "$OUT/gpus.csv"
-  $ray status > /dev/null 2>&1 || $ray start --head --num-gpus=$(wc -l < "$OUT/gpus.csv") --disable-usage-stats > /dev/null 2>&1
-  dl=${DEADLINE:-560}
-  run() {  # name grid [--set ...]
+  $ray stop --force > /dev/null 2>&1  # a fresh head: its workers' fork servers start from this call's code
+  $ray start --head --num-gpus=$(wc -l < "$OUT/gpus.csv") --disable-usage-stats > /dev/null 2>&1
+  end=$((SECONDS + ${DEADLINE:-560}))
+  on() {  # NAME GRID [--set ...]
     local name=$1 grid=$2; shift 2
-    (timeout -s INT $dl python3 -m orchestrator sweep "$grid" --address auto --output results/$name "$@" \
-       > "$OUT/$name.log" 2>&1; echo "$name exit $?" >> "$OUT/exits.txt") &
-    sleep 2
+    local left=$((end - SECONDS))
+    [ -f results/$name/.done ] && return 0
+    [ $left -gt 40 ] || { echo "$name: not started (${left} s left)" >> "$OUT/exits.txt"; return 0; }
+    timeout -s INT $left python3 -m orchestrator sweep "$grid" --address auto --output results/$name "$@" \
+      >> "$OUT/$name.log" 2>&1
+    local code=$?; echo "$name exit $code" >> "$OUT/exits.txt"; [ $code = 0 ] && touch results/$name/.done
   }
   L=examples/gpu-llama7b.yaml
-  run llama7b-int8-long16 $L --set 'precisions=[int8]' --set 'generation.new_tokens=[1024]' --set 'generation.batch_sizes=[16]'
-  run llama7b-int8-long1 $L --set 'precisions=[int8]' --set 'generation.new_tokens=[1024]' --set 'generation.batch_sizes=[1]'
-  run llama7b-fp16-nf4 $L --set 'precisions=[fp16, nf4]'
-  run methods examples/gpu-methods.yaml
-  run llama7b-int8-short $L --set 'precisions=[int8]' --set 'generation.new_tokens=[128]'
-  run kv-a examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[native, hqq-int2]'
-  run kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]'
-  run methods-llama7b examples/gpu-methods-llama7b.yaml
+  I8="--set precisions=[int8] --set baseline=int8"
+  ( on llama7b-int8-long16 $L $I8 --set 'generation.new_tokens=[1024]' --set 'generation.batch_sizes=[16]'
+    on llama7b-int8-long1 $L $I8 --set 'generation.new_tokens=[1024]' --set 'generation.batch_sizes=[1]'
+    on llama7b-int8-short $L $I8 --set 'generation.new_tokens=[128]' ) &
+  sleep 3
+  ( on llama7b-fp16-nf4 $L --set 'precisions=[fp16, nf4]'
+    on methods examples/gpu-methods.yaml
+    on kv-a examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[native, hqq-int2]'
+    on kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]' ) &
   wait
   cat "$OUT/exits.txt"; grep -hE "without failure|interrupted" "$OUT"/*.log
   tar czf "$OUT/phaseD.tgz" results "$OUT"/*.log "$OUT/gpus.csv" 2>/dev/null
+fi
+if [ "$step" = bench ]; then
+  /tmp/site/bin/ray stop > /dev/null 2>&1
+  python3 bench/driver_overhead.py --json "$OUT/driver_overhead.json" > /dev/null 2>&1; cat "$OUT/driver_overhead.json"
 fi

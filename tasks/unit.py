@@ -16,10 +16,12 @@ from tasks.hardware import fingerprint, peak_bandwidth
 from tasks.precisions import REGISTRY
 from tasks.rows import cell_fields, now, unit_rows_base
 
-# imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm; none
-# of these initialises CUDA (bitsandbytes may, so it is not here)
-PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-           "transformers.models.llama.modeling_llama", "transformers.models.opt.modeling_opt", "accelerate")
+# imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm. None
+# of these may initialise CUDA, or no child could use it ("Cannot re-initialize CUDA in forked subprocess"): not
+# transformers.modeling_utils, which imports torchao and hqq when installed, and torchao's import queries the GPU's
+# compute capability (found on the GPU host; tests.test_driver checks that no quantization library is preloaded)
+PRELOAD = ("torch", "transformers", "accelerate", "numpy")
+NEVER_PRELOAD = ("torchao", "hqq", "bitsandbytes", "gptqmodel", "optimum.quanto", "transformers.modeling_utils")
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
 
 

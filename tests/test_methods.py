@@ -1,0 +1,226 @@
+"""Calibrated methods (gptq, awq) and the KV-cache axis, on CPU: calibration cached on disk and never on the test
+split, packed weights counted, quantized caches measured against their analytic size, perplexity through a cache,
+and the fork server's preload list free of libraries that touch CUDA at import."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.grid import GridError, load_grid
+from orchestrator.plan import make_plan, unsupported_cells
+from orchestrator.schema import NAMES
+from orchestrator.store import Store
+from tasks import kv_cache, perplexity, unit as U
+from tasks.calibration import RANDOM_IDS, calibration_ids
+from tests.conftest import ROOT, SHARED, SMOLLM2, WIKITEXT, write_grid
+from tests.test_measurements import make_unit
+
+# AWQ's clip search takes output channels 64 at a time: every projection here is a multiple of 64
+TINY64 = {"family": "llama", "hidden_size": 128, "layers": 2, "heads": 2, "kv_heads": 1, "ffn": 256, "vocab": 1000}
+VALID = SHARED / "data" / "wikitext-2" / "wiki.valid.tokens"
+
+
+def calibrated_unit(name, **options):
+    u = make_unit(name, {"group_size": 64, "calib_samples": 4, "calib_seqlen": 32, **options},
+                  model={"synthetic": TINY64, "label": "tiny64"}, cells=((4, 1),))
+    u["calibration"] = {"name": RANDOM_IDS, "sha256": None, "text": None}
+    return u
+
+
+@pytest.mark.parametrize("name,kernel", [("gptq", "TorchAtenLinear"), ("awq", "TorchAtenAwqLinear")])
+def test_calibrated_method_runs_and_is_cached(name, kernel, tmp_path):
+    first = list(U.run_unit(calibrated_unit(name)))[0]
+    assert first["status"] == "ok", first.get("traceback")
+    assert first["calibration_cached"] is False and first["calibration_s"] > 0
+    assert first["calib_text"] == RANDOM_IDS and first["calib_samples"] == 4 and first["calib_seqlen"] == 32
+    assert first["linear_class"] == kernel and first["quant_library"] == "gptqmodel"
+    # packed int32 buffers: the projections count by their logical shape, 4-bit values plus group scales
+    fp32 = list(U.run_unit(make_unit("fp32", model={"synthetic": TINY64, "label": "tiny64"}, cells=((4, 1),))))[0]
+    assert first["params"] == fp32["params"]
+    assert first["weights_bytes"] < fp32["weights_bytes"] / 2.5
+    again = list(U.run_unit(calibrated_unit(name)))[0]  # a second sweep: loaded from the cache, no calibration
+    assert again["status"] == "ok" and again["calibration_cached"] is True
+    assert again["calibration_s"] == first["calibration_s"] and again["calibrated_folder"] == first["calibrated_folder"]
+    changed = list(U.run_unit(calibrated_unit(name, calib_samples=5)))[0]  # other options: calibrated anew
+    assert changed["calibration_cached"] is False and changed["calibrated_folder"] != first["calibrated_folder"]
+    assert set(first) <= set(NAMES)
+    Store(tmp_path, "r").write(first)
+
+
+def test_shapes_that_do_not_fit_the_groups_are_a_clear_error():
+    u = calibrated_unit("gptq")
+    u["model"] = {"synthetic": {**TINY64, "hidden_size": 96, "heads": 3}, "label": "tiny96"}
+    r = list(U.run_unit(u))[0]
+    assert r["status"] == "error"
+    assert "gptq: group_size 64 does not divide the model's hidden_size 96" in r["error_message"]
+    u = calibrated_unit("awq", group_size=32)
+    u["model"] = {"synthetic": {**TINY64, "hidden_size": 96, "heads": 3}, "label": "tiny96"}
+    r = list(U.run_unit(u))[0]
+    assert "awq: the model's hidden_size 96 is not a multiple of 64" in r["error_message"]
+
+
+def test_calibration_windows_come_from_the_text(smollm2):
+    _, tok = smollm2
+    text = VALID.read_bytes()
+    samples = calibration_ids(text, tok, tok.vocab_size, samples=3, seqlen=16)
+    assert [len(s["input_ids"]) for s in samples] == [16, 16, 16]
+    decoded = tok.decode(samples[0]["input_ids"])
+    assert decoded.strip() and decoded.strip()[:20] in text.decode()  # real text, not random ids
+    assert samples == calibration_ids(text, tok, tok.vocab_size, samples=3, seqlen=16)  # seeded
+
+
+def _calibrated_grid(tmp_path, calib_path):
+    return write_grid(tmp_path / "g.yaml", f"""
+name: calib
+models: [{{gguf: "{SMOLLM2}", label: smol}}]
+precisions: [fp32, {{name: gptq, group_size: 64, calib_path: "{calib_path}"}}]
+generation: {{new_tokens: [4]}}
+perplexity: false
+""")
+
+
+def test_calibration_text_is_read_checked_and_keyed_by_content(tmp_path):
+    grid = load_grid(_calibrated_grid(tmp_path, VALID))
+    plan = make_plan(grid, "r")
+    gptq = next(u for u in plan.units if u.precision["name"] == "gptq")
+    assert gptq.precision["calibration"]["name"] == str(VALID.resolve())
+    task = gptq.to_task(plan)
+    assert task["calibration"]["text"] == VALID.read_bytes()  # shipped with the unit: no copy needed on workers
+    assert gptq.precision["label"] == "gptq(group_size=64)"  # the file is on the row, not in the label
+    copy = tmp_path / "same-text.tokens"
+    copy.write_bytes(VALID.read_bytes())
+    moved = make_plan(load_grid(_calibrated_grid(tmp_path, copy)), "r")
+    assert [c.key for c in moved.cells] == [c.key for c in plan.cells]  # same text elsewhere: same cells
+
+
+def test_calibrating_on_the_test_split_is_refused(tmp_path):
+    with pytest.raises(GridError, match=r"precisions\[1\]\.calib_path: .* is the WikiText-2 test split"):
+        make_plan(load_grid(_calibrated_grid(tmp_path, WIKITEXT)), "r")
+
+
+def test_calibration_text_is_required_offline_for_real_models(tmp_path, monkeypatch):
+    monkeypatch.delenv("WIKITEXT2_VALID_PATH", raising=False)
+    grid = load_grid(write_grid(tmp_path / "g.yaml", f"""
+name: calib
+models: [{{gguf: "{SMOLLM2}"}}]
+precisions: [gptq]
+generation: {{new_tokens: [4]}}
+perplexity: false
+"""))
+    with pytest.raises(GridError, match=r"precisions\[0\]\.calib_path: no calibration text is set"):
+        make_plan(grid, "r")
+    monkeypatch.setenv("WIKITEXT2_VALID_PATH", str(VALID))
+    assert make_plan(grid, "r").units[0].precision["calibration"]["sha256"]
+    synthetic = load_grid(write_grid(tmp_path / "s.yaml", """
+name: calib
+models: [{synthetic: opt-125m}]
+precisions: [gptq]
+generation: {new_tokens: [4]}
+perplexity: false
+"""))
+    monkeypatch.delenv("WIKITEXT2_VALID_PATH")
+    assert make_plan(synthetic, "r").units[0].precision["calibration"]["name"] == RANDOM_IDS  # no text needed
+
+
+KV = ["native", "quanto-int4", "quanto-int2", "hqq-int8", "hqq-int4", "hqq-int2"]
+
+
+def test_kv_cache_axis_measured_and_analytic_agree():
+    u = make_unit("fp32", model={"synthetic": TINY64, "label": "tiny64"})
+    u["cells"] = [{"cell_key": name, "new_tokens": 40, "batch_size": 2,
+                   "kv_cache": {"name": name, "options": kv_cache.parse_options(name, {"residual_length": 16} if
+                                                                                  name != "native" else {}),
+                                "label": name}} for name in KV]
+    rows = {r["kv_cache"]: r for r in U.run_unit(u)}
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("traceback") for r in rows.values()]
+    for name, r in rows.items():
+        # the cache's own tensors (packed values, scales, zero points, residual) against the geometry
+        assert r["kv_cache_tensor_bytes"] == pytest.approx(r["kv_cache_bytes"], abs=1), name
+        assert r["kv_bytes_per_token"] == r["kv_cache_tensor_bytes"] / ((8 + 40 - 1) * 2)
+        assert json.loads(r["kv_cache_options"]) == ({} if name == "native" else
+                                                     {"q_group_size": 64, "residual_length": 16})
+    native = rows["native"]["kv_bytes_per_token"]
+    assert native == 2 * 2 * 1 * 64 * 4  # K and V x layers x kv_heads x head_dim x fp32
+    assert rows["hqq-int2"]["kv_bytes_per_token"] < rows["hqq-int4"]["kv_bytes_per_token"] \
+        < rows["hqq-int8"]["kv_bytes_per_token"] < native / 2
+    assert rows["quanto-int4"]["kv_bytes_per_token"] == rows["hqq-int4"]["kv_bytes_per_token"]
+
+
+def test_quantized_cache_with_compiled_decode_is_skipped_before_start(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.yaml", """
+name: kv
+models: [{synthetic: opt-125m}]
+precisions: [fp16]
+generation: {new_tokens: [4], decode: [eager, compiled], kv_cache: [native, {name: hqq-int4, residual_length: 64}]}
+perplexity: false
+"""))
+    plan = make_plan(grid, "r")
+    assert sorted((c.decode, c.kv_cache) for c in plan.cells) == [
+        ("compiled", "hqq-int4(residual_length=64)"), ("compiled", "native"),
+        ("eager", "hqq-int4(residual_length=64)"), ("eager", "native")]
+    skipped = unsupported_cells(plan)
+    assert [(c.decode, c.kv["name"]) for c in plan.cells if c.key in skipped] == [("compiled", "hqq-int4")]
+    assert "needs a static cache" in next(iter(skipped.values()))
+    # a grid without the axis keeps the keys it had: native cells do not depend on kv settings
+    plain = make_plan(load_grid(write_grid(tmp_path / "p.yaml", """
+name: kv
+models: [{synthetic: opt-125m}]
+precisions: [fp16]
+generation: {new_tokens: [4], decode: [eager, compiled]}
+perplexity: false
+""")), "r")
+    assert {c.key for c in plain.cells} == {c.key for c in plan.cells if c.kv["name"] == "native"}
+
+
+def test_unknown_kv_cache_is_named(tmp_path):
+    path = write_grid(tmp_path / "g.yaml", """
+name: kv
+models: [{synthetic: opt-125m}]
+precisions: [fp16]
+generation: {new_tokens: [4], kv_cache: [native, hqq-int5]}
+""")
+    with pytest.raises(GridError, match=r"generation\.kv_cache\[1\].*unknown kv_cache 'hqq-int5'; did you mean"):
+        load_grid(path)
+
+
+def test_perplexity_through_a_quantized_cache(smollm2, wikitext_bytes):
+    """kv-continuation on SmolLM2's real weights: 2-bit keys and values cost more than 4-bit ones, which cost little;
+    the native cache gives the same numbers as one forward pass over the same tokens."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    model, tok = smollm2
+    rows = perplexity.rows_from_raw(wikitext_bytes)
+
+    def ppl(name):
+        kv = None if name == "native" else {"name": name, "options": {"q_group_size": 64, "residual_length": 16}}
+        return perplexity.continuation_perplexity(model, tok, rows, kv=kv, windows=2, prefill=64, continuation=48,
+                                                  device="cpu")
+
+    native, int4, int2 = ppl("native"), ppl("hqq-int4"), ppl("hqq-int2")
+    assert native["ppl_kv_tokens_scored"] == 96 and native["ppl_kv_prefill_tokens"] == 64
+    ids = perplexity.token_ids(tok, perplexity.corpus_text(rows))[:2 * 112].view(2, 112)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, 63:-1].float()
+    exact = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 64:].reshape(-1)).item())
+    assert native["ppl_kv"] == pytest.approx(exact, rel=1e-3)
+    assert native["ppl_kv"] < int4["ppl_kv"] < int2["ppl_kv"]
+    assert int4["ppl_kv"] < native["ppl_kv"] * 1.15
+
+
+def test_fork_server_preload_leaves_cuda_alone():
+    """Found on the GPU host: transformers.modeling_utils imports torchao (and hqq) when installed, and torchao's import
+    reads the GPU's compute capability, initialising CUDA in the fork server; every unit then failed with "Cannot
+    re-initialize CUDA in forked subprocess". Nothing the fork server preloads may import those libraries."""
+    code = ("import importlib, sys; import tasks.unit as U\n"
+            "for m in U.PRELOAD: importlib.import_module(m)\n"
+            "print([m for m in U.NEVER_PRELOAD if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    found = subprocess.run([sys.executable, "-c", "import sys, transformers.modeling_utils; "
+                            "print('torchao' in sys.modules)"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert found.stdout.strip().splitlines()[-1] == "True"  # why modeling_utils is not preloaded
