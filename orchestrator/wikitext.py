@@ -28,18 +28,22 @@ def _offline() -> bool:
         return True
 
 
+def _read(path: str, base_dir: Path, field: str, hint: str) -> tuple[Path, bytes, str]:
+    file = (base_dir / Path(path).expanduser()).resolve()
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise GridError(f"{field}: cannot read {file} ({e.strerror}); {hint}")
+    return file, raw, hashlib.sha256(raw).hexdigest()
+
+
 def resolve(path: str | None, base_dir: Path) -> tuple[bytes | None, dict]:
     """(bytes of the local file or None for the hub, {"dataset", "sha256"} for the rows)."""
     field = "perplexity.path"
     if path is None and os.environ.get("WIKITEXT2_PATH"):
         path, field, base_dir = os.environ["WIKITEXT2_PATH"], "WIKITEXT2_PATH", Path.cwd()
     if path is not None:
-        file = (base_dir / Path(path).expanduser()).resolve()
-        try:
-            raw = file.read_bytes()
-        except OSError as e:
-            raise GridError(f"{field}: cannot read {file} ({e.strerror}); {HINT}")
-        sha = hashlib.sha256(raw).hexdigest()
+        file, raw, sha = _read(path, base_dir, field, HINT)
         if sha != WIKITEXT2_TEST_SHA256:
             raise GridError(f"{field}: {file} is not the WikiText-2 raw test split (sha256 {sha[:12]}…, expected "
                             f"{WIKITEXT2_TEST_SHA256[:12]}…); perplexities from it would not be comparable")
@@ -65,12 +69,7 @@ def calibration(path: str | None, base_dir: Path, field: str) -> tuple[bytes | N
             raise GridError(f"{field}: no calibration text is set and the Hugging Face hub is out of reach; "
                             f"{VALID_HINT}")
         return None, {"name": HUB_VALIDATION, "sha256": None}
-    file = (base_dir / Path(path).expanduser()).resolve()
-    try:
-        raw = file.read_bytes()
-    except OSError as e:
-        raise GridError(f"{field}: cannot read {file} ({e.strerror}); {VALID_HINT}")
-    sha = hashlib.sha256(raw).hexdigest()
+    file, raw, sha = _read(path, base_dir, field, VALID_HINT)
     if sha == WIKITEXT2_TEST_SHA256:
         raise GridError(f"{field}: {file} is the WikiText-2 test split, on which perplexity is measured; calibrating "
                         f"on it would flatter the method. {VALID_HINT}")

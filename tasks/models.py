@@ -221,10 +221,9 @@ def weight_stats(model) -> dict[str, Any]:
 
     Stored bytes follow each library's layout: bitsandbytes' quant_state (absmax, nested scales, code books) and SCB;
     tensor subclasses (torchao, quanto) by the plain tensors they flatten to, recursively (scales, zero points, packed
-    data); HQQLinear by W_q plus the scale and zero tensors in its `meta`."""
+    data); HQQLinear by W_q plus the scale and zero tensors in its `meta`; gptqmodel's GPTQ/AWQ layers by their
+    buffers (qweight, qzeros, scales, g_idx), their parameters counted by the layer's shape."""
     import math
-
-    import torch
 
     params = 0
     seen: dict[int, int] = {}  # data_ptr -> bytes: tensors shared between layers (code books) count once
@@ -251,7 +250,7 @@ def weight_stats(model) -> dict[str, Any]:
         if scb is not None:
             add(scb)
     for m in model.modules():  # gptqmodel's packed layers (GPTQ, AWQ): weights are int32 buffers, not parameters
-        if isinstance(getattr(m, "qweight", None), torch.Tensor) and hasattr(m, "in_features"):
+        if "qweight" in getattr(m, "_buffers", {}) and hasattr(m, "in_features"):  # (quanto's qweight: a property)
             params += m.in_features * m.out_features
     for b in model.buffers():
         add(b)

@@ -151,10 +151,10 @@ def test_memory_run_starts_without_earlier_runs_caches(monkeypatch):
 
     real, earlier, alive_at_memory_run = latency.generate, [], []
 
-    def watched(model, ids, new_tokens, clock=None, phases=None, step=None):
+    def watched(model, ids, new_tokens, clock=None, phases=None, step=None, kv=None):
         if phases is not None:
             alive_at_memory_run.extend(r() is not None for r in earlier)
-        tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases, step=step)
+        tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases, step=step, kv=kv)
         earlier.append(weakref.ref(cache))
         return tokens, cache
 

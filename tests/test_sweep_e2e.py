@@ -52,7 +52,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     html = (out / "report.html").read_text()
     assert "tiny-llama" in html and "<svg" in html
     r = sweep(tmp_path)
-    assert r.returncode == 0 and "0 to run (16 already ok)" in r.stdout
+    assert r.returncode == 0 and "0 to run (16 already ok, 0 skipped)" in r.stdout
     assert pd.read_parquet(out / "cells").run_id.nunique() == 1
     # each run keeps its own manifest; sweep.json is the latest
     runs = sorted(json.loads(p.read_text())["cells_to_run"] for p in (out / "runs").glob("*.json"))
