@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> int:
     from orchestrator.grid import load_grid
-    from orchestrator.plan import unsupported_before_start
+    from orchestrator.plan import unsupported_before_start, unsupported_cells
     from orchestrator.store import cell_statuses
     from orchestrator.sweep import output_dir, plan_for, pending_units
 
@@ -74,6 +74,10 @@ def validate(args) -> int:
     for u in plan.units:
         if u.unit_id in unsupported:
             print(f"skipped before start ({len(u.cells)} cells): {u.label}: {unsupported[u.unit_id]}")
+    cells = unsupported_cells(plan, device)  # axis values a backend cannot run (compiled decode, quantized KV cache)
+    for reason in dict.fromkeys(cells.values()):
+        n = sum(r == reason for r in cells.values())
+        print(f"skipped before start ({n} cell{'s' * (n != 1)}): {reason}")
     if device == "cuda" and not args.gpu:
         from tasks.precisions import REGISTRY
 

@@ -205,7 +205,7 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
     return out
 
 
-def unsupported_cells(plan: Plan) -> dict[str, str]:
+def unsupported_cells(plan: Plan, device_type: str | None = None) -> dict[str, str]:
     """cell key -> why the cell cannot run, for cells whose axis values a backend does not support (decode: compiled
     with a backend that cannot be compiled, or with a quantized KV cache), known before anything starts."""
     from tasks import kv_cache
@@ -215,7 +215,7 @@ def unsupported_cells(plan: Plan) -> dict[str, str]:
     for u in plan.units:
         precision = REGISTRY[u.precision["name"]]
         for c in u.cells:
-            reason = precision.decode_reason(c.decode) or kv_cache.decode_reason(c.kv, c.decode)
+            reason = precision.decode_reason(c.decode, device_type) or kv_cache.decode_reason(c.kv, c.decode)
             if reason:
                 out[c.key] = reason
     return out

@@ -65,7 +65,7 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
     unsupported = unsupported_before_start(plan, "cuda" if gpus > 0 else "cpu", cluster.accelerators)
     skipped_units = [u for u in units if u.unit_id in unsupported]
     units = [u for u in units if u.unit_id not in unsupported]
-    bad_cells = unsupported_cells(plan)  # e.g. decode: compiled with a backend that cannot compile
+    bad_cells = unsupported_cells(plan, "cuda" if gpus > 0 else "cpu")  # e.g. compiled where a backend cannot
     skipped_cells = [(u, c) for u in units for c in u.cells if c.key in bad_cells]
     units = [Unit(u.unit_id, u.model, u.precision, [c for c in u.cells if c.key not in bad_cells], u.size)
              for u in units]

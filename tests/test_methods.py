@@ -147,7 +147,9 @@ def test_kv_cache_axis_measured_and_analytic_agree():
     assert rows["quanto-int4"]["kv_bytes_per_token"] == rows["hqq-int4"]["kv_bytes_per_token"]
 
 
-def test_quantized_cache_with_compiled_decode_is_skipped_before_start(tmp_path):
+def test_quantized_cache_with_compiled_decode_is_skipped_before_start(tmp_path, capsys):
+    from orchestrator.cli import main
+
     grid = load_grid(write_grid(tmp_path / "g.yaml", """
 name: kv
 models: [{synthetic: opt-125m}]
@@ -162,6 +164,8 @@ perplexity: false
     skipped = unsupported_cells(plan)
     assert [(c.decode, c.kv["name"]) for c in plan.cells if c.key in skipped] == [("compiled", "hqq-int4")]
     assert "needs a static cache" in next(iter(skipped.values()))
+    assert main(["validate", str(tmp_path / "g.yaml")]) == 0  # validate lists them
+    assert "skipped before start (1 cell): kv_cache hqq-int4 with decode: compiled" in capsys.readouterr().out
     # a grid without the axis keeps the keys it had: native cells do not depend on kv settings
     plain = make_plan(load_grid(write_grid(tmp_path / "p.yaml", """
 name: kv

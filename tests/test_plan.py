@@ -143,6 +143,14 @@ perplexity: false
     assert set(skipped) == nf4_compiled and all(
         r == "decode: compiled is not available for nf4: its kernels break the graph" for r in skipped.values())
     # eager alone keeps the default, and keys of eager cells do not depend on whether compiled is also asked for
+    # LLM.int8 compiles on CPU but failed under CUDA graphs on an H200: skipped on GPUs only
+    g3 = tmp_path / "g3.yaml"
+    g3.write_text(g.read_text().replace("[fp16, nf4]", "[fp16, int8]"))
+    plan3 = make_plan(load_grid(str(g3), []), "r", None)
+    assert unsupported_cells(plan3, "cpu") == {}
+    on_gpu = unsupported_cells(plan3, "cuda")
+    assert {(c.precision, c.decode) for c in plan3.cells if c.key in on_gpu} == {("int8", "compiled")}
+    assert all("CUDA graphs" in r and "H200" in r for r in on_gpu.values())
     g2 = tmp_path / "g2.yaml"
     g2.write_text(g.read_text().replace(", decode: [eager, compiled]", ""))
     eager = {c.key for c in make_plan(load_grid(str(g2), []), "r", None).cells}

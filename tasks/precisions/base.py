@@ -30,6 +30,7 @@ class Precision:
     needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
     weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
     compile_reason: str | None = None             # why decode: compiled cannot run with this backend (None: it can)
+    compile_reason_cuda: str | None = None        # why it cannot run on GPUs (CUDA graphs), where CPU compiles
     min_capability: Callable[[BaseModel], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
     library: str = "torch"                        # who quantizes: torch (none), bitsandbytes, torchao, quanto, hqq
     scheme: str = "none"                          # none | weight-only | weight+activation
@@ -40,10 +41,12 @@ class Precision:
     def parse_options(self, raw: dict[str, Any]) -> BaseModel:
         return self.options(**raw)
 
-    def decode_reason(self, decode: str) -> str | None:
-        """Why a cell with this decode path cannot run with this backend, or None."""
+    def decode_reason(self, decode: str, device_type: str | None = None) -> str | None:
+        """Why a cell with this decode path cannot run with this backend (on this device type, if known), or None."""
         if decode == "compiled" and self.compile_reason:
             return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
+        if decode == "compiled" and device_type == "cuda" and self.compile_reason_cuda:
+            return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {self.compile_reason_cuda}"
         return None
 
     @property

@@ -57,7 +57,9 @@ DEVICES = ("cuda", "cpu")
 BNB = {"library": "bitsandbytes", "scheme": "weight-only"}
 PRECISIONS = (
     Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", DEVICES, Int8Options, _int8,
-              needs_bf16=_bf16, weight_bits=8, launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4, **BNB),
+              needs_bf16=_bf16, weight_bits=8, launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4,
+              compile_reason_cuda="its first compiled cell failed on an H200 (torch 2.11, bitsandbytes 0.50.2) with "
+                                  "'storage data ptrs are not allocated in pool' from CUDA graph trees", **BNB),
     Precision("nf4", "bitsandbytes 4-bit NormalFloat", DEVICES, FourBitOptions, _four_bit("nf4"), needs_bf16=_bf16,
               weight_bits=4, launch_cost=lambda o: 1.9, **BNB),
     Precision("fp4", "bitsandbytes 4-bit float", DEVICES, FourBitOptions, _four_bit("fp4"), needs_bf16=_bf16,
