@@ -72,5 +72,5 @@ def calibration(path: str | None, base_dir: Path, field: str) -> tuple[bytes | N
     file, raw, sha = _read(path, base_dir, field, VALID_HINT)
     if sha == WIKITEXT2_TEST_SHA256:
         raise GridError(f"{field}: {file} is the WikiText-2 test split, on which perplexity is measured; calibrating "
-                        f"on it would flatter the method. {VALID_HINT}")
+                        f"on it would flatter the method; {VALID_HINT}")
     return raw, {"name": str(file), "sha256": sha}
