@@ -62,10 +62,11 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
     statuses = {} if force else store.statuses()
     retired = store.retire_except({c.key for c in plan.cells})
     units = pending_units(plan, statuses, force)
-    unsupported = unsupported_before_start(plan, "cuda" if gpus > 0 else "cpu", cluster.accelerators)
+    device_type = "cuda" if gpus > 0 else "cpu"
+    unsupported = unsupported_before_start(plan, device_type, cluster.accelerators)
     skipped_units = [u for u in units if u.unit_id in unsupported]
     units = [u for u in units if u.unit_id not in unsupported]
-    bad_cells = unsupported_cells(plan, "cuda" if gpus > 0 else "cpu")  # e.g. compiled where a backend cannot
+    bad_cells = unsupported_cells(plan, device_type)  # e.g. compiled decode where a backend cannot
     skipped_cells = [(u, c) for u in units for c in u.cells if c.key in bad_cells]
     units = [Unit(u.unit_id, u.model, u.precision, [c for c in u.cells if c.key not in bad_cells], u.size)
              for u in units]

@@ -99,9 +99,9 @@ def residual_element_size(cache) -> int | None:
 
 def analytic_bytes(geometry: dict, prompt: int, cached: int, batch: int, kv: dict | None, element: int) -> float:
     """KV bytes after `cached` tokens (the first `prompt` of them at prefill). Native: every element in `element`
-    bytes. Quantized: tokens past the residual at `bits` per element (3-bit HQQ packs 10 values per 32 bits) plus a
-    scale and a zero point per group in the activation dtype (`element` bytes each, as both backends keep them), the
-    residual (decode tokens since the last flush) at `element` bytes."""
+    bytes. Quantized: tokens past the residual at `bits` per element plus a scale and a zero point per group in the
+    activation dtype (`element` bytes each, as both backends keep them), the residual (decode tokens since the last
+    flush) at `element` bytes."""
     per_token = 2 * geometry["layers"] * geometry["kv_heads"] * geometry["head_dim"] * batch
     spec = KV_CACHES[kv["name"]] if kv else None
     if spec is None:
@@ -110,5 +110,4 @@ def analytic_bytes(geometry: dict, prompt: int, cached: int, batch: int, kv: dic
     o = kv["options"]
     residual = (cached - prompt) % o["residual_length"] if o["residual_length"] else 0
     quantized = cached - residual
-    packed_bits = 3.2 if bits == 3 else bits
-    return per_token * (quantized * (packed_bits / 8 + 2 * element / o["q_group_size"]) + residual * element)
+    return per_token * (quantized * (bits / 8 + 2 * element / o["q_group_size"]) + residual * element)

@@ -19,7 +19,7 @@ from tasks.rows import cell_fields, now, unit_rows_base
 # imported once by the worker's fork server (tasks.unit_process), so that each unit's fresh process starts warm. None
 # of these may initialise CUDA, or no child could use it ("Cannot re-initialize CUDA in forked subprocess"): not
 # transformers.modeling_utils, which imports torchao and hqq when installed, and torchao's import queries the GPU's
-# compute capability (found on the GPU host; tests.test_driver checks that no quantization library is preloaded)
+# compute capability (found on the GPU host; tests/test_methods.py checks that no quantization library is preloaded)
 PRELOAD = ("torch", "transformers", "accelerate", "numpy")
 NEVER_PRELOAD = ("torchao", "hqq", "bitsandbytes", "gptqmodel", "optimum.quanto", "transformers.modeling_utils")
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
@@ -133,6 +133,11 @@ def calibration_text(unit: dict) -> dict | None:
     return {"text": text, "name": c["name"]}
 
 
+def _test_rows(wikitext: bytes | None) -> list[str]:
+    """The test split's rows: from the bytes the driver read and checked, else from the hub."""
+    return perplexity.rows_from_raw(wikitext) if wikitext is not None else perplexity.hub_rows()
+
+
 def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, device: str) -> dict:
     cfg = unit.get("perplexity")
     if not cfg:
@@ -140,9 +145,8 @@ def measure_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, dev
     if unit["model"].get("synthetic") or tokenizer is None:
         return {"ppl_skipped_reason": "synthetic weights"}
     try:
-        rows = perplexity.rows_from_raw(wikitext) if wikitext is not None else perplexity.hub_rows()
-        return perplexity.perplexity(model, tokenizer, rows, protocol=cfg["protocol"], seqlen=cfg["seqlen"],
-                                     stride=cfg["stride"], max_windows=cfg["max_windows"],
+        return perplexity.perplexity(model, tokenizer, _test_rows(wikitext), protocol=cfg["protocol"],
+                                     seqlen=cfg["seqlen"], stride=cfg["stride"], max_windows=cfg["max_windows"],
                                      batch_size=cfg["batch_size"], device=device)
     except Exception as exc:
         f = _failure(exc)
@@ -154,10 +158,9 @@ def measure_kv_perplexity(unit: dict, model, tokenizer, wikitext: bytes | None, 
     if unit["model"].get("synthetic") or tokenizer is None:
         return {"ppl_kv_skipped_reason": "synthetic weights"}
     try:
-        rows = perplexity.rows_from_raw(wikitext) if wikitext is not None else perplexity.hub_rows()
-        return perplexity.continuation_perplexity(model, tokenizer, rows, kv=kv, windows=cfg["kv_windows"],
-                                                  prefill=cfg["kv_prefill"], continuation=cfg["kv_continuation"],
-                                                  device=device)
+        return perplexity.continuation_perplexity(model, tokenizer, _test_rows(wikitext), kv=kv,
+                                                  windows=cfg["kv_windows"], prefill=cfg["kv_prefill"],
+                                                  continuation=cfg["kv_continuation"], device=device)
     except Exception as exc:
         f = _failure(exc)
         if device.startswith("cuda"):
@@ -213,7 +216,7 @@ def measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts
         "kv_bytes_per_element": element,
     })
     # Distance to the hardware limit: what one decode step must read, over the measured step time.
-    mean_context = g["prompt_tokens"] + cell["new_tokens"] // 2
+    mean_context = g["prompt_tokens"] + cell["new_tokens"] / 2
     step_bytes = (facts["weights_bytes"] - facts["embedding_unread_bytes"]
                   + kv_cache.analytic_bytes(geometry, g["prompt_tokens"], mean_context, batch, kv, element))
     out["decode_bytes_per_step"] = int(step_bytes)
