@@ -129,6 +129,54 @@ if [ "$step" = phaseD ]; then
   cat "$OUT/exits.txt"; grep -hE "without failure|interrupted" "$OUT"/*.log
   tar czf "$OUT/phaseD.tgz" results "$OUT"/*.log "$OUT/gpus.csv" 2>/dev/null
 fi
+# phase E (fourth session, a 4-GPU host): everything left for issues 5 and 6 as one background run on one Ray head
+# holding every GPU, so that no unit is cut by a call's end: the first `phaseE` call starts `phaseE-run` (setsid: it
+# outlives the call), every call watches until DEADLINE and tars /tmp/phaseE to $OUT each minute (a call cut short
+# still returns the latest). Submission order is the priority: the llama-2-7b grid of issue 5 (on an H200 seeded with
+# the cells already measured under v2 in docs/results, so only int8 and nf4 at 1024 tokens run; int8's unit first:
+# ~16 min), the KV-cache grid as two units, then every method on llama-2-7b and on SmolLM2.
+if [ "$step" = phaseE ]; then
+  R=/tmp/phaseE; mkdir -p $R
+  [ -f $R/launched ] || { touch $R/launched; setsid nohup bash bench/gpu.sh phaseE-run > $R/launcher.log 2>&1 < /dev/null & }
+  end=$((SECONDS + ${DEADLINE:-570}))
+  while :; do
+    tar czf "$OUT/phaseE.tgz.part" -C $R --exclude=src . 2>/dev/null && mv "$OUT/phaseE.tgz.part" "$OUT/phaseE.tgz"
+    { [ -f $R/all.done ] || [ $((end - SECONDS)) -lt 5 ]; } && break
+    sleep $(( end - SECONDS < 60 ? end - SECONDS - 3 : 60 ))
+  done
+  cat $R/launcher.log | grep -vE "^\s*$" | tail -15; cat $R/exits.txt 2>/dev/null
+  python3 bench/phase_status.py $R/results
+fi
+if [ "$step" = phaseE-run ]; then
+  R=/tmp/phaseE; ray=/tmp/site/bin/ray
+  mkdir -p $R/src $R/results && cp -r orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
+  if grep -q H200 <(nvidia-smi --query-gpu=name --format=csv,noheader); then  # v2 cells measured on this GPU type
+    mkdir -p $R/results/llama7b/cells && cp docs/results/h200-2026-11-27/llama7b-v2/cells/*.parquet $R/results/llama7b/cells/
+  fi
+  cd $R/src; export PYTHONPATH=/tmp/site:$R/src
+  nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
+  ls /tmp/stage/wheels/pypcre-*.whl > /dev/null 2>&1 || { python3 -m pip wheel -q --no-deps --no-build-isolation \
+    $OLDPWD/.stage/extra/pypcre-0.6.4.tar.gz -w /tmp/stage/wheels 2>&1 | tail -2; python3 -m pip install -q --no-deps --target /tmp/site /tmp/stage/wheels/pypcre-*.whl 2>&1 | tail -2; }
+  python3 -c "import torch, transformers, bitsandbytes, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'ray', ray.__version__)"
+  for m in torchao optimum.quanto hqq gptqmodel; do python3 -c "import $m; print('$m', getattr($m, '__version__', 'ok'))" 2>&1 | tail -1; done
+  python3 -c "
+from tasks import models
+print(models.gguf_folder('/tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf'), models.synthetic_folder('llama-2-7b', 'cuda:0'))"
+  $ray stop --force > /dev/null 2>&1
+  $ray start --head --num-gpus=$(wc -l < $R/gpus.csv) --disable-usage-stats > /dev/null 2>&1 || echo "ray start failed"
+  t0=$SECONDS
+  run() {  # NAME GRID [--set ...]
+    local name=$1 grid=$2; shift 2
+    python3 -m orchestrator sweep "$grid" --address auto --output $R/results/$name "$@" > $R/$name.log 2>&1
+    echo "$name exit $? after $((SECONDS - t0)) s" >> $R/exits.txt
+  }
+  run llama7b examples/gpu-llama7b.yaml & sleep 20
+  run kv-a examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[native, hqq-int2]' & sleep 3
+  run kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]' & sleep 3
+  run methods-llama7b examples/gpu-methods-llama7b.yaml & sleep 3
+  run methods examples/gpu-methods.yaml &
+  wait; touch $R/all.done
+fi
 if [ "$step" = bench ]; then
   /tmp/site/bin/ray stop > /dev/null 2>&1
   python3 bench/driver_overhead.py --json "$OUT/driver_overhead.json" > /dev/null 2>&1; cat "$OUT/driver_overhead.json"
