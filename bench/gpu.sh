@@ -132,9 +132,9 @@ fi
 # phase E (fourth session, a 4-GPU host): everything left for issues 5 and 6 as one background run on one Ray head
 # holding every GPU, so that no unit is cut by a call's end: the first `phaseE` call starts `phaseE-run` (setsid: it
 # outlives the call), every call watches until DEADLINE and tars /tmp/phaseE to $OUT each minute (a call cut short
-# still returns the latest). Submission order is the priority: the llama-2-7b grid of issue 5 (on an H200 seeded with
-# the cells already measured under v2 in docs/results, so only int8 and nf4 at 1024 tokens run; int8's unit first:
-# ~16 min), the KV-cache grid as two units, then every method on llama-2-7b and on SmolLM2.
+# still returns the latest). On an H200 each sweep starts from the cells committed in docs/results, so only missing
+# cells run (fourth session: int8 and nf4 at 1024 tokens for issue 5, then issue 6's grids; a later session: what
+# that one left).
 if [ "$step" = phaseE ]; then
   R=/tmp/phaseE; mkdir -p $R
   [ -f $R/launched ] || { touch $R/launched; setsid nohup bash bench/gpu.sh phaseE-run > $R/launcher.log 2>&1 < /dev/null & }
@@ -150,8 +150,11 @@ fi
 if [ "$step" = phaseE-run ]; then
   R=/tmp/phaseE; ray=/tmp/site/bin/ray
   mkdir -p $R/src $R/results && cp -r orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
-  if grep -q H200 <(nvidia-smi --query-gpu=name --format=csv,noheader); then  # v2 cells measured on this GPU type
-    mkdir -p $R/results/llama7b/cells && cp docs/results/h200-2026-11-27/llama7b-v2/cells/*.parquet $R/results/llama7b/cells/
+  if grep -q H200 <(nvidia-smi --query-gpu=name --format=csv,noheader); then  # cells measured on this GPU type
+    D=docs/results/h200-2026-11-27
+    for seed in llama7b:llama7b-v2 methods-llama7b:methods-llama7b methods:methods kv-a:kv-cache kv-b:kv-cache; do
+      mkdir -p $R/results/${seed%%:*}/cells && cp $D/${seed#*:}/cells/*.parquet $R/results/${seed%%:*}/cells/
+    done  # (cells of the other kv sweep are moved to that folder's history: not in its plan)
   fi
   cd $R/src; export PYTHONPATH=/tmp/site:$R/src
   nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
@@ -170,10 +173,12 @@ print(models.gguf_folder('/tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf'), m
     python3 -m orchestrator sweep "$grid" --address auto --output $R/results/$name "$@" > $R/$name.log 2>&1
     echo "$name exit $? after $((SECONDS - t0)) s" >> $R/exits.txt
   }
-  run llama7b examples/gpu-llama7b.yaml & sleep 20
+  # Ray does not serve concurrent drivers first come, first served (the fourth session's methods-llama7b units waited
+  # 20 minutes behind SmolLM2's): the large grids start first and the rest after a head start
+  run llama7b examples/gpu-llama7b.yaml & sleep 3
+  run methods-llama7b examples/gpu-methods-llama7b.yaml & sleep 60
   run kv-a examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[native, hqq-int2]' & sleep 3
   run kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]' & sleep 3
-  run methods-llama7b examples/gpu-methods-llama7b.yaml & sleep 3
   run methods examples/gpu-methods.yaml &
   wait; touch $R/all.done
 fi

@@ -104,14 +104,48 @@ def model_shape(model: dict) -> tuple[float, int]:
     return 1e9, 24
 
 
-@lru_cache(maxsize=None)
+def model_widths(model: dict) -> dict[str, int] | None:
+    """Projection widths of a model entry without loading it (hidden, MLP, k/v), None where unknown (hub ids)."""
+    from tasks.calibration import projection_widths
+
+    try:
+        if model.get("synthetic"):
+            s = synthetic_shapes(model["synthetic"])
+            return projection_widths(s["hidden_size"], s["ffn"], s["heads"], s.get("kv_heads"))
+        if model.get("gguf"):
+            from tasks.models import resolve_file
+
+            return dict(_gguf_meta(str(resolve_file(model["gguf"])))[2])
+        if model.get("path"):
+            c = json.loads((Path(model["path"]) / "config.json").read_text())
+            c = c.get("text_config", c)
+            return projection_widths(c["hidden_size"], c.get("intermediate_size") or c.get("ffn_dim"),
+                                     c["num_attention_heads"], c.get("num_key_value_heads"), c.get("head_dim"))
+    except Exception:  # an unreadable source fails later, in its unit, with its own message
+        pass
+    return None
+
+
 def _gguf_shape(path: str) -> tuple[float, int]:
+    return _gguf_meta(path)[:2]
+
+
+@lru_cache(maxsize=None)
+def _gguf_meta(path: str) -> tuple[float, int, tuple]:
     import gguf
+
+    from tasks.calibration import projection_widths
 
     reader = gguf.GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    layers = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
-    return float(sum(t.n_elements for t in reader.tensors)), layers
+
+    def field(name: str) -> int | None:
+        f = reader.fields.get(f"{arch}.{name}")
+        return int(f.parts[-1][0]) if f else None
+
+    widths = projection_widths(field("embedding_length"), field("feed_forward_length"), field("attention.head_count"),
+                               field("attention.head_count_kv"), field("attention.key_length"))
+    return float(sum(t.n_elements for t in reader.tensors)), field("block_count"), tuple(widths.items())
 
 
 def unit_cost(model: dict, precision, options, cells: list[Cell], generation: dict) -> float:
@@ -189,8 +223,8 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
 
 def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[str]) -> dict[str, str]:
     """unit_id -> why its precision cannot run where the sweep will run it, known before anything starts: the device
-    type (cuda or cpu) and, when every GPU node reports the same Ray accelerator type, its compute capability. The
-    workers check again on the device itself."""
+    type (cuda or cpu), when every GPU node reports the same Ray accelerator type its compute capability, and the
+    model's projection widths against the method's groups and kernels. The workers check again on the device."""
     from tasks.hardware import capability_of
     from tasks.precisions import REGISTRY
 
@@ -199,7 +233,11 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
     out = {}
     for u in plan.units:
         p = REGISTRY[u.precision["name"]]
-        reason = p.unsupported_reason(device_type, p.parse_options(u.precision["options"]), None, capability)
+        opts = p.parse_options(u.precision["options"])
+        reason = p.unsupported_reason(device_type, opts, None, capability)
+        widths = model_widths(u.model) if p.shape_reason and not reason else None
+        if widths:
+            reason = p.shape_reason(opts, widths, capability)
         if reason:
             out[u.unit_id] = reason + (f" ({accelerators[0]})" if capability and "capability" in reason else "")
     return out
@@ -214,8 +252,10 @@ def unsupported_cells(plan: Plan, device_type: str | None = None) -> dict[str, s
     out = {}
     for u in plan.units:
         precision = REGISTRY[u.precision["name"]]
+        opts = precision.parse_options(u.precision["options"])
         for c in u.cells:
-            reason = precision.decode_reason(c.decode, device_type) or kv_cache.decode_reason(c.kv, c.decode)
+            reason = (precision.decode_reason(c.decode, device_type, opts)
+                      or kv_cache.decode_reason(c.kv, c.decode))
             if reason:
                 out[c.key] = reason
     return out

@@ -78,21 +78,42 @@ def import_gptqmodel():
     return gptqmodel
 
 
-def shape_problem(method: str, opts, config) -> str | None:
-    """Why a model's projection shapes do not fit the method's groups (gptqmodel finds out only after calibrating,
-    or in the matmul)."""
+def projection_widths(hidden: int, intermediate: int | None, heads: int, kv_heads: int | None,
+                      head_dim: int | None = None) -> dict[str, int]:
+    """The widths a decoder's projections take and give: hidden size, MLP width, and the k/v projections' width."""
+    kv = (kv_heads or heads) * (head_dim or hidden // heads)
+    return {k: v for k, v in {"hidden_size": hidden, "intermediate_size": intermediate,
+                              "kv projection width": kv}.items() if v}
+
+
+def widths_of(config) -> dict[str, int]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    dims = {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, "intermediate_size", None)
-            or getattr(text, "ffn_dim", None)}
-    for name, d in dims.items():
+    return projection_widths(text.hidden_size, getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None),
+                             text.num_attention_heads, getattr(text, "num_key_value_heads", None),
+                             getattr(text, "head_dim", None))
+
+
+def shape_problem(method: str, opts, widths: dict[str, int], capability: tuple[int, int] | None = None) -> str | None:
+    """Why a model's projection widths do not fit the method's groups or the kernel it will load with (gptqmodel
+    finds out only after calibrating, in the matmul, or while building the model). `capability`: the GPU's, if
+    known."""
+    for name in ("hidden_size", "intermediate_size"):
+        d = widths.get(name)
         if d and opts.group_size > 0 and d % opts.group_size:
             return f"{method}: group_size {opts.group_size} does not divide the model's {name} {d}"
     if method == "awq":  # its clip search takes output channels 64 at a time
-        kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
-        for name, d in {**dims, "kv projection width": kv}.items():
-            if d and d % 64:
+        for name, d in widths.items():
+            if d % 64:
                 return f"awq: the model's {name} {d} is not a multiple of 64 (gptqmodel's AWQ clip search needs it)"
+    if (method == "gptq" and opts.kernel == "auto" and capability == (9, 0) and opts.bits in (4, 8)
+            and opts.group_size in (-1, 64, 128)):
+        # seen on an H200: kernel auto is Machete there, whose layers refuse other widths while the model is built
+        for name, d in widths.items():
+            if d % 128:
+                return (f"gptq: with kernel auto, gptqmodel 7.6 loads {opts.bits}-bit GPTQ on compute capability 9.0 "
+                        f"with its Machete kernel, which needs every projection width to be a multiple of 128; the "
+                        f"model's {name} is {d} (NotImplementedError on an H200); choose another kernel "
+                        f"(e.g. `kernel: torch`)")
     return None
 
 
@@ -101,6 +122,16 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
     """The cached calibrated checkpoint of `source` (built now if missing), and the calibration facts for the row."""
     from tasks.models import _publish, cache_root
 
+    from transformers import AutoConfig
+
+    capability = None
+    if device.startswith("cuda"):
+        import torch
+
+        capability = tuple(torch.cuda.get_device_capability(device))
+    problem = shape_problem(method, opts, widths_of(AutoConfig.from_pretrained(source)), capability)
+    if problem:  # before calibrating, and before loading a cached checkpoint the kernel could not take
+        raise ValueError(problem)
     gptqmodel = import_gptqmodel()
     calib = {k: v for k, v in opts.model_dump().items() if k not in ("calib_path", "kernel")}
     data = RANDOM_IDS if synthetic or text is None else hashlib.sha256(text).hexdigest()
@@ -121,9 +152,6 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
         for f in src.iterdir():
             (staging / f.name).symlink_to(f.resolve())
         config = AutoConfig.from_pretrained(src)
-        problem = shape_problem(method, opts, config)
-        if problem:
-            raise ValueError(problem)
         vocab = config.get_text_config().vocab_size
         tokenizer = None
         if synthetic or text is None:

@@ -60,6 +60,50 @@ def test_shapes_that_do_not_fit_the_groups_are_a_clear_error():
     assert "awq: the model's hidden_size 96 is not a multiple of 64" in r["error_message"]
 
 
+def test_what_failed_on_an_h200_is_skipped_before_start(tmp_path, capsys):
+    """Seen in the methods sweep on an H200: 4-bit GPTQ with kernel auto (gptqmodel picks Machete on compute
+    capability 9.0) refuses SmolLM2's 576- and 192-wide projections while the model is built; AWQ's Marlin layers
+    and quanto-int4 break torch.compile. Known from the grid, the model's widths and the GPU type; on CPU all run."""
+    from orchestrator.cli import main
+    from orchestrator.plan import model_widths, unsupported_before_start
+
+    assert model_widths({"gguf": SMOLLM2}) == {"hidden_size": 576, "intermediate_size": 1536,
+                                                        "kv projection width": 192}
+    assert model_widths({"synthetic": "llama-2-7b"}) == {"hidden_size": 4096, "intermediate_size": 11008,
+                                                         "kv projection width": 4096}
+    path = write_grid(tmp_path / "g.yaml", f"""
+name: h200
+models: [{{gguf: "{SMOLLM2}", label: smollm2}}, {{synthetic: llama-2-7b}}]
+precisions:
+  - {{name: gptq, group_size: 64, calib_path: {VALID}}}
+  - {{name: gptq, group_size: 64, kernel: torch, calib_path: {VALID}}}
+  - {{name: gptq, bits: 3, group_size: 64, calib_path: {VALID}}}
+  - {{name: awq, group_size: 64, calib_path: {VALID}}}
+  - {{name: awq, group_size: 64, kernel: torch, calib_path: {VALID}}}
+  - quanto-int4
+  - quanto-int2
+generation: {{new_tokens: [4], decode: [eager, compiled]}}
+perplexity: false
+""")
+    plan = make_plan(load_grid(path), "r")
+    label = {u.unit_id: (u.model["label"], u.label.split(" × ")[1]) for u in plan.units}
+    on_h200 = unsupported_before_start(plan, "cuda", ["H200"])
+    assert [label[k] for k in on_h200] == [("smollm2", "gptq(group_size=64)")]
+    assert "Machete" in on_h200[next(iter(on_h200))] and "`kernel: torch`" in on_h200[next(iter(on_h200))]
+    assert unsupported_before_start(plan, "cuda", ["A100"]) == {}  # Machete is for 9.0 only
+    assert unsupported_before_start(plan, "cpu", []) == {}
+    cells = {c.key: c for c in plan.cells}
+    unit_of = {c.key: label[u.unit_id][1] for u in plan.units for c in u.cells}
+    skipped = unsupported_cells(plan, "cuda")
+    assert {(unit_of[k], cells[k].decode) for k in skipped} == {("awq(group_size=64)", "compiled"),
+                                                                ("quanto-int4", "compiled")}
+    assert unsupported_cells(plan, "cpu") == {}
+    assert main(["validate", str(path), "--gpu", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2 × gptq(group_size=64): gptq: with kernel auto" in out
+    assert "skipped before start (2 cells): decode: compiled (CUDA graphs) is not available for awq" in out
+
+
 def test_calibration_windows_come_from_the_text(smollm2):
     _, tok = smollm2
     text = VALID.read_bytes()

@@ -30,7 +30,11 @@ class Precision:
     needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
     weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
     compile_reason: str | None = None             # why decode: compiled cannot run with this backend (None: it can)
-    compile_reason_cuda: str | None = None        # why it cannot run on GPUs (CUDA graphs), where CPU compiles
+    # why compiled decode cannot run on GPUs (CUDA graphs), where CPU compiles: text, or options -> text or None
+    compile_reason_cuda: str | Callable[[BaseModel], str | None] | None = None
+    # projection shapes a method's groups or kernels cannot take: (options, widths, GPU compute capability or None)
+    # -> why, or None; widths: hidden_size, intermediate_size, kv projection width (see tasks.calibration)
+    shape_reason: Callable[[BaseModel, dict[str, int], tuple[int, int] | None], str | None] | None = None
     min_capability: Callable[[BaseModel], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
     library: str = "torch"                        # who quantizes: torch (none), bitsandbytes, torchao, quanto, hqq
     scheme: str = "none"                          # none | weight-only | weight+activation
@@ -41,12 +45,15 @@ class Precision:
     def parse_options(self, raw: dict[str, Any]) -> BaseModel:
         return self.options(**raw)
 
-    def decode_reason(self, decode: str, device_type: str | None = None) -> str | None:
+    def decode_reason(self, decode: str, device_type: str | None = None, opts: BaseModel | None = None) -> str | None:
         """Why a cell with this decode path cannot run with this backend (on this device type, if known), or None."""
         if decode == "compiled" and self.compile_reason:
             return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
-        if decode == "compiled" and device_type == "cuda" and self.compile_reason_cuda:
-            return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {self.compile_reason_cuda}"
+        cuda = self.compile_reason_cuda
+        if decode == "compiled" and device_type == "cuda" and callable(cuda):
+            cuda = cuda(opts if opts is not None else self.options())
+        if decode == "compiled" and device_type == "cuda" and cuda:
+            return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {cuda}"
         return None
 
     @property

@@ -51,7 +51,19 @@ def _method(name: str):
 
         return quantized_folder(source, name, opts, device, text, text_name, synthetic)
 
-    return {"build": build, "prepare": prepare}
+    def shape_reason(opts, widths: dict, capability) -> str | None:
+        from tasks.calibration import shape_problem
+
+        return shape_problem(name, opts, widths, capability)
+
+    return {"build": build, "prepare": prepare, "shape_reason": shape_reason}
+
+
+def _awq_compile_cuda(opts) -> str | None:
+    if opts.kernel in ("auto", "marlin"):
+        return ("kernel auto loads AWQ with gptqmodel's AwqMarlinLinear on an H200, whose scratch-space lookup "
+                "(ContextVar.get) torch.compile cannot trace (torch 2.11, gptqmodel 7.6)")
+    return None
 
 
 C = {"library": "gptqmodel", "scheme": "weight-only", "weight_bits": lambda o: o.bits,
@@ -60,5 +72,5 @@ PRECISIONS = (
     Precision("gptq", "GPTQ (calibrated, second-order weight rounding), gptqmodel 7.6", ("cuda", "cpu"), GptqOptions,
               **_method("gptq"), **C),
     Precision("awq", "AWQ (calibrated, activation-aware scaling), gptqmodel 7.6, GEMM format", ("cuda", "cpu"),
-              AwqOptions, **_method("awq"), **C),
+              AwqOptions, **_method("awq"), compile_reason_cuda=_awq_compile_cuda, **C),
 )
