@@ -158,6 +158,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("torch_version", S, ""), ("transformers_version", S, ""), ("bitsandbytes_version", S, ""),
     ("accelerate_version", S, ""), ("python_version", S, ""),
     ("cpu_model", S, ""), ("cpu_count", I, ""), ("torch_threads", I, "intra-op threads of the worker"),
+    ("host_load_1m", F, "the host's 1-minute load average when the cell's runs ended (launch-bound decode slows "
+                        "when other units share the host's CPUs)"),
     ("host", S, "host name of the worker"),
     ("worker_pid", I, "process id of the worker"),
 ]

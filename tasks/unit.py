@@ -7,6 +7,7 @@ failure row; a cell that fails (out of memory included) becomes a failure row an
 """
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from typing import Iterator
@@ -116,6 +117,7 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         row["latency_s"] = time.perf_counter() - t0
+        row["host_load_1m"] = os.getloadavg()[0]
         row["ended_at"] = now()
         yield row
 

@@ -47,6 +47,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert df.groupby(["model", "precision"]).worker_pid.nunique().eq(1).all()  # one worker per unit
     assert df.worker_pid.nunique() == 4                                         # and a fresh one for each
     assert (df.gpus_per_task == 0).all() and (df.device == "cpu").all()
+    assert (df.host_load_1m >= 0).all() and df.host_load_1m.notna().all()  # what else ran on the host's CPUs
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["model_loads"] == 4 and manifest["cells"] == 16
     html = (out / "report.html").read_text()
