@@ -115,7 +115,7 @@ def model_widths(model: dict) -> dict[str, int] | None:
         if model.get("gguf"):
             from tasks.models import resolve_file
 
-            return dict(_gguf_meta(str(resolve_file(model["gguf"])))[2])
+            return dict(_gguf_meta(str(resolve_file(model["gguf"])))[2]) or None
         if model.get("path"):
             c = json.loads((Path(model["path"]) / "config.json").read_text())
             c = c.get("text_config", c)
@@ -127,7 +127,8 @@ def model_widths(model: dict) -> dict[str, int] | None:
 
 
 def _gguf_shape(path: str) -> tuple[float, int]:
-    return _gguf_meta(path)[:2]
+    params, layers, _ = _gguf_meta(path)
+    return params, layers or 24
 
 
 @lru_cache(maxsize=None)
@@ -143,8 +144,9 @@ def _gguf_meta(path: str) -> tuple[float, int, tuple]:
         f = reader.fields.get(f"{arch}.{name}")
         return int(f.parts[-1][0]) if f else None
 
-    widths = projection_widths(field("embedding_length"), field("feed_forward_length"), field("attention.head_count"),
-                               field("attention.head_count_kv"), field("attention.key_length"))
+    hidden, heads = field("embedding_length"), field("attention.head_count")
+    widths = projection_widths(hidden, field("feed_forward_length"), heads, field("attention.head_count_kv"),
+                               field("attention.key_length")) if hidden and heads else {}
     return float(sum(t.n_elements for t in reader.tensors)), field("block_count"), tuple(widths.items())
 
 

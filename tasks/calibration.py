@@ -120,9 +120,9 @@ def shape_problem(method: str, opts, widths: dict[str, int], capability: tuple[i
 def quantized_folder(source: str, method: str, opts, device: str, text: bytes | None, text_name: str | None,
                      synthetic: bool) -> tuple[str, dict]:
     """The cached calibrated checkpoint of `source` (built now if missing), and the calibration facts for the row."""
-    from tasks.models import _publish, cache_root
-
     from transformers import AutoConfig
+
+    from tasks.models import _publish, cache_root
 
     capability = None
     if device.startswith("cuda"):
