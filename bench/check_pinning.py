@@ -29,8 +29,8 @@ def main(folders: list[str], gpus_csv: str | None = None) -> int:
           f"pairs, {len(shared)} of them on the same GPU; GPUs seen per process: {sorted(set(spans.gpus_seen))}")
     bad = len(shared) + int((spans.gpus_seen != 1).sum())
     if gpus_csv:
-        uuid = {int(i): u.strip().removeprefix("GPU-") for i, u in
-                (line.split(",") for line in open(gpus_csv).read().splitlines() if line.strip())}
+        rows = [[f.strip() for f in line.split(",")] for line in open(gpus_csv).read().splitlines() if line.strip()]
+        uuid = {int(r[0]): next(f for f in r if f.startswith("GPU-")).removeprefix("GPU-") for r in rows}
         wrong = spans[[uuid.get(int(v)) != g for v, g in zip(spans.visible, spans.gpu)]]
         print(f"CUDA_VISIBLE_DEVICES index -> NVML UUID matches the GPU the process used: "
               f"{len(spans) - len(wrong)} of {len(spans)}")
