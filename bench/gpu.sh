@@ -156,15 +156,9 @@ if [ "$step" = phaseE-run ]; then
       mkdir -p $R/results/${seed%%:*}/cells && cp $D/${seed#*:}/cells/*.parquet $R/results/${seed%%:*}/cells/
     done  # (cells of the other kv sweep are moved to that folder's history: not in its plan)
   fi
-  cd $R/src; export PYTHONPATH=/tmp/site:$R/src
   nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
-  ls /tmp/stage/wheels/pypcre-*.whl > /dev/null 2>&1 || { python3 -m pip wheel -q --no-deps --no-build-isolation \
-    $OLDPWD/.stage/extra/pypcre-0.6.4.tar.gz -w /tmp/stage/wheels 2>&1 | tail -2; python3 -m pip install -q --no-deps --target /tmp/site /tmp/stage/wheels/pypcre-*.whl 2>&1 | tail -2; }
-  python3 -c "import torch, transformers, bitsandbytes, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'ray', ray.__version__)"
-  for m in torchao optimum.quanto hqq gptqmodel; do python3 -c "import $m; print('$m', getattr($m, '__version__', 'ok'))" 2>&1 | tail -1; done
-  python3 -c "
-from tasks import models
-print(models.gguf_folder('/tmp/stage/models/SmolLM2-135M-Instruct.Q4_1.gguf'), models.synthetic_folder('llama-2-7b', 'cuda:0'))"
+  bash bench/gpu.sh env  # versions; pypcre built; the model cache warmed (GGUF conversion, synthetic models)
+  cd $R/src; export PYTHONPATH=/tmp/site:$R/src
   $ray stop --force > /dev/null 2>&1
   $ray start --head --num-gpus=$(wc -l < $R/gpus.csv) --disable-usage-stats > /dev/null 2>&1 || echo "ray start failed"
   t0=$SECONDS

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 
 EPILOG = "Exit codes: 0 all cells ok, 1 some cells failed, 2 bad input."
 
@@ -75,8 +76,7 @@ def validate(args) -> int:
         if u.unit_id in unsupported:
             print(f"skipped before start ({len(u.cells)} cells): {u.label}: {unsupported[u.unit_id]}")
     cells = unsupported_cells(plan, device)  # axis values a backend cannot run (compiled decode, quantized KV cache)
-    for reason in dict.fromkeys(cells.values()):
-        n = sum(r == reason for r in cells.values())
+    for reason, n in Counter(cells.values()).items():
         print(f"skipped before start ({n} cell{'s' * (n != 1)}): {reason}")
     if device == "cuda" and not args.gpu:
         from tasks.precisions import REGISTRY

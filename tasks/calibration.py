@@ -129,7 +129,8 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
         import torch
 
         capability = tuple(torch.cuda.get_device_capability(device))
-    problem = shape_problem(method, opts, widths_of(AutoConfig.from_pretrained(source)), capability)
+    config = AutoConfig.from_pretrained(source)
+    problem = shape_problem(method, opts, widths_of(config), capability)
     if problem:  # before calibrating, and before loading a cached checkpoint the kernel could not take
         raise ValueError(problem)
     gptqmodel = import_gptqmodel()
@@ -144,14 +145,13 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
     def build(tmp: Path) -> None:
         import torch
         from gptqmodel import BACKEND, GPTQModel
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         staging = tmp / "source"  # the source files by link, plus a tokenizer where it has none
         staging.mkdir()
         src = Path(source)
         for f in src.iterdir():
             (staging / f.name).symlink_to(f.resolve())
-        config = AutoConfig.from_pretrained(src)
         vocab = config.get_text_config().vocab_size
         tokenizer = None
         if synthetic or text is None:

@@ -47,14 +47,14 @@ class Precision:
 
     def decode_reason(self, decode: str, device_type: str | None = None, opts: BaseModel | None = None) -> str | None:
         """Why a cell with this decode path cannot run with this backend (on this device type, if known), or None."""
-        if decode == "compiled" and self.compile_reason:
+        if decode != "compiled":
+            return None
+        if self.compile_reason:
             return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
-        cuda = self.compile_reason_cuda
-        if decode == "compiled" and device_type == "cuda" and callable(cuda):
+        cuda = self.compile_reason_cuda if device_type == "cuda" else None
+        if callable(cuda):
             cuda = cuda(opts if opts is not None else self.options())
-        if decode == "compiled" and device_type == "cuda" and cuda:
-            return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {cuda}"
-        return None
+        return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {cuda}" if cuda else None
 
     @property
     def calibrated(self) -> bool:

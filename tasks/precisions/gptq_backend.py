@@ -61,8 +61,8 @@ def _method(name: str):
 
 def _awq_compile_cuda(opts) -> str | None:
     if opts.kernel in ("auto", "marlin"):
-        return ("kernel auto loads AWQ with gptqmodel's AwqMarlinLinear on an H200, whose scratch-space lookup "
-                "(ContextVar.get) torch.compile cannot trace (torch 2.11, gptqmodel 7.6)")
+        return (f"kernel {opts.kernel} loads AWQ with gptqmodel's AwqMarlinLinear (as auto did on an H200), whose "
+                f"scratch-space lookup (ContextVar.get) torch.compile cannot trace (torch 2.11, gptqmodel 7.6)")
     return None
 
 
