@@ -2,8 +2,9 @@
 saw exactly one GPU, and (given `nvidia-smi --query-gpu=index,uuid --format=csv,noheader` output) the GPU it saw is the
 one CUDA_VISIBLE_DEVICES named.
 
-  python bench/check_pinning.py RESULTS_DIR [RESULTS_DIR ...] [--gpus GPUS_CSV]
-Several folders: sweeps that shared one Ray cluster, checked together.
+  python bench/check_pinning.py RESULTS_DIR [RESULTS_DIR ...] [--gpus GPUS_CSV] [--runs RUN_ID,RUN_ID]
+Several folders: sweeps that shared one Ray cluster, checked together; --runs: only the rows of those runs (a folder
+whose cells come from several hosts, one run per host).
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from itertools import combinations
 import pandas as pd
 
 
-def main(folders: list[str], gpus_csv: str | None = None) -> int:
+def main(folders: list[str], gpus_csv: str | None = None, runs: list[str] | None = None) -> int:
     df = pd.concat([pd.read_parquet(f"{f}/cells") for f in folders])
     folder = " + ".join(folders)
+    if runs:
+        df = df[df.run_id.isin(runs)]
+        folder += f" (runs {', '.join(runs)})"
     df = df[df.status == "ok"]
     # one span per unit process (a resumed unit ran in two processes: two spans)
     spans = df.groupby("worker_pid").agg(unit=("unit_id", "first"), gpu=("gpu_uuid", "first"),
@@ -44,5 +48,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--gpus")
+    ap.add_argument("--runs", type=lambda s: s.split(","))
     args = ap.parse_args()
-    sys.exit(main(args.folders, args.gpus))
+    sys.exit(main(args.folders, args.gpus, args.runs))

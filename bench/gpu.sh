@@ -160,6 +160,9 @@ if [ "$step" = phaseE-run ]; then
   bash bench/gpu.sh env  # versions; pypcre built; the model cache warmed (GGUF conversion, synthetic models)
   cd $R/src; export PYTHONPATH=/tmp/site:$R/src
   $ray stop --force > /dev/null 2>&1
+  # inductor's perf hints name each graph whose CUDA graphs were skipped, and why: they go to the Ray workers' logs
+  # (the sweeps run with log_to_driver off), summed into cudagraphs.txt when the sweeps end
+  export TORCH_LOGS=perf_hints
   $ray start --head --num-gpus=$(wc -l < $R/gpus.csv) --disable-usage-stats > /dev/null 2>&1 || echo "ray start failed"
   t0=$SECONDS
   run() {  # NAME GRID [--set ...]
@@ -168,13 +171,38 @@ if [ "$step" = phaseE-run ]; then
     echo "$name exit $? after $((SECONDS - t0)) s" >> $R/exits.txt
   }
   # Ray does not serve concurrent drivers first come, first served (the fourth session's methods-llama7b units waited
-  # 20 minutes behind SmolLM2's): the large grids start first and the rest after a head start
+  # 20 minutes behind SmolLM2's): the grid with the longest units left starts first, the rest after a head start
+  # (fifth session: SmolLM2's torchao-int8dq compiled cell and 4-bit gptq, then Llama-2-7B's nine methods)
+  run methods examples/gpu-methods.yaml & sleep 30
+  run methods-llama7b examples/gpu-methods-llama7b.yaml & sleep 30
   run llama7b examples/gpu-llama7b.yaml & sleep 3
-  run methods-llama7b examples/gpu-methods-llama7b.yaml & sleep 60
   run kv-a examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[native, hqq-int2]' & sleep 3
-  run kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]' & sleep 3
-  run methods examples/gpu-methods.yaml &
-  wait; touch $R/all.done
+  run kv-b examples/gpu-kv-cache.yaml --set 'generation.kv_cache=[quanto-int4, hqq-int4]' &
+  wait
+  grep -h "cudagraph" /tmp/ray/session_latest/logs/worker-*.err 2>/dev/null | sed 's/^.*\] //' | sort | uniq -c \
+    > $R/cudagraphs.txt
+  touch $R/all.done
+fi
+# fifth session: 4-bit gptq on Llama-2-7B again with `kernel: marlin` (auto picked Machete, which fetches CUTLASS from
+# GitHub at first use and failed offline), one GPU, embedded Ray, in the background as phaseE; every call watches.
+if [ "$step" = phaseF ]; then
+  R=/tmp/phaseF; mkdir -p $R/results
+  if [ ! -f $R/launched ]; then
+    touch $R/launched; mkdir -p $R/src $R/results/methods-llama7b/cells
+    cp -r orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
+    cp docs/results/h200-2026-11-27/methods-llama7b/cells/*.parquet $R/results/methods-llama7b/cells/  # fp16 is done
+    setsid nohup bash -c "bash bench/gpu.sh env; cd $R/src && PYTHONPATH=/tmp/site:$R/src python3 -m orchestrator sweep \
+      examples/gpu-methods-llama7b.yaml --output $R/results/methods-llama7b \
+      --set 'precisions=[fp16, {name: gptq, bits: 4, calib_samples: 32, kernel: marlin}]'; touch $R/all.done" \
+      > $R/launcher.log 2>&1 < /dev/null &
+  fi
+  end=$((SECONDS + ${DEADLINE:-570}))
+  while :; do
+    tar czf "$OUT/phaseF.tgz.part" -C $R --exclude=src . 2>/dev/null && mv "$OUT/phaseF.tgz.part" "$OUT/phaseF.tgz"
+    { [ -f $R/all.done ] || [ $((end - SECONDS)) -lt 5 ]; } && break
+    sleep $(( end - SECONDS < 30 ? end - SECONDS - 3 : 30 ))
+  done
+  grep -vE "^\s*$|Converting|Writing|Loading" $R/launcher.log | tail -25
 fi
 if [ "$step" = bench ]; then
   /tmp/site/bin/ray stop > /dev/null 2>&1

@@ -256,7 +256,7 @@ def unsupported_cells(plan: Plan, device_type: str | None = None) -> dict[str, s
         precision = REGISTRY[u.precision["name"]]
         opts = precision.parse_options(u.precision["options"])
         for c in u.cells:
-            reason = (precision.decode_reason(c.decode, device_type, opts)
+            reason = (precision.decode_reason(c.decode, device_type, opts, c.batch_size)
                       or kv_cache.decode_reason(c.kv, c.decode))
             if reason:
                 out[c.key] = reason

@@ -93,6 +93,47 @@ def widths_of(config) -> dict[str, int]:
                              getattr(text, "head_dim", None))
 
 
+def machete_picked(method: str, opts, capability: tuple[int, int] | None) -> bool:
+    """Whether gptqmodel 7.6's kernel auto loads this GPTQ checkpoint with Machete (as it did on an H200)."""
+    return (method == "gptq" and opts.kernel == "auto" and capability == (9, 0) and opts.bits in (4, 8)
+            and opts.group_size in (-1, 64, 128))
+
+
+def github_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("github.com", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cutlass_at_hand() -> bool:
+    """Whether gptqmodel can build Machete without a download: a CUTLASS checkout or prebuilt library named in its
+    environment variables, or its own cache of the CUTLASS sources (private paths: False if they moved)."""
+    if os.environ.get("GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY") or os.environ.get("GPTQMODEL_CUTLASS_DIR"):
+        return True
+    try:
+        from gptqmodel.utils import machete
+        return (machete._cutlass_cache_dir().is_dir() or machete._cutlass_archive_path().is_file()
+                or machete._repo_local_cutlass_root().is_dir())
+    except (ImportError, AttributeError):
+        return False
+
+
+def machete_problem(method: str, opts, capability: tuple[int, int] | None, reachable=github_reachable) -> str | None:
+    """Machete builds itself at first use (nvcc) from CUTLASS sources that gptqmodel downloads from GitHub: on a host
+    that cannot reach it, the load fails after calibrating (URLError, seen on an H200). Checked in the worker, before
+    calibrating, since only the worker's host knows its network and cache."""
+    if not machete_picked(method, opts, capability) or _cutlass_at_hand() or reachable():
+        return None
+    return (f"gptq: with kernel auto, gptqmodel 7.6 loads {opts.bits}-bit GPTQ on compute capability 9.0 with its "
+            f"Machete kernel, which builds itself at first use from CUTLASS sources downloaded from github.com; "
+            f"none is cached on this host and github.com cannot be reached; choose another kernel (`kernel: marlin` "
+            f"or `kernel: torch`), or set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout")
+
+
 def shape_problem(method: str, opts, widths: dict[str, int], capability: tuple[int, int] | None = None) -> str | None:
     """Why a model's projection widths do not fit the method's groups or the kernel it will load with (gptqmodel
     finds out only after calibrating, in the matmul, or while building the model). `capability`: the GPU's, if
@@ -105,8 +146,7 @@ def shape_problem(method: str, opts, widths: dict[str, int], capability: tuple[i
         for name, d in widths.items():
             if d % 64:
                 return f"awq: the model's {name} {d} is not a multiple of 64 (gptqmodel's AWQ clip search needs it)"
-    if (method == "gptq" and opts.kernel == "auto" and capability == (9, 0) and opts.bits in (4, 8)
-            and opts.group_size in (-1, 64, 128)):
+    if machete_picked(method, opts, capability):
         # seen on an H200: kernel auto is Machete there, whose layers refuse other widths while the model is built
         for name, d in widths.items():
             if d % 128:
@@ -134,6 +174,9 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
     if problem:  # before calibrating, and before loading a cached checkpoint the kernel could not take
         raise ValueError(problem)
     gptqmodel = import_gptqmodel()
+    problem = machete_problem(method, opts, capability)
+    if problem:
+        raise RuntimeError(problem)
     calib = {k: v for k, v in opts.model_dump().items() if k not in ("calib_path", "kernel")}
     data = RANDOM_IDS if synthetic or text is None else hashlib.sha256(text).hexdigest()
     identity = {"source": str(Path(source).resolve()) if Path(source).exists() else source, "method": method,

@@ -98,7 +98,7 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
         row = {**base, **cell_fields(cell), "started_at": cell_started}
         kv = cell.get("kv_cache")
         decode = cell.get("decode", "eager")
-        reason = (precision.decode_reason(decode, env["device"], options)  # the driver skips these before start
+        reason = (precision.decode_reason(decode, env["device"], options, cell["batch_size"])  # skipped before start
                   or (kv and kv_cache.decode_reason(kv, decode)))
         if reason:
             row.update(status="skipped", error_type="Unsupported", error_message=reason, ended_at=now())

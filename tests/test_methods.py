@@ -62,8 +62,10 @@ def test_shapes_that_do_not_fit_the_groups_are_a_clear_error():
 
 def test_what_failed_on_an_h200_is_skipped_before_start(tmp_path, capsys):
     """Seen in the methods sweep on an H200: 4-bit GPTQ with kernel auto (gptqmodel picks Machete on compute
-    capability 9.0) refuses SmolLM2's 576- and 192-wide projections while the model is built; AWQ's Marlin layers
-    and quanto-int4 break torch.compile. Known from the grid, the model's widths and the GPU type; on CPU all run."""
+    capability 9.0) refuses SmolLM2's 576- and 192-wide projections while the model is built; Marlin layers (AWQ
+    with kernel auto, GPTQ with kernel marlin) and quanto-int4 break torch.compile; compiled torchao-int8dq calls
+    torch._int_mm with one row per sequence, which CUDA refuses up to 16. Known from the grid, the model's widths
+    and the GPU type; on CPU all run."""
     from orchestrator.cli import main
     from orchestrator.plan import model_widths, unsupported_before_start
 
@@ -77,12 +79,14 @@ models: [{{gguf: "{SMOLLM2}", label: smollm2}}, {{synthetic: llama-2-7b}}]
 precisions:
   - {{name: gptq, group_size: 64, calib_path: {VALID}}}
   - {{name: gptq, group_size: 64, kernel: torch, calib_path: {VALID}}}
+  - {{name: gptq, group_size: 64, kernel: marlin, calib_path: {VALID}}}
   - {{name: gptq, bits: 3, group_size: 64, calib_path: {VALID}}}
   - {{name: awq, group_size: 64, calib_path: {VALID}}}
   - {{name: awq, group_size: 64, kernel: torch, calib_path: {VALID}}}
   - quanto-int4
   - quanto-int2
-generation: {{new_tokens: [4], decode: [eager, compiled]}}
+  - torchao-int8dq
+generation: {{new_tokens: [4], batch_sizes: [1, 32], decode: [eager, compiled]}}
 perplexity: false
 """)
     plan = make_plan(load_grid(path), "r")
@@ -95,13 +99,35 @@ perplexity: false
     cells = {c.key: c for c in plan.cells}
     unit_of = {c.key: label[u.unit_id][1] for u in plan.units for c in u.cells}
     skipped = unsupported_cells(plan, "cuda")
-    assert {(unit_of[k], cells[k].decode) for k in skipped} == {("awq(group_size=64)", "compiled"),
-                                                                ("quanto-int4", "compiled")}
+    assert {(unit_of[k], cells[k].decode, cells[k].batch_size) for k in skipped} == {
+        (p, "compiled", b) for p in ("awq(group_size=64)", "gptq(group_size=64,kernel=marlin)", "quanto-int4")
+        for b in (1, 32)} | {("torchao-int8dq", "compiled", 1)}
+    assert "torch._int_mm" in next(r for k, r in skipped.items() if unit_of[k] == "torchao-int8dq")
     assert unsupported_cells(plan, "cpu") == {}
     assert main(["validate", str(path), "--gpu", "H200"]) == 0
     out = capsys.readouterr().out
     assert "smollm2 × gptq(group_size=64): gptq: with kernel auto" in out
-    assert "skipped before start (2 cells): decode: compiled (CUDA graphs) is not available for awq" in out
+    assert "skipped before start (4 cells): decode: compiled (CUDA graphs) is not available for awq" in out
+
+
+def test_machete_without_its_sources_is_refused_before_calibrating(monkeypatch):
+    """Seen on an H200 without internet: 4-bit GPTQ with kernel auto loads with Machete, which downloads CUTLASS from
+    GitHub at first use; the load failed after calibrating. The worker now says so before calibrating."""
+    from tasks.calibration import machete_problem
+    from tasks.precisions import REGISTRY
+
+    opts = REGISTRY["gptq"].parse_options({})
+    for var in ("GPTQMODEL_CUTLASS_DIR", "GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY"):
+        monkeypatch.delenv(var, raising=False)
+    offline = machete_problem("gptq", opts, (9, 0), reachable=lambda: False)
+    assert "github.com cannot be reached" in offline and "`kernel: marlin`" in offline
+    assert machete_problem("gptq", opts, (9, 0), reachable=lambda: True) is None  # online: gptqmodel fetches it
+    assert machete_problem("gptq", opts, (8, 0), reachable=lambda: False) is None  # not Machete below 9.0
+    assert machete_problem("gptq", REGISTRY["gptq"].parse_options({"kernel": "marlin"}), (9, 0),
+                           reachable=lambda: False) is None
+    assert machete_problem("gptq", REGISTRY["gptq"].parse_options({"bits": 3}), (9, 0), reachable=lambda: False) is None
+    monkeypatch.setenv("GPTQMODEL_CUTLASS_DIR", "/opt/cutlass")  # a checkout named: gptqmodel builds from it
+    assert machete_problem("gptq", opts, (9, 0), reachable=lambda: False) is None
 
 
 def test_calibration_windows_come_from_the_text(smollm2):

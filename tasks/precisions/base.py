@@ -30,8 +30,9 @@ class Precision:
     needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
     weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
     compile_reason: str | None = None             # why decode: compiled cannot run with this backend (None: it can)
-    # why compiled decode cannot run on GPUs (CUDA graphs), where CPU compiles: text, or options -> text or None
-    compile_reason_cuda: str | Callable[[BaseModel], str | None] | None = None
+    # why compiled decode cannot run on GPUs (CUDA graphs), where CPU compiles: text, or (options, batch size) -> text
+    # or None
+    compile_reason_cuda: str | Callable[[BaseModel, int], str | None] | None = None
     # projection shapes a method's groups or kernels cannot take: (options, widths, GPU compute capability or None)
     # -> why, or None; widths: hidden_size, intermediate_size, kv projection width (see tasks.calibration)
     shape_reason: Callable[[BaseModel, dict[str, int], tuple[int, int] | None], str | None] | None = None
@@ -45,15 +46,17 @@ class Precision:
     def parse_options(self, raw: dict[str, Any]) -> BaseModel:
         return self.options(**raw)
 
-    def decode_reason(self, decode: str, device_type: str | None = None, opts: BaseModel | None = None) -> str | None:
-        """Why a cell with this decode path cannot run with this backend (on this device type, if known), or None."""
+    def decode_reason(self, decode: str, device_type: str | None = None, opts: BaseModel | None = None,
+                      batch_size: int = 1) -> str | None:
+        """Why a cell with this decode path (and batch size) cannot run with this backend (on this device type, if
+        known), or None."""
         if decode != "compiled":
             return None
         if self.compile_reason:
             return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
         cuda = self.compile_reason_cuda if device_type == "cuda" else None
         if callable(cuda):
-            cuda = cuda(opts if opts is not None else self.options())
+            cuda = cuda(opts if opts is not None else self.options(), batch_size)
         return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {cuda}" if cuda else None
 
     @property

@@ -59,18 +59,25 @@ def _method(name: str):
     return {"build": build, "prepare": prepare, "shape_reason": shape_reason}
 
 
-def _awq_compile_cuda(opts) -> str | None:
-    if opts.kernel in ("auto", "marlin"):
-        return (f"kernel {opts.kernel} loads AWQ with gptqmodel's AwqMarlinLinear (as auto did on an H200), whose "
-                f"scratch-space lookup (ContextVar.get) torch.compile cannot trace (torch 2.11, gptqmodel 7.6)")
-    return None
+def _marlin_compile_cuda(method: str, kernels: tuple[str, ...]):
+    """Marlin layers (GPTQ and AWQ) look up their scratch space through a ContextVar, which dynamo cannot trace: seen
+    on an H200 for AWQ with kernel auto (which loads AwqMarlinLinear there) and for GPTQ with kernel marlin."""
+    def reason(opts, batch_size: int) -> str | None:
+        if opts.kernel in kernels:
+            layer = "AwqMarlinLinear" if method == "awq" else "MarlinLinear"
+            return (f"kernel {opts.kernel} loads {method.upper()} with gptqmodel's {layer}, whose scratch-space "
+                    f"lookup (ContextVar.get) torch.compile cannot trace (torch 2.11, gptqmodel 7.6, on an H200)")
+        return None
+
+    return reason
 
 
 C = {"library": "gptqmodel", "scheme": "weight-only", "weight_bits": lambda o: o.bits,
      "launch_cost": lambda o: 2.0}
 PRECISIONS = (
     Precision("gptq", "GPTQ (calibrated, second-order weight rounding), gptqmodel 7.6", ("cuda", "cpu"), GptqOptions,
-              **_method("gptq"), **C),
+              **_method("gptq"), compile_reason_cuda=_marlin_compile_cuda("gptq", ("marlin",)), **C),
     Precision("awq", "AWQ (calibrated, activation-aware scaling), gptqmodel 7.6, GEMM format", ("cuda", "cpu"),
-              AwqOptions, **_method("awq"), compile_reason_cuda=_awq_compile_cuda, **C),
+              AwqOptions, **_method("awq"), compile_reason_cuda=_marlin_compile_cuda("awq", ("auto", "marlin")),
+              **C),
 )

@@ -52,6 +52,14 @@ def _config(kind: str):
     return build
 
 
+def _int8dq_compile_cuda(opts, batch_size: int) -> str | None:
+    if batch_size <= 16:
+        return (f"inductor lowers its int8 x int8 matmul to torch._int_mm, which on CUDA needs more than 16 rows; a "
+                f"decode step at batch {batch_size} has {batch_size} (RuntimeError on an H200 at batch 1, torch 2.11, "
+                f"torchao 0.18)")
+    return None
+
+
 def _bf16(opts) -> bool:
     return opts.compute_dtype == "bf16"
 
@@ -61,7 +69,8 @@ PRECISIONS = (
     Precision("torchao-int8wo", "torchao int8 weight-only", ("cuda", "cpu"), AoOptions, _config("int8wo"),
               weight_bits=8, scheme="weight-only", launch_cost=lambda o: 1.5, **AO),
     Precision("torchao-int8dq", "torchao int8 dynamic activation + int8 weight", ("cuda", "cpu"), AoOptions,
-              _config("int8dq"), weight_bits=8, scheme="weight+activation", launch_cost=lambda o: 2.0, **AO),
+              _config("int8dq"), weight_bits=8, scheme="weight+activation", launch_cost=lambda o: 2.0,
+              compile_reason_cuda=_int8dq_compile_cuda, **AO),
     Precision("torchao-int4wo", "torchao int4 weight-only (packing per device)", ("cuda", "cpu"), AoInt4Options,
               _config("int4wo"), weight_bits=4, scheme="weight-only", launch_cost=lambda o: 1.5, **AO),
     Precision("torchao-fp8wo", "torchao float8 (e4m3) weight-only", ("cuda", "cpu"), AoOptions, _config("fp8wo"),
