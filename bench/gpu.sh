@@ -15,6 +15,19 @@ export QSWEEP_CACHE=/tmp/qsweep-cache TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 step=${1:-env}; shift || true
+watch() {  # DIR NAME: until DIR/all.done or DEADLINE s, tar DIR (less its src/) to $OUT/NAME.tgz each minute and at
+  # the end, so that a call cut short still returns the latest
+  local dir=$1 name=$2 end=$((SECONDS + ${DEADLINE:-570})) last=-60
+  while :; do
+    local finished=0; { [ -f "$dir/all.done" ] || [ $((end - SECONDS)) -lt 5 ]; } && finished=1
+    if (( finished || SECONDS - last >= 60 )); then
+      tar czf "$OUT/$name.tgz.part" -C "$dir" --exclude=src . 2>/dev/null && mv "$OUT/$name.tgz.part" "$OUT/$name.tgz"
+      last=$SECONDS
+    fi
+    (( finished )) && break
+    sleep 3
+  done
+}
 case $step in
   env)
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
@@ -138,12 +151,7 @@ fi
 if [ "$step" = phaseE ]; then
   R=/tmp/phaseE; mkdir -p $R
   [ -f $R/launched ] || { touch $R/launched; setsid nohup bash bench/gpu.sh phaseE-run > $R/launcher.log 2>&1 < /dev/null & }
-  end=$((SECONDS + ${DEADLINE:-570}))
-  while :; do
-    tar czf "$OUT/phaseE.tgz.part" -C $R --exclude=src . 2>/dev/null && mv "$OUT/phaseE.tgz.part" "$OUT/phaseE.tgz"
-    { [ -f $R/all.done ] || [ $((end - SECONDS)) -lt 5 ]; } && break
-    sleep $(( end - SECONDS < 60 ? end - SECONDS - 3 : 60 ))
-  done
+  watch $R phaseE
   cat $R/launcher.log | grep -vE "^\s*$" | tail -15; cat $R/exits.txt 2>/dev/null
   python3 bench/phase_status.py $R/results
 fi
@@ -196,12 +204,7 @@ if [ "$step" = phaseF ]; then
       --set 'precisions=[fp16, {name: gptq, bits: 4, calib_samples: 32, kernel: marlin}]'; touch $R/all.done" \
       > $R/launcher.log 2>&1 < /dev/null &
   fi
-  end=$((SECONDS + ${DEADLINE:-570}))
-  while :; do
-    tar czf "$OUT/phaseF.tgz.part" -C $R --exclude=src . 2>/dev/null && mv "$OUT/phaseF.tgz.part" "$OUT/phaseF.tgz"
-    { [ -f $R/all.done ] || [ $((end - SECONDS)) -lt 5 ]; } && break
-    sleep $(( end - SECONDS < 30 ? end - SECONDS - 3 : 30 ))
-  done
+  watch $R phaseF
   grep -vE "^\s*$|Converting|Writing|Loading" $R/launcher.log | tail -25
 fi
 if [ "$step" = bench ]; then

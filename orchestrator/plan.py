@@ -106,7 +106,7 @@ def model_shape(model: dict) -> tuple[float, int]:
 
 def model_widths(model: dict) -> dict[str, int] | None:
     """Projection widths of a model entry without loading it (hidden, MLP, k/v), None where unknown (hub ids)."""
-    from tasks.calibration import projection_widths
+    from tasks.models import projection_widths
 
     try:
         if model.get("synthetic"):
@@ -135,7 +135,7 @@ def _gguf_shape(path: str) -> tuple[float, int]:
 def _gguf_meta(path: str) -> tuple[float, int, tuple]:
     import gguf
 
-    from tasks.calibration import projection_widths
+    from tasks.models import projection_widths
 
     reader = gguf.GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()

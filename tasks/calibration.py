@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,21 +77,6 @@ def import_gptqmodel():
     import gptqmodel
 
     return gptqmodel
-
-
-def projection_widths(hidden: int, intermediate: int | None, heads: int, kv_heads: int | None,
-                      head_dim: int | None = None) -> dict[str, int]:
-    """The widths a decoder's projections take and give: hidden size, MLP width, and the k/v projections' width."""
-    kv = (kv_heads or heads) * (head_dim or hidden // heads)
-    return {k: v for k, v in {"hidden_size": hidden, "intermediate_size": intermediate,
-                              "kv projection width": kv}.items() if v}
-
-
-def widths_of(config) -> dict[str, int]:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return projection_widths(text.hidden_size, getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None),
-                             text.num_attention_heads, getattr(text, "num_key_value_heads", None),
-                             getattr(text, "head_dim", None))
 
 
 def machete_picked(method: str, opts, capability: tuple[int, int] | None) -> bool:
@@ -157,12 +143,29 @@ def shape_problem(method: str, opts, widths: dict[str, int], capability: tuple[i
     return None
 
 
+@contextmanager
+def calibration_log_in(folder: Path):
+    """gptqmodel 7.6 writes its per-layer quantization log (loss, samples, time per module) to ./logs, wherever the
+    sweep was started; send it to the calibrated checkpoint instead (a private module path: left alone if it moved)."""
+    try:
+        from gptqmodel.looper import loop_processor
+        before = loop_processor._PROJECT_LOG_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        loop_processor._PROJECT_LOG_DIR = before
+
+
 def quantized_folder(source: str, method: str, opts, device: str, text: bytes | None, text_name: str | None,
                      synthetic: bool) -> tuple[str, dict]:
     """The cached calibrated checkpoint of `source` (built now if missing), and the calibration facts for the row."""
     from transformers import AutoConfig
 
-    from tasks.models import _publish, cache_root
+    from tasks.models import _publish, cache_root, widths_of
 
     capability = None
     if device.startswith("cuda"):
@@ -205,10 +208,11 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
         samples = calibration_ids(None if synthetic else text, tokenizer, vocab, opts.calib_samples,
                                   opts.calib_seqlen)
         t0 = time.perf_counter()
-        model = GPTQModel.load(str(staging), _quantize_config(method, opts), device=device)
-        model.quantize(samples, batch_size=1, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        with calibration_log_in(tmp / "calibration-log"):
+            model = GPTQModel.load(str(staging), _quantize_config(method, opts), device=device)
+            model.quantize(samples, batch_size=1, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
         calibration_s = time.perf_counter() - t0
         out = tmp / "model"
         model.save(str(out))

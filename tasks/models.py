@@ -302,10 +302,30 @@ def _quant_state_tensors(qs):
     return seen
 
 
+def text_config(config):
+    """The language model's part of a config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def kv_geometry(config) -> dict[str, int]:
     """Layers, KV heads and head dimension, for the analytic KV-cache size."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return {"layers": text.num_hidden_layers, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def projection_widths(hidden: int, intermediate: int | None, heads: int, kv_heads: int | None,
+                      head_dim: int | None = None) -> dict[str, int]:
+    """The widths a decoder's projections take and give: hidden size, MLP width, and the k/v projections' width."""
+    kv = (kv_heads or heads) * (head_dim or hidden // heads)
+    return {k: v for k, v in {"hidden_size": hidden, "intermediate_size": intermediate,
+                              "kv projection width": kv}.items() if v}
+
+
+def widths_of(config) -> dict[str, int]:
+    text = text_config(config)
+    return projection_widths(text.hidden_size, getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None),
+                             text.num_attention_heads, getattr(text, "num_key_value_heads", None),
+                             getattr(text, "head_dim", None))

@@ -4,6 +4,7 @@ and the fork server's preload list free of libraries that touch CUDA at import."
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,9 +30,13 @@ def calibrated_unit(name, **options):
 
 
 @pytest.mark.parametrize("name,kernel", [("gptq", "TorchAtenLinear"), ("awq", "TorchAtenAwqLinear")])
-def test_calibrated_method_runs_and_is_cached(name, kernel, tmp_path):
+def test_calibrated_method_runs_and_is_cached(name, kernel, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     first = list(U.run_unit(calibrated_unit(name)))[0]
     assert first["status"] == "ok", first.get("traceback")
+    # gptqmodel's per-layer log lands beside the checkpoint, not in ./logs of wherever the sweep started
+    assert not (tmp_path / "logs").exists()
+    assert list((Path(first["calibrated_folder"]) / "calibration-log").glob(f"{name}_log_*.log"))
     assert first["calibration_cached"] is False and first["calibration_s"] > 0
     assert first["calib_text"] == RANDOM_IDS and first["calib_samples"] == 4 and first["calib_seqlen"] == 32
     assert first["linear_class"] == kernel and first["quant_library"] == "gptqmodel"
