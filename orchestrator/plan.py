@@ -14,9 +14,10 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from orchestrator.grid import Grid
-from tasks.models import synthetic_shapes
+from tasks.models import projection_widths, resolve_file, synthetic_shapes, widths_of
 from tasks.rows import MEASUREMENT_VERSION
 
 
@@ -91,8 +92,6 @@ def model_shape(model: dict) -> tuple[float, int]:
         return s["layers"] * per_layer + s["vocab"] * s["hidden_size"], s["layers"]
     try:
         if model.get("gguf"):
-            from tasks.models import resolve_file
-
             return _gguf_shape(str(resolve_file(model["gguf"])))
         if model.get("path"):
             p = Path(model["path"])
@@ -106,21 +105,15 @@ def model_shape(model: dict) -> tuple[float, int]:
 
 def model_widths(model: dict) -> dict[str, int] | None:
     """Projection widths of a model entry without loading it (hidden, MLP, k/v), None where unknown (hub ids)."""
-    from tasks.models import projection_widths
-
     try:
         if model.get("synthetic"):
             s = synthetic_shapes(model["synthetic"])
             return projection_widths(s["hidden_size"], s["ffn"], s["heads"], s.get("kv_heads"))
         if model.get("gguf"):
-            from tasks.models import resolve_file
-
             return dict(_gguf_meta(str(resolve_file(model["gguf"])))[2]) or None
         if model.get("path"):
             c = json.loads((Path(model["path"]) / "config.json").read_text())
-            c = c.get("text_config", c)
-            return projection_widths(c["hidden_size"], c.get("intermediate_size") or c.get("ffn_dim"),
-                                     c["num_attention_heads"], c.get("num_key_value_heads"), c.get("head_dim"))
+            return widths_of(SimpleNamespace(**c.get("text_config", c)))  # config.json keys are the attributes
     except Exception:  # an unreadable source fails later, in its unit, with its own message
         pass
     return None
@@ -134,8 +127,6 @@ def _gguf_shape(path: str) -> tuple[float, int]:
 @lru_cache(maxsize=None)
 def _gguf_meta(path: str) -> tuple[float, int, tuple]:
     import gguf
-
-    from tasks.models import projection_widths
 
     reader = gguf.GGUFReader(path)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()

@@ -78,6 +78,11 @@ def test_what_failed_on_an_h200_is_skipped_before_start(tmp_path, capsys):
                                                         "kv projection width": 192}
     assert model_widths({"synthetic": "llama-2-7b"}) == {"hidden_size": 4096, "intermediate_size": 11008,
                                                          "kv projection width": 4096}
+    from transformers import LlamaConfig  # a local folder: read from its config.json, grouped-query k/v width
+    LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3).save_pretrained(
+        tmp_path / "local")
+    assert model_widths({"path": str(tmp_path / "local")}) == {"hidden_size": 576, "intermediate_size": 1536,
+                                                                "kv projection width": 192}
     path = write_grid(tmp_path / "g.yaml", f"""
 name: h200
 models: [{{gguf: "{SMOLLM2}", label: smollm2}}, {{synthetic: llama-2-7b}}]
