@@ -39,8 +39,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the result to this file")
     args = ap.parse_args()
 
-    import ray
-
+    from cluster.connect import init_embedded
     from orchestrator import sweep
 
     work = Path(tempfile.mkdtemp(prefix="bench-driver-"))
@@ -55,11 +54,13 @@ generation: {{new_tokens: {lengths}, batch_sizes: [1]}}
 perplexity: false
 resources: {{gpus_per_task: 1, cpus_per_task: 0.25, timeout_s: 600, retries: 0}}
 """)
-    ray.init(num_cpus=os.cpu_count(), num_gpus=args.gpus, include_dashboard=False, log_to_driver=False)
+    init_embedded(num_cpus=os.cpu_count(), num_gpus=args.gpus, log_to_driver=False)
     t0 = time.monotonic()
     code = sweep.run(str(work / "grid.yaml"), [], output=str(work / "out"), runner="bench.sleep_runner:run_unit",
                      live=False)
     wall = time.monotonic() - t0
+    import ray
+
     ray.shutdown()
     import pandas as pd
 

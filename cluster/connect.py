@@ -1,9 +1,13 @@
 """Reaching a Ray cluster: an embedded local Ray sized to this machine (no address), an existing cluster
 (`auto`, HOST:PORT, ray://HOST:10001), or the cluster of a `ray job submit` (RAY_ADDRESS set by Ray).
 
-Ray 2.60 turns token authentication on by default. An embedded Ray makes its own token. To reach a cluster started
-with `ray start`, the driver needs the same mode as the cluster: RAY_AUTH_MODE=token (the token is read from
-~/.ray/auth_token or RAY_AUTH_TOKEN) or RAY_AUTH_MODE=disabled on both sides; see cluster/README.md.
+Safe by default:
+- An embedded Ray binds every service it starts (GCS, raylet, workers, agents) to loopback and starts no dashboard:
+  it is started in Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, inherited by every process it
+  starts), whose node address is 127.0.0.1. Nothing on the network can reach it.
+- Token authentication (Ray 2.60's default) stays on: RAY_AUTH_MODE unset means token, for the embedded Ray (which
+  makes ~/.ray/auth_token if there is none) and, when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+  ~/.ray/auth_token), for a cluster given by address; see cluster/README.md for how the token reaches other nodes.
 """
 from __future__ import annotations
 
@@ -47,6 +51,35 @@ def _runtime_env(ship_code: bool) -> dict:
     return env
 
 
+def token_at_hand() -> bool:
+    """Whether a Ray token can be read where Ray looks for one."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path(path).is_file() if path else
+                                                       (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def _token_mode() -> None:
+    """RAY_AUTH_MODE=token for this process and what it starts; Ray's config, read when ray was imported, is read
+    again."""
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+
+
+def init_embedded(**kwargs) -> None:
+    """ray.init of a new local Ray on loopback only, with token authentication unless RAY_AUTH_MODE says otherwise,
+    and no dashboard."""
+    import ray
+    from ray._private import ray_constants
+
+    if "RAY_AUTH_MODE" not in os.environ:
+        _token_mode()  # Ray's default, said out loud (no warning on every run)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts: node address 127.0.0.1
+    ray_constants.ENABLE_RAY_CLUSTER = False                # and for this one, whose ray is imported already
+    ray.init(include_dashboard=False, **kwargs)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterInfo:
     import ray
 
@@ -58,17 +91,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             # workers of an embedded Ray inherit this process's environment: no runtime_env needed (it would also
             # keep Ray from reusing its prestarted workers)
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            init_embedded(num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=False, configure_logging=False)
             return info("embedded", None)
+        if "RAY_AUTH_MODE" not in os.environ and token_at_hand():
+            _token_mode()  # Ray enables it by itself only for `auto`, not for an address
         ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env(ship_code=not in_job),
                  configure_logging=False)
     except Exception as e:  # ConnectionError, auth errors, bad addresses
         hint = ""
         if "auth" in str(e).lower() or "token" in str(e).lower() or "UNAUTHENTICATED" in str(e):
-            hint = (" (Ray token authentication: set RAY_AUTH_MODE=token with the cluster's token in "
-                    "~/.ray/auth_token or RAY_AUTH_TOKEN, or start the cluster and this driver with "
-                    "RAY_AUTH_MODE=disabled; see cluster/README.md)")
+            hint = (" (Ray token authentication: this driver needs the cluster's token in ~/.ray/auth_token, "
+                    "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, and RAY_AUTH_MODE=token; see cluster/README.md)")
         raise ClusterError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     return info("job" if in_job else "address", address or os.environ.get("RAY_ADDRESS"))
@@ -82,6 +115,16 @@ def info(mode: str, address: str | None) -> ClusterInfo:
     cpn = [n["Resources"].get("CPU", 0.0) for n in alive]
     acc = sorted({k.split(":", 1)[1] for n in alive for k in n["Resources"] if k.startswith("accelerator_type:")})
     return ClusterInfo(mode, address, len(alive), sum(cpn), sum(gpn), gpn, cpn, acc)
+
+
+def local_gpus() -> float:
+    """GPUs an embedded Ray would find on this machine (Ray's own detection, CUDA_VISIBLE_DEVICES respected)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    visible = manager.get_current_process_visible_accelerator_ids()
+    found = manager.get_current_node_num_accelerators()
+    return float(min(found, len(visible)) if visible is not None else found)
 
 
 def shutdown() -> None:

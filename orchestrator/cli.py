@@ -48,37 +48,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(args) -> int:
+    from cluster.connect import local_gpus
+    from orchestrator.checks import check_inputs, output_dir
     from orchestrator.grid import load_grid
-    from orchestrator.plan import unsupported_before_start, unsupported_cells
-    from orchestrator.store import cell_statuses
-    from orchestrator.sweep import output_dir, plan_for, pending_units
+    from orchestrator.schedule import resources_for, schedule
+    from orchestrator.wikitext import read_texts
 
     grid = load_grid(args.grid, args.overrides)
-    plan, _ = plan_for(grid)
     out = output_dir(grid, args.output)
-    done = cell_statuses(out)
-    todo = sum(len(u.cells) for u in pending_units(plan, done, False))
-    g = grid.generation
+    check_inputs(grid, out)
+    texts = read_texts(grid)
+    # where it would run: this machine (an embedded Ray), or GPUs of the type --gpu names
+    import os
+
+    gpus = [max(grid.resources.gpus_per_task, 1.0)] if args.gpu else [local_gpus()]
+    resources = resources_for(grid, gpus, [float(os.cpu_count() or 1)], [args.gpu] if args.gpu else [])
+    sched = schedule(grid, out, resources, texts)
+    plan, g = sched.plan, grid.generation
     print(f"grid {grid.name}: {len(grid.models)} model(s) × {len(grid.precisions)} precision(s) × "
           f"{len(g.new_tokens)} length(s) × {len(g.batch_sizes)} batch size(s) = {len(plan.cells)} cells "
           f"in {len(plan.units)} units (one model load each)")
-    print(f"baseline {grid.baseline}; output {out} ({len(plan.cells) - todo} cells already ok there, {todo} to run)")
-    gp = grid.resources.gpus_per_task
-    print(f"GPUs asked for: {gp:g} per unit, {gp * len(plan.units):g} GPU-tasks in all; timeout "
-          f"{grid.resources.timeout_s:g} s, retries {grid.resources.retries}")
+    print(f"baseline {grid.baseline}; output {out} ({sched.already_ok} cells already ok there, {sched.to_run} to run)")
+    where = f"GPUs of type {args.gpu}" if args.gpu else "this machine"
+    print(f"on {where}: {resources.gpus_per_task:g} GPU and {resources.cpus_per_task:g} CPU per unit, "
+          f"{resources.gpus_per_task * len(plan.units):g} GPU-tasks in all; timeout {grid.resources.timeout_s:g} s, "
+          f"retries {grid.resources.retries}")
+    for note in resources.notes:
+        print(f"note: {note}")
     ppl = plan.perplexity
     print("perplexity: off" if not ppl else
           f"perplexity: protocol {ppl['protocol']}, seqlen {ppl['seqlen']}, windows {ppl['max_windows'] or 'all'}, "
           f"batch {ppl['batch_size']}, data {ppl['dataset']}")
-    device = "cuda" if gp > 0 else "cpu"
-    unsupported = unsupported_before_start(plan, device, [args.gpu] if args.gpu else [])
-    for u in plan.units:
-        if u.unit_id in unsupported:
-            print(f"skipped before start ({len(u.cells)} cells): {u.label}: {unsupported[u.unit_id]}")
-    cells = unsupported_cells(plan, device)  # axis values a backend cannot run (compiled decode, quantized KV cache)
-    for reason, n in Counter(cells.values()).items():
+    for u, reason in sched.skipped_units:
+        print(f"skipped before start ({len(u.cells)} cells): {u.label}: {reason}")
+    for reason, n in Counter(r for _, _, r in sched.skipped_cells).items():
         print(f"skipped before start ({n} cell{'s' * (n != 1)}): {reason}")
-    if device == "cuda" and not args.gpu:
+    if resources.device == "cuda" and not args.gpu:
         from tasks.precisions import REGISTRY
 
         needs = sorted({u.precision["label"] for u in plan.units if REGISTRY[u.precision["name"]].min_capability(
@@ -94,7 +99,7 @@ def validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.grid import GridError
+    from orchestrator.files import BadInput
 
     _quiet_libraries()
     args = build_parser().parse_args(argv)
@@ -111,16 +116,19 @@ def main(argv: list[str] | None = None) -> int:
 
             for d in args.dirs:
                 if not Path(d).is_dir():
-                    raise GridError(f"report: {d} is not a folder")
-            target = Path(args.output) if args.output else Path(args.dirs[0]) / "report.html"
-            print(render(args.dirs, target))
+                    raise BadInput(f"report: {d} is not a folder")
+            target = Path(args.output).expanduser() if args.output else Path(args.dirs[0]) / "report.html"
+            path, unreadable = render(args.dirs, target)
+            for bad in unreadable:
+                print(f"warning: left out, unreadable: {bad}", file=sys.stderr)
+            print(path)
             return 0
         if args.command == "schema":
             from orchestrator.schema import markdown
 
             sys.stdout.write(markdown())
             return 0
-    except GridError as e:
+    except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 2

@@ -92,52 +92,56 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
 
     for unit in units:
         submit(unit, unit.cells)
-
-    while active:
-        ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_s)
-        for gen in ready:
-            state = active.get(gen)
-            if state is None:
-                continue
-            try:
-                item = ray.get(next(gen))
-            except StopIteration:
-                close(gen, state)
-                if state.remaining:
-                    for row in failure_rows(state.task, state.remaining.values(), "error", "MissingRows",
-                                            "the unit ended without a row for this cell"):
+    try:
+        # collect rows until no unit is left: starts, rows, ends, crashes (retried), errors and timeouts
+        while active:
+            ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_s)
+            for gen in ready:
+                state = active.get(gen)
+                if state is None:
+                    continue
+                try:
+                    item = ray.get(next(gen))
+                except StopIteration:
+                    close(gen, state)
+                    if state.remaining:
+                        for row in failure_rows(state.task, state.remaining.values(), "error", "MissingRows",
+                                                "the unit ended without a row for this cell"):
+                            emit(row)
+                    continue
+                except ray.exceptions.TaskCancelledError:
+                    close(gen, state)
+                    continue
+                except (CRASHES + (ray.exceptions.RayTaskError,)) as e:
+                    close(gen, state)
+                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
+                    if isinstance(cause, CRASHES + (UnitProcessDied,)):
+                        crashed(state, cause)
+                    else:
+                        tb = getattr(cause, "child_traceback", None) or "".join(traceback.format_exception(cause))
+                        for row in failure_rows(state.task, state.remaining.values(), "error", type(cause).__name__,
+                                                str(cause)[:2000], tb[-8000:]):
+                            emit(row)
+                    continue
+                if item.get("_event") == "start":
+                    state.started = time.monotonic()
+                    result.attempts += 1
+                    gpu = item.get("cuda_visible_devices")
+                    state.where = f"{item['host']} GPU {gpu}" if gpu not in (None, "") else f"{item['host']} CPU"
+                    progress.unit_started(state.unit.label, state.where)
+                    continue
+                state.remaining.pop(item["cell_key"], None)
+                emit(item)
+            # timeouts: measured from the moment the worker started the unit, not from submission
+            t = time.monotonic()
+            for gen, state in list(active.items()):
+                if state.started is not None and t - state.started > timeout_s:
+                    close(gen, state)
+                    ray.cancel(gen, force=True)
+                    for row in failure_rows(state.task, state.remaining.values(), "timeout", "Timeout",
+                                            f"unit ran past resources.timeout_s = {timeout_s:g} s and was cancelled"):
                         emit(row)
-                continue
-            except ray.exceptions.TaskCancelledError:
-                close(gen, state)
-                continue
-            except (CRASHES + (ray.exceptions.RayTaskError,)) as e:
-                close(gen, state)
-                cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None else e
-                if isinstance(cause, CRASHES + (UnitProcessDied,)):
-                    crashed(state, cause)
-                else:
-                    tb = getattr(cause, "child_traceback", None) or "".join(traceback.format_exception(cause))
-                    for row in failure_rows(state.task, state.remaining.values(), "error", type(cause).__name__,
-                                            str(cause)[:2000], tb[-8000:]):
-                        emit(row)
-                continue
-            if item.get("_event") == "start":
-                state.started = time.monotonic()
-                result.attempts += 1
-                gpu = item.get("cuda_visible_devices")
-                state.where = f"{item['host']} GPU {gpu}" if gpu not in (None, "") else f"{item['host']} CPU"
-                progress.unit_started(state.unit.label, state.where)
-                continue
-            state.remaining.pop(item["cell_key"], None)
-            emit(item)
-        # timeouts: measured from the moment the worker started the unit, not from submission
-        t = time.monotonic()
-        for gen, state in list(active.items()):
-            if state.started is not None and t - state.started > timeout_s:
-                close(gen, state)
-                ray.cancel(gen, force=True)
-                for row in failure_rows(state.task, state.remaining.values(), "timeout", "Timeout",
-                                        f"unit ran past resources.timeout_s = {timeout_s:g} s and was cancelled"):
-                    emit(row)
+    finally:  # stopped early (Ctrl-C, a results folder that cannot be written): no unit goes on measuring unseen
+        for gen in list(active):
+            ray.cancel(gen, force=True)
     return result

@@ -1,6 +1,6 @@
 """The grid file: the user-facing contract, validated before anything starts.
 
-Read with yaml.safe_load (nothing in a grid can execute code); every problem becomes one GridError naming the field
+Read with yaml.safe_load (nothing in a grid can execute code); every problem becomes one BadInput naming the field
 path (`generation.new_tokens[1]`), and the CLI turns it into one message and exit code 2.
 """
 from __future__ import annotations
@@ -14,17 +14,27 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
+from orchestrator.files import GRID_CAP, BadInput, expand, read_regular_file
 from tasks import kv_cache
 from tasks.models import SYNTHETIC_ARCHITECTURES
 from tasks.precisions import REGISTRY
 
 
-class GridError(Exception):
-    """Bad input: the message names the file and field; the CLI prints it and exits with code 2."""
-
-
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion (true is not 1, "8" is not 8); no .inf or .nan anywhere
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _once_each(values: list, what: str = "") -> list:
+    """A value listed twice in an axis would plan two cells with one key: one measurement would silently replace
+    the other."""
+    seen = set()
+    for v in values:
+        key = v if isinstance(v, (str, int, float, bool)) else repr(v)
+        if key in seen:
+            raise ValueError(f"{what or v!r} is listed twice; each value of an axis once")
+        seen.add(key)
+    return values
 
 
 class SyntheticShape(Strict):
@@ -90,11 +100,11 @@ class ModelEntry(Strict):
         return s if isinstance(s, str) else f"synthetic-{s.family}-{s.hidden_size}x{s.layers}"
 
     def spec(self, base_dir: Path) -> dict[str, Any]:
-        """Plain data for the worker, local paths made absolute against the grid file's folder."""
+        """Plain data for the worker, local paths (`~` expanded) made absolute against the grid file's folder."""
         d = self.model_dump(exclude_none=True, exclude_defaults=True)
         for key in ("path", "gguf"):
             if key in d and not d[key].startswith("pkg:"):
-                d[key] = str((base_dir / Path(d[key]).expanduser()).resolve())
+                d[key] = str(expand(d[key], base_dir).resolve())
         d["label"] = self.default_label()
         return d
 
@@ -153,6 +163,11 @@ class Generation(Strict):
         return [{"name": x} if isinstance(x, str) else
                 {"name": x["name"], "options": {k: y for k, y in x.items() if k != "name"}}
                 if isinstance(x, dict) and "name" in x else x for x in v]
+
+    @field_validator("new_tokens", "batch_sizes", "decode")
+    @classmethod
+    def _each_once(cls, v):
+        return _once_each(v)
 
     @model_validator(mode="after")
     def _kv_unique(self):
@@ -341,14 +356,16 @@ def _format_errors(err: ValidationError, prefix: str = "", model: type[BaseModel
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise GridError(f"--set {item!r}: expected KEY=VALUE, e.g. --set perplexity.max_windows=8")
+        raise BadInput(f"--set {item!r}: expected KEY=VALUE, e.g. --set perplexity.max_windows=8")
     key, _, value = item.partition("=")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise GridError(f"--set {item!r}: bad key {key!r}")
+        raise BadInput(f"--set {item!r}: bad key {key!r}")
+    if not value.strip():
+        raise BadInput(f"--set {key}: the value is empty; write it out (null, false, [], ...)")
     try:
-        parsed = yaml.safe_load(value) if value else None
+        parsed = yaml.load(value, Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise GridError(f"--set {key}: value {value!r} is not valid YAML ({e.problem if hasattr(e, 'problem') else e})")
+        raise BadInput(f"--set {key}: value {value!r} is not valid YAML ({getattr(e, 'problem', None) or e})")
     return key.split("."), parsed
 
 
@@ -362,45 +379,69 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 nxt = {}
                 node[part] = nxt
             if not isinstance(nxt, dict):
-                raise GridError(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a mapping")
+                raise BadInput(f"--set {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a mapping")
             node = nxt
         node[path[-1]] = value
     return raw
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a mapping with a key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: the constructor says so below
+                    continue
+                if first is not None:
+                    where = f"line {line}" if first == line else f"lines {first} and {line}"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice ({where}); the second would silently win",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
+    data = read_regular_file(path, GRID_CAP, "grid file")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise GridError(f"{path}: grid file not found")
-    except OSError as e:
-        raise GridError(f"{path}: cannot read ({e.strerror})")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: the grid file is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise GridError(f"{where}: YAML syntax error: {e.problem}")
+        kind = "" if isinstance(e, yaml.constructor.ConstructorError) and "given twice" in str(e.problem) \
+            else "YAML syntax error: "
+        raise BadInput(f"{where}: {kind}{e.problem}")
     except yaml.YAMLError as e:
-        raise GridError(f"{path}: YAML error: {e}")
+        raise BadInput(f"{path}: YAML error: {e}")
 
 
 def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
-    path = Path(path)
+    path = expand(path)
     raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise GridError(f"{path}: the grid must be a mapping of fields (name, models, precisions, ...), "
-                        f"got {type(raw).__name__}")
+        raise BadInput(f"{path}: the grid must be a mapping of fields (name, models, precisions, ...), "
+                       f"got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
     problems = _precision_problems(raw)
     if problems:
-        raise GridError(_message(path, problems))
+        raise BadInput(_message(path, problems))
     try:
         grid = Grid.model_validate(raw)
     except ValidationError as e:
-        raise GridError(_message(path, _format_errors(e)))
+        raise BadInput(_message(path, _format_errors(e)))
     grid._base_dir = path.resolve().parent
     return grid
 

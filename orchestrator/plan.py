@@ -12,12 +12,10 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 from orchestrator.grid import Grid
-from tasks.models import projection_widths, resolve_file, synthetic_shapes, widths_of
+from orchestrator.model_info import model_shape, model_widths
 from tasks.rows import MEASUREMENT_VERSION
 
 
@@ -60,6 +58,7 @@ class Unit:
             "model": self.model, "precision": self.precision,
             "cells": [c.to_task() for c in (cells if cells is not None else self.cells)],
             "generation": plan.generation, "perplexity": plan.perplexity, "gpus": plan.gpus_per_task,
+            "cpus": plan.cpus_per_task,
             "baseline": plan.baseline,
             **({"calibration": {**self.precision["calibration"],
                                 "text": plan.texts.get(self.precision["calibration"]["sha256"])}}
@@ -77,68 +76,11 @@ class Plan:
     gpus_per_task: float
     baseline: str
     texts: dict[str, bytes] = field(default_factory=dict)  # calibration texts by sha256, shipped with their units
+    cpus_per_task: float | None = None  # what each unit asks Ray for, recorded on its rows (not part of the keys)
 
     @property
     def cells(self) -> list[Cell]:
         return [c for u in self.units for c in u.cells]
-
-
-def model_shape(model: dict) -> tuple[float, int]:
-    """(parameters, layers) of a model entry, roughly, without loading it: only to order units."""
-    if model.get("synthetic"):
-        s = synthetic_shapes(model["synthetic"])
-        kv = (s.get("kv_heads") or s["heads"]) / s["heads"]
-        per_layer = s["hidden_size"] ** 2 * (2 + 2 * kv) + 3 * s["hidden_size"] * s["ffn"]
-        return s["layers"] * per_layer + s["vocab"] * s["hidden_size"], s["layers"]
-    try:
-        if model.get("gguf"):
-            return _gguf_shape(str(resolve_file(model["gguf"])))
-        if model.get("path"):
-            p = Path(model["path"])
-            config = json.loads((p / "config.json").read_text())
-            size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
-            return size / 2, int(config.get("num_hidden_layers", 24))
-    except Exception:  # an unreadable source fails later, in its unit, with its own message
-        pass
-    return 1e9, 24
-
-
-def model_widths(model: dict) -> dict[str, int] | None:
-    """Projection widths of a model entry without loading it (hidden, MLP, k/v), None where unknown (hub ids)."""
-    try:
-        if model.get("synthetic"):
-            s = synthetic_shapes(model["synthetic"])
-            return projection_widths(s["hidden_size"], s["ffn"], s["heads"], s.get("kv_heads"))
-        if model.get("gguf"):
-            return dict(_gguf_meta(str(resolve_file(model["gguf"])))[2]) or None
-        if model.get("path"):
-            c = json.loads((Path(model["path"]) / "config.json").read_text())
-            return widths_of(SimpleNamespace(**c.get("text_config", c)))  # config.json keys are the attributes
-    except Exception:  # an unreadable source fails later, in its unit, with its own message
-        pass
-    return None
-
-
-def _gguf_shape(path: str) -> tuple[float, int]:
-    params, layers, _ = _gguf_meta(path)
-    return params, layers or 24
-
-
-@lru_cache(maxsize=None)
-def _gguf_meta(path: str) -> tuple[float, int, tuple]:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-
-    def field(name: str) -> int | None:
-        f = reader.fields.get(f"{arch}.{name}")
-        return int(f.parts[-1][0]) if f else None
-
-    hidden, heads = field("embedding_length"), field("attention.head_count")
-    widths = projection_widths(hidden, field("feed_forward_length"), heads, field("attention.head_count_kv"),
-                               field("attention.key_length")) if hidden and heads else {}
-    return float(sum(t.n_elements for t in reader.tensors)), field("block_count"), tuple(widths.items())
 
 
 def unit_cost(model: dict, precision, options, cells: list[Cell], generation: dict) -> float:
@@ -153,8 +95,20 @@ def unit_cost(model: dict, precision, options, cells: list[Cell], generation: di
 KV_PPL = {"kv_windows", "kv_prefill", "kv_continuation"}
 
 
+def canonical(v):
+    """A value as it is hashed into a key: integral floats as ints (1.0 and 1 are one setting), mappings with sorted
+    string keys, tuples as lists."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {str(k): canonical(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, (list, tuple)):
+        return [canonical(x) for x in v]
+    return v
+
+
 def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, grid: Grid, decode: str = "eager",
-             kv: dict | None = None) -> str:
+             kv: dict | None = None, gpus_per_task: float | None = None) -> str:
     quantized_kv = grid.generation.quantized_kv  # kv-continuation perplexity is measured only then
     identity = {
         "model": {k: v for k, v in model.items() if k != "label"},
@@ -163,7 +117,7 @@ def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, gri
         "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes", "decode", "kv_cache"}),
         "perplexity": grid.perplexity.model_dump(exclude={"path"} | (set() if quantized_kv else KV_PPL))
         if grid.perplexity else False,
-        "gpus_per_task": grid.resources.gpus_per_task,
+        "gpus_per_task": grid.resources.gpus_per_task if gpus_per_task is None else gpus_per_task,
         "measurement_version": MEASUREMENT_VERSION,
     }
     if kv and kv["name"] != "native":  # (native cells keep the keys they had before the kv_cache axis existed)
@@ -171,23 +125,24 @@ def cell_key(model: dict, precision: dict, new_tokens: int, batch_size: int, gri
     if precision.get("calibration"):  # calibrated methods: the calibration data by content, not by path
         identity["precision"]["options"] = {k: v for k, v in precision["options"].items() if k != "calib_path"}
         identity["calibration"] = precision["calibration"]["sha256"] or precision["calibration"]["name"]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(canonical(identity), sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) -> Plan:
+def make_plan(grid: Grid, run_id: str, texts=None, gpus_per_task: float | None = None) -> Plan:
+    """The grid's cells and units. `texts`: the grid's texts as read before start (orchestrator.wikitext.read_texts;
+    read now when None). `gpus_per_task`: what the units will ask for where they run (0 when the cluster has no
+    GPU), the grid's own value by default; it is part of every key."""
     from tasks.precisions import REGISTRY
 
     from orchestrator import wikitext
     from tasks.calibration import RANDOM_IDS
 
+    texts = texts if texts is not None else wikitext.read_texts(grid)
     base_dir = getattr(grid, "_base_dir", Path(os.getcwd()))
-    units, texts, calibrations = [], {}, {}
-    for j, p in enumerate(grid.precisions):  # calibration text, read and checked once (never the test split)
-        if REGISTRY[p.name].calibrated and any(not m.synthetic for m in grid.models):
-            raw, source = wikitext.calibration(p.options.get("calib_path"), base_dir, f"precisions[{j}].calib_path")
-            calibrations[j] = source
-            if raw is not None:
-                texts[source["sha256"]] = raw
+    gpus = grid.resources.gpus_per_task if gpus_per_task is None else gpus_per_task
+    units = []
+    calibrations = {j: source for j, (_, source) in texts.calibration.items()}
+    by_sha = {source["sha256"]: raw for raw, source in texts.calibration.values() if raw is not None}
     for m in grid.models:
         model = m.spec(base_dir)
         for j, p in enumerate(grid.precisions):
@@ -197,8 +152,8 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
             if REGISTRY[p.name].calibrated:
                 precision["calibration"] = ({"name": RANDOM_IDS, "sha256": None} if m.synthetic
                                             else calibrations[j])
-            cells = [Cell(cell_key(model, precision, n, b, grid, d, kv.spec()), model["label"], p.label, n, b, d,
-                          kv.spec())
+            cells = [Cell(cell_key(model, precision, n, b, grid, d, kv.spec(), gpus), model["label"], p.label, n, b,
+                          d, kv.spec())
                      for kv in grid.generation.kv_cache for d in grid.generation.decode
                      for n in grid.generation.new_tokens for b in grid.generation.batch_sizes]
             size = unit_cost(model, REGISTRY[p.name], parsed, cells, grid.generation.model_dump())
@@ -208,10 +163,9 @@ def make_plan(grid: Grid, run_id: str, perplexity_source: dict | None = None) ->
     ppl = None
     if grid.perplexity:
         ppl = grid.perplexity.model_dump()
-        ppl.update(perplexity_source or {})
+        ppl.update(texts.test_source or {})
         ppl["kv"] = grid.generation.quantized_kv  # kv-continuation perplexity per kv_cache entry
-    return Plan(grid.name, run_id, units, grid.generation.model_dump(), ppl, grid.resources.gpus_per_task,
-                grid.baseline, texts)
+    return Plan(grid.name, run_id, units, grid.generation.model_dump(), ppl, gpus, grid.baseline, by_sha)
 
 
 def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[str]) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Progress: a live rich display on a terminal (cells done / failed / running, the unit on each GPU, elapsed and
-ETA), plain log lines otherwise; a summary table at the end."""
+ETA), plain log lines otherwise; a summary table at the end. Labels, paths and messages come from the user or from
+exceptions: they are printed as plain text, never read as rich markup."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +8,9 @@ import time
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 def _fmt_s(s: float | None) -> str:
@@ -51,7 +54,7 @@ class Progress:
                   f"[green]ok {self.done}[/]", f"[red]failed {self.failed}[/]", f"skipped {self.skipped}",
                   f"running {len(self.running)} unit(s)", f"elapsed {_fmt_s(elapsed)}", f"ETA {_fmt_s(self.eta())}")
         for unit, where in sorted(self.running.items(), key=lambda kv: kv[1]):
-            t.add_row(f"  {where}", unit, "", "", "", "", "")
+            t.add_row(Text(f"  {where}"), Text(unit), "", "", "", "", "")
         return t
 
     def _refresh(self):
@@ -60,7 +63,7 @@ class Progress:
 
     def log(self, msg: str) -> None:
         if self._live:
-            self._live.console.print(msg, highlight=False)
+            self._live.console.print(msg, markup=False, highlight=False)
         else:
             print(msg, flush=True)
 
@@ -109,7 +112,7 @@ def summary_table(rows: list[dict]) -> Table:
         dec = [r["decode_ms_per_token"] for r in ok if r.get("decode_ms_per_token")]
         ppl = next((r.get("perplexity") for r in rs if r.get("perplexity")), None)
         wb = next((r.get("weights_bytes") for r in rs if r.get("weights_bytes")), None)
-        t.add_row(str(m), str(p), str(len(ok)), str(sum(r.get("status") in ("error", "oom", "timeout") for r in rs)),
+        t.add_row(escape(str(m)), escape(str(p)), str(len(ok)), str(sum(r.get("status") in ("error", "oom", "timeout") for r in rs)),
                   str(sum(r.get("status") == "skipped" for r in rs)), f"{ppl:.3f}" if ppl else "–",
                   f"{min(dec):.2f}–{max(dec):.2f}" if dec else "–", f"{wb / 1e6:.1f}" if wb else "–")
     return t

@@ -29,6 +29,10 @@ def row_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{n: _value(n, r.get(n)) for n in NAMES} for r in rows], schema=SCHEMA)
 
 
+class StoreError(Exception):
+    """The results folder cannot be written (full disk, read-only): the sweep stops cleanly, rows so far intact."""
+
+
 class Store:
     def __init__(self, output: str | Path, run_id: str):
         self.root = Path(output)
@@ -41,16 +45,31 @@ class Store:
         return self.cells / f"{key}.parquet"
 
     def _retire(self, path: Path) -> None:
+        """Move a row file into history/<run_id>/ under a name no other file there has: a cell replaced twice in one
+        run keeps both earlier rows."""
         self.history.mkdir(parents=True, exist_ok=True)
-        os.replace(path, self.history / path.name)
+        target, n = self.history / path.name, 1
+        while target.exists():
+            target = self.history / f"{path.stem}.{n}{path.suffix}"
+            n += 1
+        os.replace(path, target)
 
     def write(self, row: dict) -> None:
+        """Write one row file (under a temporary name, then renamed). StoreError when the folder cannot be written."""
         target = self.path(row["cell_key"])
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        pq.write_table(row_table([row]), tmp)
-        if target.exists():
-            self._retire(target)
-        os.replace(tmp, target)
+        table = row_table([row])  # a row that does not fit the schema is a bug: KeyError, not a StoreError
+        try:
+            pq.write_table(table, tmp)
+            if target.exists():
+                self._retire(target)
+            os.replace(tmp, target)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise StoreError(f"cannot write results to {self.cells} ({e.strerror or e})") from None
 
     def statuses(self) -> dict[str, str]:
         return cell_statuses(self.root)
@@ -65,12 +84,15 @@ class Store:
     def write_manifest(self, manifest: dict) -> None:
         """`sweep.json` describes the latest run; `runs/<run_id>.json` keeps every run's (a resumed sweep's earlier
         runs keep their wall time, model loads and retries)."""
-        (self.root / "runs").mkdir(parents=True, exist_ok=True)
         text = json.dumps(manifest, indent=2, default=str)
-        for target in (self.root / "runs" / f"{self.run_id}.json", self.root / "sweep.json"):
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, target)
+        try:
+            (self.root / "runs").mkdir(parents=True, exist_ok=True)
+            for target in (self.root / "runs" / f"{self.run_id}.json", self.root / "sweep.json"):
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, target)
+        except OSError as e:
+            raise StoreError(f"cannot write the run's manifest to {self.root} ({e.strerror or e})") from None
 
 
 def cell_statuses(output: str | Path) -> dict[str, str]:

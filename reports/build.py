@@ -31,7 +31,8 @@ def _env() -> Environment:
 
 
 def context(dirs) -> dict:
-    df = read_results(dirs)
+    unreadable: list[str] = []
+    df = read_results(dirs, unreadable)
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
@@ -64,14 +65,17 @@ def context(dirs) -> dict:
         "protocol": tables.protocol(df) if len(df) else None,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "sources": [str(d) for d in dirs],
+        "unreadable": unreadable,
     }
 
 
-def render(dirs, target) -> Path:
-    html = _env().get_template("report.html.j2").render(**context(list(dirs)))
+def render(dirs, target) -> tuple[Path, list[str]]:
+    """Write the report; returns its path and the result files that could not be read (left out, named there)."""
+    ctx = context(list(dirs))
+    html = _env().get_template("report.html.j2").render(**ctx)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(html)
     tmp.replace(target)
-    return target
+    return target, ctx["unreadable"]

@@ -10,13 +10,19 @@ import pyarrow.parquet as pq
 FAILED = ("error", "oom", "timeout")
 
 
-def read_results(dirs) -> pd.DataFrame:
-    """Every row under the given sweep output folders (or their cells/ folders), merged."""
+def read_results(dirs, unreadable: list[str] | None = None) -> pd.DataFrame:
+    """Every row under the given sweep output folders (or their cells/ folders), merged. A file that cannot be read
+    (truncated, not Parquet, no permission) is left out and named in `unreadable` (path: reason)."""
     tables = []
     for d in dirs:
         d = Path(d)
         cells = d / "cells" if (d / "cells").is_dir() else d
-        tables += [pq.read_table(f) for f in sorted(cells.glob("*.parquet"))]
+        for f in sorted(cells.glob("*.parquet")):
+            try:
+                tables.append(pq.read_table(f))
+            except (OSError, pa.ArrowException) as e:
+                if unreadable is not None:
+                    unreadable.append(f"{f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if not tables:
         return pd.DataFrame(columns=["cell_key", "status", "model", "precision"])
     return pa.concat_tables(tables, promote_options="default").to_pandas()

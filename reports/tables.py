@@ -262,6 +262,14 @@ def caveats(df: pd.DataFrame) -> list[str]:
         out.append(f"{len(noisy)} cell(s) have noisy timing (coefficient of variation over 5% across repeats): "
                    + "; ".join(f"{r.model} × {r.precision} n={r.new_tokens} b={r.batch_size}"
                                for r in noisy.head(12).itertuples()) + ("; …" if len(noisy) > 12 else ""))
+    shared = df[col(df, "gpu_other_processes").fillna(0) > 0]
+    if len(shared):
+        pids = sorted({p for x in col(shared, "gpu_other_pids").dropna() for p in str(x).split(",")})
+        out.append(f"{len(shared)} cell(s) shared their GPU with other processes (pids {', '.join(pids[:8])}"
+                   f"{', …' if len(pids) > 8 else ''}; up to {col(shared, 'gpu_other_process_bytes').max() / 1e6:,.0f} "
+                   f"MB): their timings and memory may be off: "
+                   + "; ".join(f"{r.model} × {r.precision} n={r.new_tokens} b={r.batch_size}"
+                               for r in shared.head(6).itertuples()) + ("; …" if len(shared) > 6 else ""))
     if "device" in df and (df.device == "cpu").any():
         out.append("Some cells ran on CPU: no per-phase GPU peaks; bandwidth limit is a measured CPU copy.")
     return out

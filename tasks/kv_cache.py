@@ -22,7 +22,7 @@ COMPILE_REASON = ("a quantized KV cache is dynamic (dequantized, concatenated an
 
 
 class KvOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     q_group_size: Literal[32, 64, 128] = 64
     residual_length: NonNegativeInt = 128
 

@@ -58,10 +58,11 @@ def alloc_retries(device: str) -> int | None:
     return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
-def nvml_process_bytes(device: str) -> tuple[int | None, int | None]:
-    """(this process's GPU memory, the whole GPU's used memory) from NVML; None where NVML cannot tell."""
+def _nvml_processes(device: str) -> tuple[list[tuple[int, int | None]], int] | None:
+    """([(pid, GPU bytes)] of every process on the unit's GPU, the GPU's used bytes) from NVML; None where NVML cannot
+    tell (CPU, no driver)."""
     if not _cuda(device):
-        return None, None
+        return None
     try:
         import pynvml
         import torch
@@ -69,14 +70,32 @@ def nvml_process_bytes(device: str) -> tuple[int | None, int | None]:
         pynvml.nvmlInit()
         uuid = str(torch.cuda.get_device_properties(device).uuid)
         handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
-        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-        mine = None
-        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if p.pid == os.getpid() and p.usedGpuMemory is not None:
-                mine = int(p.usedGpuMemory)
-        return mine, int(used)
+        procs = {}
+        for p in (pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                  + pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)):
+            procs[p.pid] = int(p.usedGpuMemory) if p.usedGpuMemory is not None else None
+        return list(procs.items()), int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
     except Exception:
+        return None
+
+
+def nvml_process_bytes(device: str) -> tuple[int | None, int | None]:
+    """(this process's GPU memory, the whole GPU's used memory) from NVML; None where NVML cannot tell."""
+    seen = _nvml_processes(device)
+    if seen is None:
         return None, None
+    procs, used = seen
+    return dict(procs).get(os.getpid()), used
+
+
+def other_gpu_processes(device: str) -> dict[int, int | None] | None:
+    """Processes other than this one on the unit's GPU (pid -> GPU bytes): anything there shares the GPU's time and
+    memory with the measurement (optimum-benchmark calls checking this device isolation). None where NVML cannot
+    tell, or cannot see this process (another pid namespace: its pids would not be comparable)."""
+    seen = _nvml_processes(device)
+    if seen is None or os.getpid() not in dict(seen[0]):
+        return None
+    return {pid: b for pid, b in seen[0] if pid != os.getpid()}
 
 
 @dataclass

@@ -42,10 +42,16 @@ def resolve_file(path: str) -> Path:
     importing the package, whose own imports may be missing)."""
     if path.startswith("pkg:"):
         package, _, rel = path[4:].partition("/")
+        if not all(part.isidentifier() for part in package.split(".")):
+            raise ValueError(f"{path}: {package!r} is not a package name")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"package {package!r} is not installed (needed for {path})")
-        return Path(spec.submodule_search_locations[0]) / rel
+        root = Path(spec.submodule_search_locations[0]).resolve()
+        file = (root / rel).resolve()
+        if root not in file.parents:
+            raise ValueError(f"{path} leaves the package {package} (it names {file})")
+        return file
     return Path(path).expanduser()
 
 

@@ -46,6 +46,7 @@ def unit_rows_base(unit: dict) -> dict:
         "warmup": g["warmup"],
         "repeats": g["repeats"],
         "gpus_per_task": unit["gpus"],
+        "cpus_per_task": unit.get("cpus"),
         "ppl_protocol": ppl.get("protocol"),
         "ppl_seqlen": ppl.get("seqlen"),
         "ppl_stride": ppl.get("stride") if ppl.get("protocol") == "strided" else None,

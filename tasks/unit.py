@@ -32,10 +32,15 @@ def pick_device(gpus: float) -> str:
     return "cuda:0" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA; CPU allocator; errno ENOMEM
+
+
 def _is_oom(exc: BaseException) -> bool:
+    """Memory the cell asked for and could not have: a GPU or host allocation that failed."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or any(t in text for t in OOM_TEXT)
 
 
 def _failure(exc: BaseException) -> dict:
@@ -109,6 +114,7 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
             if label not in kv_quality:
                 kv_quality[label] = measure_kv_perplexity(unit, model, tokenizer, wikitext, device, kv)
             row.update(kv_quality[label])
+        others = memory.other_gpu_processes(device)  # before and after: whatever shared the GPU meanwhile
         try:
             row.update(measure_latency_memory(model, tokenizer, device, unit, cell, geometry, facts, bw_gbs))
             row["status"] = "ok"
@@ -116,10 +122,20 @@ def run_unit(unit: dict, wikitext: bytes | None = None) -> Iterator[dict]:
             row.update(_failure(exc))
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+        row.update(_sharing(others, memory.other_gpu_processes(device)))
         row["latency_s"] = time.perf_counter() - t0
         row["host_load_1m"] = os.getloadavg()[0]
         row["ended_at"] = now()
         yield row
+
+
+def _sharing(before: dict | None, after: dict | None) -> dict:
+    """Other processes seen on the unit's GPU when the cell started or ended (None where NVML cannot tell)."""
+    if before is None and after is None:
+        return {}
+    seen = {**(before or {}), **(after or {})}
+    return {"gpu_other_processes": len(seen), "gpu_other_process_bytes": sum(b or 0 for b in seen.values()),
+            "gpu_other_pids": ",".join(str(p) for p in sorted(seen)) or None}
 
 
 def calibration_text(unit: dict) -> dict | None:

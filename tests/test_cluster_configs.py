@@ -27,7 +27,9 @@ def test_ray_up_config():
     assert gpu_types >= 1
     workers = " ".join(cfg["worker_start_ray_commands"])
     assert "--num-gpus=1" in workers and "RAY_AUTH_MODE=token" in workers
-    assert "RAY_AUTH_MODE=token" in " ".join(cfg["head_start_ray_commands"])
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "0.0.0.0" not in head  # dashboard on the head's loopback
+    assert cfg["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"  # one token on every node
 
 
 def test_kuberay_rayjob():

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import ray
 
+from cluster.connect import init_embedded
 from orchestrator import sweep
 from orchestrator.store import cell_statuses
 
@@ -18,8 +19,7 @@ RUNNER = "tests.scripted:run_unit"
 @pytest.fixture(scope="module")
 def local_ray():
     # two fake GPUs that say they are T4s (compute capability 7.5), as Ray labels real ones
-    ray.init(num_cpus=4, num_gpus=2, resources={"accelerator_type:T4": 1}, include_dashboard=False,
-             log_to_driver=False)
+    init_embedded(num_cpus=4, num_gpus=2, resources={"accelerator_type:T4": 1}, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.grid import GridError, load_grid
+from orchestrator.files import BadInput
+from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan, unsupported_cells
 from orchestrator.schema import NAMES
 from orchestrator.store import Store
@@ -175,7 +176,7 @@ def test_calibration_text_is_read_checked_and_keyed_by_content(tmp_path):
 
 
 def test_calibrating_on_the_test_split_is_refused(tmp_path):
-    with pytest.raises(GridError, match=r"precisions\[1\]\.calib_path: .* is the WikiText-2 test split"):
+    with pytest.raises(BadInput, match=r"precisions\[1\]\.calib_path: .* is the WikiText-2 test split"):
         make_plan(load_grid(_calibrated_grid(tmp_path, WIKITEXT)), "r")
 
 
@@ -188,7 +189,7 @@ precisions: [gptq]
 generation: {{new_tokens: [4]}}
 perplexity: false
 """))
-    with pytest.raises(GridError, match=r"precisions\[0\]\.calib_path: no calibration text is set"):
+    with pytest.raises(BadInput, match=r"precisions\[0\]\.calib_path: no calibration text is set"):
         make_plan(grid, "r")
     monkeypatch.setenv("WIKITEXT2_VALID_PATH", str(VALID))
     assert make_plan(grid, "r").units[0].precision["calibration"]["sha256"]
@@ -264,7 +265,7 @@ models: [{synthetic: opt-125m}]
 precisions: [fp16]
 generation: {new_tokens: [4], kv_cache: [native, hqq-int5]}
 """)
-    with pytest.raises(GridError, match=r"generation\.kv_cache\[1\].*unknown kv_cache 'hqq-int5'; did you mean"):
+    with pytest.raises(BadInput, match=r"generation\.kv_cache\[1\].*unknown kv_cache 'hqq-int5'; did you mean"):
         load_grid(path)
 
 

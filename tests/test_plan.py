@@ -3,7 +3,7 @@ import textwrap
 
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan
-from orchestrator.sweep import pending_units
+from orchestrator.schedule import pending_units
 
 GRID = textwrap.dedent("""
     name: p

@@ -89,7 +89,7 @@ def test_pareto():
 
 def test_empty_sweep_renders(tmp_path):
     (tmp_path / "empty" / "cells").mkdir(parents=True)
-    html = render([tmp_path / "empty"], tmp_path / "r.html").read_text()
+    html = render([tmp_path / "empty"], tmp_path / "r.html")[0].read_text()
     assert "no cell has finished" in html
 
 
@@ -97,7 +97,7 @@ def test_merge_two_sweeps_and_self_contained(results, tmp_path):
     other = tmp_path / "other"
     s = Store(other, "r2")
     s.write(row("smollm2", "fp32", 64, 1, sweep="second", perplexity=20.0, weights_bytes=5e8, decode_ms_per_token=9.0))
-    html = render([results, other], tmp_path / "merged.html").read_text()
+    html = render([results, other], tmp_path / "merged.html")[0].read_text()
     assert "hand + second" in html and "smollm2" in html and "opt-125m" in html
     external = re.findall(r"https?://(?!www\.w3\.org/)|src=\"//|@import|url\((?!#)", html)
     assert external == []  # SVG namespaces (w3.org) are identifiers, url(#...) points inside the page
@@ -110,7 +110,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_report_in_headless_chromium(results, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    page_file = render([results], tmp_path / "report.html")
+    page_file, _ = render([results], tmp_path / "report.html")
     errors = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -155,7 +155,7 @@ def test_large_sweep_stays_legible(tmp_path):
                                     kv_cache_bytes=1e8 * b, bandwidth_fraction=0.1))
     (tmp_path / "big" / "cells").mkdir(parents=True)
     pq.write_table(row_table(rows), tmp_path / "big" / "cells" / "all.parquet")
-    html = render([tmp_path / "big"], tmp_path / "big.html").read_text()
+    html = render([tmp_path / "big"], tmp_path / "big.html")[0].read_text()
     assert html.count('<h2 id="model-') == 10
     assert html.count('<div class="chart">') == 30
     assert html.count("<details>") == 10
@@ -213,7 +213,7 @@ def test_compiled_against_eager_and_top_kernels(tmp_path):
     store = Store(tmp_path, "r1")
     for r in rows:
         store.write(r)
-    html = render([tmp_path], tmp_path / "report.html").read_text()
+    html = render([tmp_path], tmp_path / "report.html")[0].read_text()
     section = html[html.index("Eager against compiled"):html.index("</table>", html.index("Eager against compiled"))]
     assert "5.00×" in section and "4.00×" in section                      # 20/4 and 38/9.5
     assert "41.0" in section and "its kernels break the graph" in section

@@ -27,7 +27,7 @@ GRID = textwrap.dedent(f"""
 
 
 def sweep(tmp_path, *args):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(tmp_path / "grid.yaml"),
                            "--output", str(tmp_path / "out"), *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -9,8 +9,14 @@ DTypeName = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Options(BaseModel):
+    """A precision's options as a grid gives them: unknown keys refused, no coercion (true is not 1, "8" is not 8),
+    no .inf or .nan."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class NoOptions(Options):
+    pass
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,17 @@ several times faster), the 4-bit compute dtype and double quantization.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Options, Precision, torch_dtype
 
 
-class Int8Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Int8Options(Options):
     threshold: float = Field(6.0, ge=0, description="LLM.int8 outlier threshold; 0 disables the fp16 outlier path")
     compute_dtype: DTypeName = Field("fp16", description="dtype of the non-quantized modules and activations")
 
 
-class FourBitOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FourBitOptions(Options):
     compute_dtype: DTypeName = "bf16"
     double_quant: bool = False
 

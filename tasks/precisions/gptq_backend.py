@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
-from tasks.precisions.base import Precision
+from tasks.precisions.base import Options, Precision
 
 
-class Calibrated(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Calibrated(Options):
     calib_path: str | None = Field(None, description="calibration text file; null: $WIKITEXT2_VALID_PATH, else the "
                                                      "hub's wikitext-2-raw-v1 validation split")
     calib_samples: PositiveInt = 128

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Options, Precision, torch_dtype
 
 
-class HqqOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class HqqOptions(Options):
     bits: Literal[8, 4, 3, 2, 1] = 4
     group_size: Literal[32, 64, 128, 256] = 64
     compute_dtype: DTypeName = Field("fp16", description="dtype the weights are dequantized to for each matmul")

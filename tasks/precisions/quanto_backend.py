@@ -3,13 +3,12 @@ compute dtype: transformers refuses quanto's activation quantization). The first
 C++ (CPU) or CUDA extension, 20-50 s, once per environment; it is in the load time of that unit."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Options, Precision, torch_dtype
 
 
-class QuantoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QuantoOptions(Options):
     compute_dtype: DTypeName = Field("bf16", description="dtype of activations and unquantized modules")
 
 

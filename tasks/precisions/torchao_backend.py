@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Options, Precision, torch_dtype
 
 
-class AoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AoOptions(Options):
     compute_dtype: DTypeName = Field("bf16", description="dtype of activations and unquantized modules")
 
 
