@@ -31,13 +31,15 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from spec.units import ModelSpec
     from tasks import perplexity as P
-    from tasks.models import load
+    from tasks.engines.hf import load
     from tasks.precisions import REGISTRY
 
     device = args.device if args.device != "cuda" else ("cuda:0" if torch.cuda.is_available() else "cpu")
     p = REGISTRY[args.dtype]
-    model, tok, facts = load({"gguf": args.gguf, "label": "smollm2"}, p, p.parse_options({}), device)
+    model = load(ModelSpec("gguf", args.gguf, "smollm2"), p, p.parse_options({}), device)
+    tok = model.tokenizer
     rows = P.rows_from_raw(Path(args.data).read_bytes())
     kw = dict(protocol="gptq", seqlen=2048, stride=512, max_windows=args.max_windows, device=device)
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ def check_models(grid: Grid) -> None:
         ctx = context_length(model)
         if not ctx:
             continue
-        name, longest = model["label"], g.prompt_tokens + max(g.new_tokens)
+        name, longest = model.label, g.prompt_tokens + max(g.new_tokens)
         if longest > ctx:
             raise BadInput(f"generation.new_tokens: {max(g.new_tokens)} new tokens after a {g.prompt_tokens}-token "
                            f"prompt need {longest} positions; {name} holds {ctx}")

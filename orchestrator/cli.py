@@ -1,10 +1,20 @@
-"""Command line: `python -m orchestrator sweep|validate|report|schema`."""
+"""Command line: `quant-sweep sweep|validate|report|schema` (also `python -m orchestrator ...`)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 from collections import Counter
+from pathlib import Path
+
+from cluster.connect import local_gpus
+from orchestrator.checks import check_inputs, output_dir
+from orchestrator.files import BadInput
+from orchestrator.grid import load_grid
+from orchestrator.schedule import resources_for, schedule
+from orchestrator.wikitext import read_texts
+from spec.schema import markdown
+from tasks.precisions import REGISTRY
 
 EPILOG = "Exit codes: 0 all cells ok, 1 some cells failed, 2 bad input."
 
@@ -16,8 +26,9 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator", description="Quantization sweeps on Ray: "
-                                "perplexity, latency and memory per model x precision x length x batch.", epilog=EPILOG)
+    p = argparse.ArgumentParser(prog="quant-sweep", description="Quantization sweeps on Ray: WikiText-2 quality, "
+                                "latency and memory per model x precision x length x batch, to Parquet and an HTML "
+                                "report. Also runs as `python -m orchestrator`.", epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
     sets = dict(action="append", default=[], metavar="KEY=VALUE",
                 help="override a grid field, e.g. --set perplexity.max_windows=8 --set 'precisions=[fp16,nf4]'")
@@ -32,35 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", **sets)
     s.add_argument("--force", action="store_true", help="rerun cells that are already ok")
 
-    v = sub.add_parser("validate", help="check a grid and print the plan; runs nothing")
-    v.add_argument("grid")
+    v = sub.add_parser("validate", help="check a grid and print the plan; runs nothing", epilog=EPILOG,
+                       description="Check the grid, its files and models as `sweep` would before starting, then print "
+                                   "the cells and units it plans, how many are already ok in the output folder, and "
+                                   "what would be skipped before start. Starts no Ray and measures nothing.")
+    v.add_argument("grid", help="grid YAML file")
     v.add_argument("--set", dest="overrides", **sets)
-    v.add_argument("--output")
+    v.add_argument("--output", help="output folder to count finished cells in (default: as for sweep)")
     v.add_argument("--gpu", metavar="TYPE", help="the GPUs the sweep will run on (Ray accelerator type: T4, A100, "
                                                  "L4, H100, ...), to list the precisions they cannot run")
 
-    r = sub.add_parser("report", help="render the HTML report of one or more result folders")
+    r = sub.add_parser("report", help="render the HTML report of one or more result folders",
+                       description="Re-render a sweep's report, or merge several sweeps into one. By default each "
+                                   "folder shows the cells of its latest sweep's grid; --all shows every row kept "
+                                   "there (cells of earlier grids too).")
     r.add_argument("dirs", nargs="+", metavar="DIR", help="sweep output folder(s); several are merged")
     r.add_argument("-o", "--output", help="HTML file (default: DIR/report.html)")
+    r.add_argument("--all", action="store_true", help="every row in the folders, not only the latest grid's cells")
 
     sub.add_parser("schema", help="print the results schema as Markdown")
     return p
 
 
 def validate(args) -> int:
-    from cluster.connect import local_gpus
-    from orchestrator.checks import check_inputs, output_dir
-    from orchestrator.grid import load_grid
-    from orchestrator.schedule import resources_for, schedule
-    from orchestrator.wikitext import read_texts
-
     grid = load_grid(args.grid, args.overrides)
     out = output_dir(grid, args.output)
     check_inputs(grid, out)
     texts = read_texts(grid)
     # where it would run: this machine (an embedded Ray), or GPUs of the type --gpu names
-    import os
-
     gpus = [max(grid.resources.gpus_per_task, 1.0)] if args.gpu else [local_gpus()]
     resources = resources_for(grid, gpus, [float(os.cpu_count() or 1)], [args.gpu] if args.gpu else [])
     sched = schedule(grid, out, resources, texts)
@@ -84,10 +94,8 @@ def validate(args) -> int:
     for reason, n in Counter(r for _, _, r in sched.skipped_cells).items():
         print(f"skipped before start ({n} cell{'s' * (n != 1)}): {reason}")
     if resources.device == "cuda" and not args.gpu:
-        from tasks.precisions import REGISTRY
-
-        needs = sorted({u.precision["label"] for u in plan.units if REGISTRY[u.precision["name"]].min_capability(
-            REGISTRY[u.precision["name"]].parse_options(u.precision["options"]))})
+        needs = sorted({u.precision.label for u in plan.units if REGISTRY[u.precision.name].min_capability(
+            REGISTRY[u.precision.name].parse_options(u.precision.options))})
         if needs:
             print(f"depends on the GPU (checked against the cluster's GPUs when the sweep starts; or pass --gpu): "
                   f"{', '.join(needs)}")
@@ -99,36 +107,34 @@ def validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.files import BadInput
-
     _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "sweep":
-            from orchestrator.sweep import run
+            from orchestrator.sweep import run  # (imports Ray's driver side when it connects)
 
             return run(args.grid, args.overrides, address=args.address, output=args.output, force=args.force)
         if args.command == "validate":
             return validate(args)
         if args.command == "report":
-            from reports.build import render
-            from pathlib import Path
-
-            for d in args.dirs:
-                if not Path(d).is_dir():
-                    raise BadInput(f"report: {d} is not a folder")
-            target = Path(args.output).expanduser() if args.output else Path(args.dirs[0]) / "report.html"
-            path, unreadable = render(args.dirs, target)
-            for bad in unreadable:
-                print(f"warning: left out, unreadable: {bad}", file=sys.stderr)
-            print(path)
-            return 0
-        if args.command == "schema":
-            from orchestrator.schema import markdown
-
-            sys.stdout.write(markdown())
-            return 0
+            return report(args)
+        sys.stdout.write(markdown())
+        return 0
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 2
+
+
+def report(args) -> int:
+    from reports.build import render  # (matplotlib: seconds to import, only here)
+
+    for d in args.dirs:
+        if not Path(d).expanduser().is_dir():
+            raise BadInput(f"report: {d} is not a folder")
+    dirs = [Path(d).expanduser() for d in args.dirs]
+    target = Path(args.output).expanduser() if args.output else dirs[0] / "report.html"
+    path, unreadable = render(dirs, target, every_row=args.all)
+    for bad in unreadable:
+        print(f"warning: left out, unreadable: {bad}", file=sys.stderr)
+    print(path)
+    return 0

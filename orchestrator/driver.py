@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import ray
 
-from orchestrator.plan import Cell, Plan, Unit
+from orchestrator.forkserver import UnitProcessDied
+from orchestrator.plan import Plan, Unit
 from orchestrator.worker import unit_task
-from tasks.rows import cell_fields, now, unit_rows_base
-from tasks.unit_process import UnitProcessDied
+from spec.rows import failure_rows
+from spec.units import CellSpec, UnitSpec
 
 CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
@@ -30,8 +31,8 @@ DEFAULT_RUNNER = "tasks.unit:run_unit"
 @dataclass
 class Running:
     unit: Unit
-    task: dict
-    remaining: dict[str, Cell]
+    task: UnitSpec
+    remaining: dict[str, CellSpec]
     started: float | None = None
     where: str = "queued"
 
@@ -44,13 +45,6 @@ class DriverResult:
     per_unit_s: dict = field(default_factory=dict)
 
 
-def failure_rows(task: dict, cells, status: str, error_type: str, message: str, tb: str | None = None) -> list[dict]:
-    base = unit_rows_base(task)
-    t = now()
-    return [{**base, **cell_fields(c.to_task()), "status": status, "error_type": error_type,
-             "error_message": message, "traceback": tb, "started_at": t, "ended_at": t} for c in cells]
-
-
 def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: float, cpus_per_task: float,
               timeout_s: float, retries: int, wikitext: bytes | None = None, runner: str = DEFAULT_RUNNER,
               poll_s: float = 0.2) -> DriverResult:
@@ -60,7 +54,7 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
     options = dict(num_gpus=gpus_per_task, num_cpus=cpus_per_task)
     active: dict = {}
 
-    def submit(unit: Unit, cells: list[Cell]) -> None:
+    def submit(unit: Unit, cells: list[CellSpec]) -> None:
         task = unit.to_task(plan, cells)
         gen = unit_task.options(**options).remote(runner, task, wikitext_ref)
         active[gen] = Running(unit, task, {c.key: c for c in cells})

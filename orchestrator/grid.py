@@ -15,8 +15,9 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, field_validator, model_validator)
 
 from orchestrator.files import GRID_CAP, BadInput, expand, read_regular_file
-from tasks import kv_cache
-from tasks.models import SYNTHETIC_ARCHITECTURES
+from spec.catalog import KV_CACHES, KV_DEFAULTS, kv_label
+from spec.models import SYNTHETIC_ARCHITECTURES
+from spec.units import ENGINES, KvSpec, ModelSpec
 from tasks.precisions import REGISTRY
 
 
@@ -99,14 +100,12 @@ class ModelEntry(Strict):
         s = self.synthetic
         return s if isinstance(s, str) else f"synthetic-{s.family}-{s.hidden_size}x{s.layers}"
 
-    def spec(self, base_dir: Path) -> dict[str, Any]:
-        """Plain data for the worker, local paths (`~` expanded) made absolute against the grid file's folder."""
-        d = self.model_dump(exclude_none=True, exclude_defaults=True)
-        for key in ("path", "gguf"):
-            if key in d and not d[key].startswith("pkg:"):
-                d[key] = str(expand(d[key], base_dir).resolve())
-        d["label"] = self.default_label()
-        return d
+    def spec(self, base_dir: Path) -> ModelSpec:
+        """The entry for the worker, local paths (`~` expanded) made absolute against the grid file's folder."""
+        location = self.model_dump(exclude_none=True, exclude_defaults=True)[self.source]
+        if self.source in ("path", "gguf") and not location.startswith("pkg:"):
+            location = str(expand(location, base_dir).resolve())
+        return ModelSpec(self.source, location, self.default_label(), self.revision, self.trust_remote_code)
 
 
 class PrecisionEntry(Strict):
@@ -115,10 +114,15 @@ class PrecisionEntry(Strict):
 
     @property
     def label(self) -> str:
-        defaults = REGISTRY[self.name].options().model_dump()
+        defaults = REGISTRY[self.name].parse_options({}).model_dump()
         # the calibration file is on the row (calib_text, calib_sha256), not in the label
         changed = {k: v for k, v in self.options.items() if defaults.get(k) != v and k != "calib_path"}
         return self.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
+
+
+class KvOptions(Strict):
+    q_group_size: Literal[32, 64, 128] = KV_DEFAULTS["q_group_size"]
+    residual_length: NonNegativeInt = KV_DEFAULTS["residual_length"]
 
 
 class KvCacheEntry(Strict):
@@ -127,19 +131,23 @@ class KvCacheEntry(Strict):
 
     @model_validator(mode="after")
     def _known(self):
-        if self.name not in kv_cache.KV_CACHES:
-            near = difflib.get_close_matches(self.name, kv_cache.KV_CACHES, n=1)
+        if self.name not in KV_CACHES:
+            near = difflib.get_close_matches(self.name, KV_CACHES, n=1)
             raise ValueError(f"unknown kv_cache {self.name!r}" + (f"; did you mean {near[0]!r}?" if near else "")
-                             + f" (known: {', '.join(kv_cache.KV_CACHES)})")
-        self.options = kv_cache.parse_options(self.name, self.options)
+                             + f" (known: {', '.join(KV_CACHES)})")
+        if KV_CACHES[self.name] is None:
+            if self.options:
+                raise ValueError("native takes no options")
+        else:
+            self.options = KvOptions(**self.options).model_dump()
         return self
 
     @property
     def label(self) -> str:
-        return kv_cache.label(self.name, self.options)
+        return kv_label(self.name, self.options)
 
-    def spec(self) -> dict:
-        return {"name": self.name, "options": self.options, "label": self.label}
+    def spec(self) -> KvSpec:
+        return KvSpec(self.name, self.options, self.label)
 
 
 class Generation(Strict):
@@ -178,7 +186,7 @@ class Generation(Strict):
 
     @property
     def quantized_kv(self) -> bool:
-        return any(kv_cache.KV_CACHES[k.name] for k in self.kv_cache)
+        return any(KV_CACHES[k.name] for k in self.kv_cache)
 
 
 class Perplexity(Strict):
@@ -211,6 +219,7 @@ class Resources(Strict):
 class Grid(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: str | None = None
+    engine: Literal[ENGINES] = "hf"  # what runs the model: transformers (tasks/engines/hf.py)
     models: list[ModelEntry] = Field(min_length=1)
     precisions: list[PrecisionEntry] = Field(min_length=1)
     baseline: str | None = None
@@ -288,7 +297,7 @@ def _precision_problems(raw: dict) -> list[str]:
             try:
                 REGISTRY[name].parse_options(opts)
             except ValidationError as e:
-                problems += _format_errors(e, prefix=f"precisions[{i}]", model=REGISTRY[name].options)
+                problems += _format_errors(e, prefix=f"precisions[{i}]", model=REGISTRY[name].loading.options)
     return problems
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from orchestrator.files import BadInput
-from tasks.models import projection_widths, resolve_file, synthetic_shapes, widths_of
+from spec.models import projection_widths, resolve_file, synthetic_shapes, widths_of
+from spec.units import ModelSpec
 
 HUB_HINT = ("point at a local copy instead: `path:` a Hugging Face model folder (config.json and weights), or "
             "`gguf:` a GGUF file")
@@ -31,80 +32,80 @@ def hub_offline() -> bool:
         return True
 
 
-def _hub_config(model: dict) -> dict | None:
+def _hub_config(model: ModelSpec) -> dict | None:
     """A hub model's config.json from the local Hugging Face cache, if it is there."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(model["hub"], "config.json", revision=model.get("revision"))
+        found = try_to_load_from_cache(model.location, "config.json", revision=model.revision)
     except Exception:  # a malformed id: the worker's loader names it
         return None
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
 
 
-def check_source(model: dict, where: str, offline: bool | None = None) -> None:
+def check_source(model: ModelSpec, where: str, offline: bool | None = None) -> None:
     """BadInput naming `where` (e.g. models[0]) when the source cannot be loaded: a folder without config.json, a
     missing or irregular GGUF file, a `pkg:` path that leaves its package, a hub model while the hub is out of reach
     and the model is not in the local cache."""
-    if model.get("path"):
-        folder = Path(model["path"])
+    if model.source == "path":
+        folder = Path(model.location)
         if not folder.is_dir():
             raise BadInput(f"{where}.path: {folder} is not a folder; a Hugging Face model folder (config.json and "
                            f"weights) is needed")
         if not (folder / "config.json").is_file():
             raise BadInput(f"{where}.path: {folder} has no config.json; a Hugging Face model folder (config.json and "
                            f"weights) is needed")
-    elif model.get("gguf"):
+    elif model.source == "gguf":
         try:
-            file = resolve_file(model["gguf"])
+            file = resolve_file(model.location)
         except (FileNotFoundError, ValueError) as e:
             raise BadInput(f"{where}.gguf: {e}") from None
         if not file.is_file():
             raise BadInput(f"{where}.gguf: {file} is not a file" if file.exists() else
                            f"{where}.gguf: {file} does not exist")
-    elif model.get("hub"):
+    elif model.source == "hub":
         if (hub_offline() if offline is None else offline) and _hub_config(model) is None:
-            raise BadInput(f"{where}.hub: {model['hub']} is not in the local Hugging Face cache and the hub is out of "
-                           f"reach (HF_HUB_OFFLINE or no network); {HUB_HINT}")
+            raise BadInput(f"{where}.hub: {model.location} is not in the local Hugging Face cache and the hub is out "
+                           f"of reach (HF_HUB_OFFLINE or no network); {HUB_HINT}")
 
 
-def _config(model: dict) -> dict | None:
-    if model.get("path"):
-        c = json.loads((Path(model["path"]) / "config.json").read_text())
-    elif model.get("hub"):
+def _config(model: ModelSpec) -> dict | None:
+    if model.source == "path":
+        c = json.loads((Path(model.location) / "config.json").read_text())
+    elif model.source == "hub":
         c = _hub_config(model)
     else:
         return None
     return c.get("text_config", c) if c else None
 
 
-def context_length(model: dict) -> int | None:
+def context_length(model: ModelSpec) -> int | None:
     """Positions the model can hold (max_position_embeddings or the GGUF context length), None where unknown."""
     try:
-        if model.get("synthetic"):
-            s = synthetic_shapes(model["synthetic"])
+        if model.synthetic:
+            s = synthetic_shapes(model.location)
             return s.get("max_positions", 2048 if s["family"] == "opt" else 4096)
-        if model.get("gguf"):
-            return _gguf_meta(str(resolve_file(model["gguf"])))[3]
+        if model.source == "gguf":
+            return _gguf_meta(str(resolve_file(model.location)))[3]
         c = _config(model)
         return (c.get("max_position_embeddings") or c.get("n_positions")) if c else None
     except Exception:  # unreadable: the worker's loader says why
         return None
 
 
-def model_shape(model: dict) -> tuple[float, int]:
+def model_shape(model: ModelSpec) -> tuple[float, int]:
     """(parameters, layers) of a model entry, roughly, without loading it: only to order units."""
-    if model.get("synthetic"):
-        s = synthetic_shapes(model["synthetic"])
+    if model.synthetic:
+        s = synthetic_shapes(model.location)
         kv = (s.get("kv_heads") or s["heads"]) / s["heads"]
         per_layer = s["hidden_size"] ** 2 * (2 + 2 * kv) + 3 * s["hidden_size"] * s["ffn"]
         return s["layers"] * per_layer + s["vocab"] * s["hidden_size"], s["layers"]
     try:
-        if model.get("gguf"):
-            params, layers, _, _ = _gguf_meta(str(resolve_file(model["gguf"])))
+        if model.source == "gguf":
+            params, layers, _, _ = _gguf_meta(str(resolve_file(model.location)))
             return params, layers or 24
-        if model.get("path"):
-            p = Path(model["path"])
+        if model.source == "path":
+            p = Path(model.location)
             config = json.loads((p / "config.json").read_text())
             size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
             return size / 2, int(config.get("num_hidden_layers", 24))
@@ -113,17 +114,16 @@ def model_shape(model: dict) -> tuple[float, int]:
     return 1e9, 24
 
 
-def model_widths(model: dict) -> dict[str, int] | None:
+def model_widths(model: ModelSpec) -> dict[str, int] | None:
     """Projection widths of a model entry without loading it (hidden, MLP, k/v), None where unknown (hub ids)."""
     try:
-        if model.get("synthetic"):
-            s = synthetic_shapes(model["synthetic"])
+        if model.synthetic:
+            s = synthetic_shapes(model.location)
             return projection_widths(s["hidden_size"], s["ffn"], s["heads"], s.get("kv_heads"))
-        if model.get("gguf"):
-            return dict(_gguf_meta(str(resolve_file(model["gguf"])))[2]) or None
-        if model.get("path"):
-            c = _config(model)
-            return widths_of(SimpleNamespace(**c))  # config.json keys are the attributes
+        if model.source == "gguf":
+            return dict(_gguf_meta(str(resolve_file(model.location)))[2]) or None
+        if model.source == "path":
+            return widths_of(SimpleNamespace(**_config(model)))  # config.json keys are the attributes
     except Exception:  # an unreadable source fails later, in its unit, with its own message
         pass
     return None

@@ -10,7 +10,8 @@ from pathlib import Path
 from orchestrator import wikitext
 from orchestrator.files import BadInput
 from orchestrator.grid import Grid
-from orchestrator.plan import Cell, Plan, Unit, make_plan, unsupported_before_start, unsupported_cells
+from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start, unsupported_cells
+from spec.units import CellSpec
 from orchestrator.store import cell_statuses
 
 
@@ -62,7 +63,7 @@ class Schedule:
     # known before start, with the reason: whole units (the precision cannot run here) and single cells (an axis
     # value the backend cannot run, e.g. compiled decode)
     skipped_units: list[tuple[Unit, str]] = field(default_factory=list)
-    skipped_cells: list[tuple[Unit, Cell, str]] = field(default_factory=list)
+    skipped_cells: list[tuple[Unit, CellSpec, str]] = field(default_factory=list)
 
     @property
     def to_run(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.schema import NAMES, SCHEMA
+from spec.schema import NAMES, SCHEMA
 
 
 def _value(name: str, v):

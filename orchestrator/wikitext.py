@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.files import TEXT_CAP, BadInput, expand, read_regular_file
-from orchestrator.model_info import hub_offline as _offline
-from tasks.perplexity import HUB_DATASET, WIKITEXT2_TEST_SHA256
+from orchestrator.model_info import hub_offline
+from tasks.precisions import REGISTRY
+from spec.catalog import HUB_DATASET, HUB_VALIDATION, WIKITEXT2_TEST_SHA256
 
 HINT = ("point at a local copy of the raw test split (wiki.test.raw from wikitext-2-raw-v1): "
         "`export WIKITEXT2_PATH=../shared/data/wikitext-2-raw/wiki.test.raw` (relative to where you run the command), "
@@ -37,14 +38,13 @@ def resolve(path: str | None, base_dir: Path) -> tuple[bytes | None, dict]:
             raise BadInput(f"{field}: {file} is not the WikiText-2 raw test split (sha256 {sha[:12]}…, expected "
                             f"{WIKITEXT2_TEST_SHA256[:12]}…); perplexities from it would not be comparable")
         return raw, {"dataset": str(file), "sha256": sha}
-    if _offline():
+    if hub_offline():
         raise BadInput(f"perplexity: no local WikiText-2 file is set and the Hugging Face hub is out of reach; {HINT}")
     return None, {"dataset": f"hub:{HUB_DATASET}", "sha256": None}
 
 
 VALID_HINT = ("set the precision's calib_path or $WIKITEXT2_VALID_PATH to calibration text, e.g. the WikiText-2 "
               "validation split ../shared/data/wikitext-2/wiki.valid.tokens")
-HUB_VALIDATION = "hub:wikitext/wikitext-2-raw-v1/validation"
 
 
 def calibration(path: str | None, base_dir: Path, field: str) -> tuple[bytes | None, dict]:
@@ -54,7 +54,7 @@ def calibration(path: str | None, base_dir: Path, field: str) -> tuple[bytes | N
     if path is None and os.environ.get("WIKITEXT2_VALID_PATH"):
         path, field, base_dir = os.environ["WIKITEXT2_VALID_PATH"], "WIKITEXT2_VALID_PATH", Path.cwd()
     if path is None:
-        if _offline():
+        if hub_offline():
             raise BadInput(f"{field}: no calibration text is set and the Hugging Face hub is out of reach; "
                             f"{VALID_HINT}")
         return None, {"name": HUB_VALIDATION, "sha256": None}
@@ -76,8 +76,6 @@ class Texts:
 
 def read_texts(grid) -> Texts:
     """Every text file the grid names, read and checked now (regular files, capped, the right split)."""
-    from tasks.precisions import REGISTRY
-
     texts = Texts()
     if grid.perplexity:
         texts.test, texts.test_source = resolve(grid.perplexity.path, grid._base_dir)

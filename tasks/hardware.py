@@ -1,5 +1,5 @@
-"""The hardware's limit: peak memory bandwidth of known GPUs, or a measured device copy for anything else, and the
-environment fingerprint every row carries."""
+"""The hardware's limit: peak memory bandwidth of known GPUs (spec.catalog), or a measured device copy for anything
+else; the roofline of a decode step against it; and the environment fingerprint every row carries."""
 from __future__ import annotations
 
 import os
@@ -9,34 +9,14 @@ import time
 from functools import lru_cache
 from importlib import metadata
 
-# Datasheet peak memory bandwidth, GB/s. Matched against the CUDA device name, most specific first.
-PEAK_BANDWIDTH_GBS: list[tuple[tuple[str, ...], float]] = [
-    (("H200",), 4800.0),
-    (("H100", "NVL"), 3900.0),
-    (("H100", "PCIE"), 2000.0),
-    (("H100",), 3350.0),            # SXM (HBM3): "NVIDIA H100 80GB HBM3"
-    (("A100", "80GB", "PCIE"), 1935.0),
-    (("A100", "80GB"), 2039.0),
-    (("A100",), 1555.0),            # 40GB
-    (("A10G",), 600.0),
-    (("L40S",), 864.0),
-    (("L4",), 300.0),
-    (("T4",), 320.0),
-]
+import torch
 
-
-def datasheet_bandwidth_gbs(device_name: str) -> float | None:
-    name = device_name.upper()
-    for words, gbs in PEAK_BANDWIDTH_GBS:
-        if all(w in name for w in words):
-            return gbs
-    return None
-
+from spec.catalog import datasheet_bandwidth_gbs
+from spec.units import KvSpec
+from tasks.kv_cache import analytic_bytes
 
 def measure_copy_bandwidth_gbs(device: str, nbytes: int | None = None, repeats: int = 10) -> float:
     """Bytes read plus bytes written per second by a large device-to-device copy (torch's own copy kernel)."""
-    import torch
-
     nbytes = nbytes or (1 << 30 if device.startswith("cuda") else 1 << 28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
@@ -62,8 +42,6 @@ def measure_copy_bandwidth_gbs(device: str, nbytes: int | None = None, repeats: 
 def peak_bandwidth(device: str) -> tuple[float, str]:
     """(GB/s, source): the datasheet figure for a known GPU, else a measured copy (also on CPU)."""
     if device.startswith("cuda"):
-        import torch
-
         gbs = datasheet_bandwidth_gbs(torch.cuda.get_device_name(device))
         if gbs:
             return gbs, "datasheet"
@@ -88,20 +66,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# Ray's accelerator types (the `accelerator_type:<name>` node resource) -> compute capability, to know before a sweep
-# starts which precisions a cluster's GPUs cannot run
-ACCELERATOR_CAPABILITY = {"V100": (7, 0), "T4": (7, 5), "A10G": (8, 6), "A10": (8, 6), "A100": (8, 0),
-                          "L4": (8, 9), "L40S": (8, 9), "H100": (9, 0), "H200": (9, 0), "B200": (10, 0)}
-
-
-def capability_of(accelerator: str | None) -> tuple[int, int] | None:
-    """Compute capability of a Ray accelerator type name (e.g. "T4", "A100-80G"), None if unknown."""
-    if not accelerator:
-        return None
-    name = accelerator.upper()
-    return ACCELERATOR_CAPABILITY.get(name) or ACCELERATOR_CAPABILITY.get(name.split("-")[0])
-
-
 def nvml_driver() -> str | None:
     try:
         import pynvml
@@ -114,8 +78,6 @@ def nvml_driver() -> str | None:
 
 
 def fingerprint(device: str) -> dict:
-    import torch
-
     cuda = device.startswith("cuda")
     return {
         "device": "cuda" if cuda else "cpu",
@@ -136,3 +98,19 @@ def fingerprint(device: str) -> dict:
         "host": socket.gethostname(),
         "worker_pid": os.getpid(),
     }
+
+
+def roofline(weights_bytes: int, embedding_unread_bytes: int, geometry: dict, prompt: int, new_tokens: int,
+             batch: int, kv: KvSpec | None, element: int, decode_ms: float | None, bw_gbs: float | None) -> dict:
+    """Distance to the hardware limit: the bytes one decode step must read (weights, less an input embedding it
+    does not read, plus the KV cache at its mean length over the generation), over the measured step time."""
+    mean_context = prompt + new_tokens / 2
+    step_bytes = weights_bytes - embedding_unread_bytes + analytic_bytes(geometry, prompt, mean_context, batch, kv,
+                                                                          element)
+    out = {"decode_bytes_per_step": int(step_bytes)}
+    if decode_ms:
+        achieved = step_bytes / (decode_ms / 1e3) / 1e9
+        out["achieved_bandwidth_gbs"] = achieved
+        out["bandwidth_fraction"] = achieved / bw_gbs if bw_gbs else None
+        out["decode_ms_floor"] = step_bytes / (bw_gbs * 1e9) * 1e3 if bw_gbs else None
+    return out

@@ -1,5 +1,5 @@
-"""Latency of greedy generation, written out as plain steps: `prefill` (the prompt, giving the first token) and
-`decode_one_token` (one more token from the KV cache), exactly `new_tokens` new tokens, EOS ignored.
+"""Latency of greedy generation through the engine's plain steps (`prefill`, then `decode_one_token` from the KV
+cache), exactly `new_tokens` new tokens, EOS ignored.
 
 Timing is device-synchronised: on a GPU a CUDA event is recorded after every step and read once the run is over (no
 host sync inside the loop); on CPU the host clock is read after every step. Warm-up runs are untimed. One more,
@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from spec.units import KvSpec
 from tasks import memory
-from tasks.kv_cache import new_cache
 
 # Prompts for real models are cut from this text (written for this project; deterministic).
 PROMPT_TEXT = (
@@ -31,8 +32,6 @@ NOISY_CV = 0.05
 def prompt_ids(tokenizer, vocab_size: int, prompt_tokens: int, batch: int, device: str):
     """[batch, prompt_tokens] ids: real text for a model with a tokenizer (row b starts b*11 tokens further on),
     seeded random ids otherwise."""
-    import torch
-
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
         return torch.randint(0, vocab_size, (batch, prompt_tokens), generator=g).to(device)
@@ -42,34 +41,10 @@ def prompt_ids(tokenizer, vocab_size: int, prompt_tokens: int, batch: int, devic
     return torch.tensor([ids[11 * b:11 * b + prompt_tokens] for b in range(batch)], device=device)
 
 
-def prefill(model, input_ids, cache, cache_position=None):
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                cache_position=cache_position)
-    return out.logits[:, -1].argmax(-1, keepdim=True)
-
-
-def decode_one_token(model, token, cache, cache_position=None):
-    out = model(input_ids=token, past_key_values=cache, use_cache=True, cache_position=cache_position)
-    return out.logits[:, -1].argmax(-1, keepdim=True)
-
-
-def compiled_decode_step(device: str):
-    """`decode_one_token` through torch.compile (fullgraph; CUDA graphs on a GPU via "reduce-overhead"). Dynamo's
-    caches are reset first, so each cell compiles for its own shapes and never hits the recompile limit (past it,
-    torch.compile silently runs eager)."""
-    import torch
-
-    torch._dynamo.reset()
-    mode = "reduce-overhead" if device.startswith("cuda") else None
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
-
-
 class Clock:
     """Marks on the device timeline: CUDA events on a GPU, the host clock on CPU. Read after the run."""
 
     def __init__(self, device: str):
-        import torch
-
         self.cuda = device.startswith("cuda")
         self.marks: list = []
         self._event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
@@ -90,31 +65,29 @@ class Clock:
 
 
 def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None,
-             step=None, kv: dict | None = None):
-    """Greedy generation of exactly `new_tokens` tokens; returns (tokens [batch, new_tokens], cache). `step`: a
-    compiled decode step (see `compiled_decode_step`): then the cache is static and positions are explicit. `kv`:
-    the cell's KV cache ({"name", "options"}, see tasks.kv_cache; None or native: DynamicCache)."""
+             step=None, kv: KvSpec | None = None):
+    """Greedy generation of exactly `new_tokens` tokens with a loaded model (tasks.engines.Model); returns (tokens
+    [batch, new_tokens], cache). `step`: a compiled decode step (`model.compiled_decode()`): then the cache is static
+    and positions are explicit. `kv`: the cell's KV cache (None or native: the engine's dynamic cache)."""
     import contextlib
-
-    import torch
 
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
     prompt = input_ids.shape[1]
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
-        cache = new_cache(model, kv, prompt + new_tokens if step else None)
+        cache = model.new_cache(kv, prompt + new_tokens if step else None)
         positions = (lambda start, n: torch.arange(start, start + n, device=input_ids.device)) if step else \
             (lambda start, n: None)
         if clock:
             clock.mark()
         with phase("prefill"):
-            token = prefill(model, input_ids, cache, positions(0, prompt))
+            token = model.prefill(input_ids, cache, positions(0, prompt))
         if clock:
             clock.mark()
         out = [token]
-        decode = step or decode_one_token
+        decode = step or model.decode_one_token
         with phase("decode"):
             for i in range(new_tokens - 1):
-                token = decode(model, token, cache, positions(prompt + i, 1))
+                token = decode(token, cache, positions(prompt + i, 1))
                 if step is not None:
                     token = token.clone()  # CUDA graphs reuse their output buffer
                 if clock:
@@ -169,27 +142,26 @@ def _cv(values: list[float]) -> float | None:
 
 
 def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top: int = 10,
-                        kv: dict | None = None) -> list[dict]:
+                        kv: KvSpec | None = None) -> list[dict]:
     """One decode step (after a prefill and two unprofiled steps) under torch.profiler: the top kernels by GPU time
     on CUDA, the top operators by CPU time on CPU. Separate from the timed runs; the profiler's overhead is not in
     any latency."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
     static_len = ids.shape[1] + max(new_tokens, 4) if step else None
-    decode = step or decode_one_token
+    decode = step or model.decode_one_token
     with torch.no_grad():
-        cache = new_cache(model, kv, static_len)
+        cache = model.new_cache(kv, static_len)
         pos = (lambda p: torch.tensor([p], device=ids.device)) if step else (lambda p: None)
-        token = prefill(model, ids, cache, torch.arange(ids.shape[1], device=ids.device) if step else None)
+        token = model.prefill(ids, cache, torch.arange(ids.shape[1], device=ids.device) if step else None)
         for i in range(2):
-            token = decode(model, token, cache, pos(ids.shape[1] + i)).clone()
+            token = decode(token, cache, pos(ids.shape[1] + i)).clone()
         if cuda:
             torch.cuda.synchronize()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
-            decode(model, token, cache, pos(ids.shape[1] + 2))
+            decode(token, cache, pos(ids.shape[1] + 2))
             if cuda:
                 torch.cuda.synchronize()
     events = prof.key_averages()
@@ -201,18 +173,15 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
     return [{"name": name[:200], "calls": int(calls), "time_us": float(us)} for name, calls, us in rows[:top]]
 
 
-def measure_cell(model, tokenizer, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int,
-                 warmup: int, repeats: int, decode: str = "eager", profile: bool = False, kv: dict | None = None):
+def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int, warmup: int,
+                 repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None):
     """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases, final cache, for
     the compiled path the seconds of its first run (compilation included; never part of the latency), and with
     `profile` the top kernels of one decode step (else None)."""
-    import torch
-
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = prompt_ids(tokenizer, vocab, prompt_tokens, batch_size, device)
+    ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
     step, compile_s = None, None
     if decode == "compiled":
-        step = compiled_decode_step(device)
+        step = model.compiled_decode()
         t0 = time.perf_counter()
         generate(model, ids, new_tokens, step=step, kv=kv)
         if device.startswith("cuda"):

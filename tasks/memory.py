@@ -7,42 +7,35 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import psutil
+import torch
+
 
 def _cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
 def allocated(device: str) -> int:
-    import torch
-
     return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())) if _cuda(device) else rss()
 
 
 def rss() -> int:
-    import psutil
-
     return psutil.Process().memory_info().rss
 
 
 def reset_peaks(device: str) -> None:
-    import torch
-
     if _cuda(device):
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
 
 
 def peak_allocated(device: str) -> int | None:
-    import torch
-
     if not _cuda(device):
         return None
     return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
 
 
 def peak_reserved(device: str) -> int | None:
-    import torch
-
     if not _cuda(device):
         return None
     return sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
@@ -51,8 +44,6 @@ def peak_reserved(device: str) -> int | None:
 def alloc_retries(device: str) -> int | None:
     """Times the caching allocator found no free block, freed its cache and retried cudaMalloc, in this process so
     far: a peak reserved near the whole card with retries > 0 is fragmentation, not memory the cell needs."""
-    import torch
-
     if not _cuda(device):
         return None
     return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
@@ -65,7 +56,6 @@ def _nvml_processes(device: str) -> tuple[list[tuple[int, int | None]], int] | N
         return None
     try:
         import pynvml
-        import torch
 
         pynvml.nvmlInit()
         uuid = str(torch.cuda.get_device_properties(device).uuid)
@@ -114,8 +104,6 @@ class PhaseMemory:
         reset_peaks(self.device)
         yield
         if _cuda(self.device):
-            import torch
-
             torch.cuda.synchronize()
         setattr(self, f"{name}_peak", peak_allocated(self.device))
         setattr(self, f"after_{name}", allocated(self.device))

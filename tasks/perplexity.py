@@ -17,12 +17,18 @@ logits for a whole batch never exist at once.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
-WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
-HUB_DATASET = "wikitext/wikitext-2-raw-v1/test"
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tasks.sources import cache_root
+
 LOSS_CHUNK = 512  # positions per fp32 cross-entropy chunk
 
 
@@ -46,14 +52,6 @@ def token_ids(tokenizer, text: str):
     """The text tokenized once, as the tokenizer does by default. Cached on disk by (tokenizer definition, text):
     every unit of a model tokenizes the same split with the same tokenizer (1.6 s on the H200 host, more than the
     batched forward pass over the whole split)."""
-    import hashlib
-    import os
-
-    import numpy as np
-    import torch
-
-    from tasks.models import cache_root
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # not a fast tokenizer: no stable definition to key the cache by
         return tokenizer(text, return_tensors="pt").input_ids[0]
@@ -94,10 +92,8 @@ def strided_windows(n_tokens: int, seqlen: int, stride: int) -> list[Window]:
 
 
 def window_losses(model, ids, windows: list[Window], batch_size: int, device: str) -> list[tuple[float, int]]:
-    """(sum of cross-entropy in fp32, number of targets) per window, windows of equal length batched together."""
-    import torch
-    import torch.nn.functional as F
-
+    """(sum of cross-entropy in fp32, number of targets) per window, windows of equal length batched together;
+    `model`: a loaded model (tasks.engines.Model)."""
     out: dict[int, tuple[float, int]] = {}
     order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].begin)
     groups: list[list[int]] = []
@@ -111,7 +107,7 @@ def window_losses(model, ids, windows: list[Window], batch_size: int, device: st
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
         for group in groups:
             batch = torch.stack([ids[windows[i].begin:windows[i].end] for i in group]).to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
+            logits = model.window_logits(batch)
             for row, i in enumerate(group):
                 w = windows[i]
                 total = torch.zeros((), dtype=torch.float64, device=logits.device)
@@ -126,11 +122,9 @@ def window_losses(model, ids, windows: list[Window], batch_size: int, device: st
 
 def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int, stride: int,
                max_windows: int | None, batch_size: int, device: str) -> dict:
-    import torch
-
     t0 = time.perf_counter()
     ids = token_ids(tokenizer, corpus_text(rows))
-    max_len = getattr(model.config, "max_position_embeddings", None)
+    max_len = model.max_positions
     if max_len and seqlen > max_len:
         raise ValueError(f"perplexity.seqlen {seqlen} exceeds the model's max_position_embeddings {max_len}")
     if protocol == "gptq":
@@ -166,7 +160,7 @@ def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int,
     }
 
 
-def continuation_perplexity(model, tokenizer, rows: list[str], *, kv: dict | None, windows: int, prefill: int,
+def continuation_perplexity(model, tokenizer, rows: list[str], *, kv, windows: int, prefill: int,
                             continuation: int, device: str) -> dict:
     """Perplexity through a KV cache (protocol `kv-continuation`): the first `windows` non-overlapping windows of
     prefill + continuation tokens of the test split, batched; each window's first `prefill` tokens go through the
@@ -174,11 +168,6 @@ def continuation_perplexity(model, tokenizer, rows: list[str], *, kv: dict | Non
     token, each step reading every earlier key and value from the cache. ppl = exp(mean cross-entropy of the
     `continuation` targets). Unlike the weight-only protocols, which score every position of a window in one pass
     with exact attention, every target here is predicted from cached keys and values, as in generation."""
-    import torch
-    import torch.nn.functional as F
-
-    from tasks.kv_cache import new_cache
-
     t0 = time.perf_counter()
     ids = token_ids(tokenizer, corpus_text(rows))
     span = prefill + continuation
@@ -187,12 +176,12 @@ def continuation_perplexity(model, tokenizer, rows: list[str], *, kv: dict | Non
     batch = torch.stack([ids[i * span:(i + 1) * span] for i in range(windows)]).to(device)
     nll = torch.zeros((), dtype=torch.float64, device=batch.device)
     with torch.no_grad():
-        cache = new_cache(model, kv)
-        logits = model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache = model.new_cache(kv)
+        logits = model.next_logits(batch[:, :prefill], cache)
         for t in range(prefill, span):
-            nll += F.cross_entropy(logits[:, -1].float(), batch[:, t], reduction="sum").double()
+            nll += F.cross_entropy(logits.float(), batch[:, t], reduction="sum").double()
             if t + 1 < span:
-                logits = model(input_ids=batch[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                logits = model.next_logits(batch[:, t:t + 1], cache)
     return {"ppl_kv": math.exp(float(nll) / (windows * continuation)), "ppl_kv_windows": windows,
             "ppl_kv_prefill_tokens": prefill, "ppl_kv_tokens_scored": windows * continuation,
             "ppl_kv_s": time.perf_counter() - t0}

@@ -34,13 +34,14 @@ def wikitext_bytes():
 
 @pytest.fixture(scope="session")
 def smollm2(model_cache):
-    """SmolLM2-135M (real weights, fp32, dequantized Q4_1) and its tokenizer."""
-    from tasks.models import load
+    """SmolLM2-135M (real weights, fp32, dequantized Q4_1) loaded by the transformers engine, and its tokenizer."""
+    from spec.units import ModelSpec
+    from tasks.engines.hf import load
     from tasks.precisions import REGISTRY
 
     p = REGISTRY["fp32"]
-    model, tok, _ = load({"gguf": SMOLLM2, "label": "smollm2"}, p, p.parse_options({}), "cpu")
-    return model, tok
+    model = load(ModelSpec("gguf", SMOLLM2, "smollm2"), p, p.parse_options({}), "cpu")
+    return model, model.tokenizer
 
 
 def write_grid(path: Path, text: str) -> Path:

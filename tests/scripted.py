@@ -14,24 +14,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.rows import cell_fields, now, unit_rows_base
+from spec.rows import cell_fields, now, unit_rows_base
 
 
-def run_unit(unit: dict, wikitext: bytes | None = None):
-    label = unit["model"]["label"]
+def run_unit(unit, wikitext: bytes | None = None):
+    label = unit.model.label
     base = unit_rows_base(unit)
     base.update(host=socket.gethostname(), worker_pid=os.getpid(),
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), model_loads_in_worker=1)
-    for i, cell in enumerate(unit["cells"]):
+    for i, cell in enumerate(unit.cells):
         started = now()
         if label.startswith("sleep-"):
             time.sleep(float(label.split("-", 1)[1]))
         elif label == "hang":
-            Path(tempfile.gettempdir(), f"scripted-hang-{cell['cell_key']}.pid").write_text(str(os.getpid()))
+            Path(tempfile.gettempdir(), f"scripted-hang-{cell.key}.pid").write_text(str(os.getpid()))
             time.sleep(3600)
         elif i == 1 and label == "raise":
             raise ValueError("scripted failure in the unit")
-        elif i == 1 and (label == "kill-always" or (label == "kill-once" and unit["attempt"] == 1)):
+        elif i == 1 and (label == "kill-always" or (label == "kill-once" and unit.attempt == 1)):
             os._exit(1)
         yield {**base, **cell_fields(cell), "status": "ok", "started_at": started, "ended_at": now(),
                "decode_ms_per_token": 1.0, "ttft_ms": 1.0}

@@ -105,7 +105,7 @@ def test_trust_remote_code_off_by_default_and_paths_absolute(tmp_path):
                               "ffn: 128, vocab: 1000}", "  - path: ./m\n  - hub: org/x\n    trust_remote_code: true"))
     g = load_grid(f)
     assert g.models[0].trust_remote_code is False and g.models[1].trust_remote_code is True
-    assert g.models[0].spec(tmp_path)["path"] == str(tmp_path / "m")
+    assert g.models[0].spec(tmp_path).location == str(tmp_path / "m")
     assert g.baseline == "fp32"
 
 

@@ -1,34 +1,58 @@
-"""Imports run one way (orchestrator -> tasks, reports); the schema document matches the code."""
+"""One room per kind of knowledge, imports one way: spec (the contract) imports no project module and no torch;
+orchestrator -> spec, tasks (the precision registry only), reports, cluster; tasks never imports Ray or the driver;
+reports never torch; no module imports another's private names. And the schema document matches the code."""
 import ast
 import subprocess
 import sys
 
 import pytest
 
-from orchestrator.schema import markdown
+from spec.schema import markdown
 from tests.conftest import ROOT
 
+PROJECT = {"spec", "orchestrator", "tasks", "reports", "cluster"}
 
-def imported_roots(package: str) -> set[str]:
-    roots = set()
+
+def imports(package: str) -> list[tuple[str, str, list[str]]]:
+    """(file, module imported, names imported from it) for every absolute import in a package."""
+    out = []
     for f in (ROOT / package).rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
-                roots |= {a.name.split(".")[0] for a in node.names}
+                out += [(str(f.relative_to(ROOT)), a.name, []) for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                roots.add(node.module.split(".")[0])
-    return roots
+                out.append((str(f.relative_to(ROOT)), node.module, [a.name for a in node.names]))
+    return out
 
 
-@pytest.mark.parametrize("package,forbidden", [("tasks", {"ray", "orchestrator", "reports", "cluster"}),
-                                               ("reports", {"torch", "ray", "orchestrator", "tasks", "transformers"}),
-                                               ("cluster", {"torch", "orchestrator", "tasks", "reports"})])
+def roots(package: str) -> set[str]:
+    return {module.split(".")[0] for _, module, _ in imports(package)}
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("spec", PROJECT - {"spec"} | {"torch", "transformers", "ray", "numpy", "pandas"}),
+    ("tasks", {"ray", "orchestrator", "reports", "cluster"}),
+    ("reports", {"torch", "ray", "orchestrator", "tasks", "transformers"}),
+    ("cluster", {"torch", "orchestrator", "tasks", "reports"})])
 def test_import_direction(package, forbidden):
-    assert not imported_roots(package) & forbidden
+    assert not roots(package) & forbidden
 
 
-def test_reports_load_without_torch():
-    code = "import sys, reports.build; assert 'torch' not in sys.modules, 'torch was imported'"
+def test_the_driver_takes_only_the_precision_registry_from_tasks():
+    from_tasks = {(f, m) for f, m, _ in imports("orchestrator") if m.split(".")[0] == "tasks"}
+    assert from_tasks and all(m == "tasks.precisions" for _, m in from_tasks), from_tasks
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [(f, m, n) for pkg in PROJECT | {"tests", "bench"} for f, m, names in imports(pkg)
+               if m.split(".")[0] in PROJECT for n in names if n.startswith("_")]
+    assert private == []
+
+
+@pytest.mark.parametrize("modules", ["spec.schema, spec.rows, spec.units, spec.catalog, spec.models",
+                                     "reports.build"])
+def test_contract_and_report_load_without_torch(modules):
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 

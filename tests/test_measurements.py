@@ -5,25 +5,29 @@ import json
 
 import pytest
 
-from orchestrator.schema import NAMES
 from orchestrator.store import Store
-from tasks import latency, models, unit as U
-from tasks.hardware import datasheet_bandwidth_gbs
+from spec.catalog import datasheet_bandwidth_gbs
+from spec.schema import NAMES
+from spec.units import CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
+from tasks import latency, sources, unit as U
+from tasks.engines import hf
 from tasks.precisions import REGISTRY
 from tests.conftest import SMOLLM2, TINY_LLAMA, TINY_OPT
 
 ALL = ["fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq"]
 
 
-def make_unit(precision="fp32", options=None, model=None, cells=((4, 1), (6, 2)), ppl=None, label="tiny"):
+def make_unit(precision="fp32", options=None, model=None, cells=((4, 1), (6, 2)), ppl=None, label="tiny",
+              **generation):
     opts = REGISTRY[precision].parse_options(options or {}).model_dump()
-    return {
-        "sweep": "t", "run_id": "r", "unit_id": "u", "attempt": 1,
-        "model": {"synthetic": TINY_LLAMA, "label": label} if model is None else model,
-        "precision": {"name": precision, "options": opts, "label": precision},
-        "cells": [{"cell_key": f"k{n}-{b}", "new_tokens": n, "batch_size": b} for n, b in cells],
-        "generation": {"prompt_tokens": 8, "warmup": 1, "repeats": 2}, "perplexity": ppl, "gpus": 0,
-    }
+    return UnitSpec("t", "r", "u", model or ModelSpec("synthetic", TINY_LLAMA, label),
+                    PrecisionSpec(precision, opts, precision), [CellSpec(f"k{n}-{b}", n, b) for n, b in cells],
+                    GenerationSpec(**{"prompt_tokens": 8, "warmup": 1, "repeats": 2, **generation}), ppl, 0)
+
+
+def tiny(precision="fp32", shapes=TINY_LLAMA):
+    p = REGISTRY[precision]
+    return hf.load(ModelSpec("synthetic", shapes, "tiny"), p, p.parse_options({}), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_every_precision_runs_on_cpu(rows_by_precision, precision, tmp_path):
     assert r["decode_bytes_per_step"] > r["weights_bytes"] - r["embedding_unread_bytes"]
     assert 0 < r["bandwidth_fraction"] < 1.5 and r["peak_bandwidth_source"] == "measured-copy"
     assert r["device"] == "cpu" and r["torch_version"] and r["transformers_version"] and r["bitsandbytes_version"]
-    assert json.loads(r["precision_options"]) == make_unit(precision)["precision"]["options"]
+    assert json.loads(r["precision_options"]) == make_unit(precision).precision.options
 
 
 def test_quantization_shrinks_weights(rows_by_precision):
@@ -105,17 +109,14 @@ def test_more_quantization_libraries_store_what_they_claim(rows_more, rows_by_pr
 def test_double_quant_shrinks_the_scales():
     """nf4-dq stores absmax in 8 bits (plus a 1 KB code book per layer): smaller once layers are not tiny."""
     wide = {**TINY_LLAMA, "hidden_size": 256, "ffn": 1024}
-    stats = {}
-    for name in ("nf4", "nf4-dq"):
-        p = REGISTRY[name]
-        m, _, _ = models.load({"synthetic": wide, "label": "wide"}, p, p.parse_options({}), "cpu")
-        stats[name] = models.weight_stats(m)
+    stats = {name: tiny(name, wide).weight_stats() for name in ("nf4", "nf4-dq")}
     assert stats["nf4-dq"]["weights_bytes"] < stats["nf4"]["weights_bytes"]
     assert stats["nf4-dq"]["params"] == stats["nf4"]["params"]
 
 
 def test_unsupported_device_gives_skipped_rows(monkeypatch):
-    cuda_only = dataclasses.replace(REGISTRY["nf4"], devices=("cuda",))
+    cuda_only = dataclasses.replace(REGISTRY["nf4"], limits=dataclasses.replace(REGISTRY["nf4"].limits,
+                                                                                 devices=("cuda",)))
     monkeypatch.setitem(U.REGISTRY, "nf4", cuda_only)
     rows = list(U.run_unit(make_unit("nf4")))
     assert [r["status"] for r in rows] == ["skipped", "skipped"]
@@ -124,7 +125,7 @@ def test_unsupported_device_gives_skipped_rows(monkeypatch):
 
 
 def test_load_failure_makes_every_cell_an_error(tmp_path):
-    rows = list(U.run_unit(make_unit(model={"path": str(tmp_path / "missing"), "label": "missing"})))
+    rows = list(U.run_unit(make_unit(model=ModelSpec("path", str(tmp_path / "missing"), "missing"))))
     assert [r["status"] for r in rows] == ["error", "error"]
     assert rows[0]["error_type"] and rows[0]["traceback"]
 
@@ -132,10 +133,10 @@ def test_load_failure_makes_every_cell_an_error(tmp_path):
 def test_cell_failure_does_not_stop_the_unit(monkeypatch):
     real = latency.measure_cell
 
-    def flaky(model, tokenizer, device, **kw):
+    def flaky(model, device, **kw):
         if kw["batch_size"] == 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, tokenizer, device, **kw)
+        return real(model, device, **kw)
 
     monkeypatch.setattr(U.latency, "measure_cell", flaky)
     rows = list(U.run_unit(make_unit()))
@@ -166,7 +167,7 @@ def test_memory_run_starts_without_earlier_runs_caches(monkeypatch):
 
 
 def test_opt_family_and_synthetic_cache(model_cache):
-    rows = list(U.run_unit(make_unit("fp16", model={"synthetic": TINY_OPT, "label": "opt"}, cells=((3, 1),))))
+    rows = list(U.run_unit(make_unit("fp16", model=ModelSpec("synthetic", TINY_OPT, "opt"), cells=((3, 1),))))
     assert rows[0]["status"] == "ok"
     folders = list(model_cache.glob("synthetic-*"))
     assert folders and all((f / "config.json").exists() for f in folders)
@@ -201,9 +202,8 @@ def test_bandwidth_table():
 @pytest.mark.slow
 def test_smollm2_unit_with_perplexity(wikitext_bytes, smollm2, model_cache):
     """The real model through the whole unit: GGUF converted once (cached by hash), perplexity on real text."""
-    ppl = {"protocol": "gptq", "seqlen": 512, "stride": 512, "max_windows": 2, "batch_size": 2,
-           "dataset": "local", "sha256": "x"}
-    rows = list(U.run_unit(make_unit("int8", {"compute_dtype": "fp32"}, model={"gguf": SMOLLM2, "label": "smol"},
+    ppl = PerplexitySpec("gptq", 512, 512, 2, 2, "local", "x")
+    rows = list(U.run_unit(make_unit("int8", {"compute_dtype": "fp32"}, model=ModelSpec("gguf", SMOLLM2, "smol"),
                                      cells=((4, 1),), ppl=ppl), wikitext_bytes))
     r = rows[0]
     assert r["status"] == "ok", r.get("traceback")
@@ -223,7 +223,7 @@ def test_synthetic_architectures_have_their_published_size(name, billions):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(models.synthetic_config(name))
+        m = AutoModelForCausalLM.from_config(sources.synthetic_config(name))
     assert sum(p.numel() for p in m.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
 
 
@@ -231,7 +231,7 @@ def test_synthetic_architectures_have_their_published_size(name, billions):
 def test_local_folder_source(smollm2, model_cache):
     """A `path:` source is a plain Hugging Face folder (here: the converted GGUF in the cache)."""
     folder = next(model_cache.glob("gguf-*"))
-    rows = list(U.run_unit(make_unit("fp32", model={"path": str(folder), "label": "local"}, cells=((2, 1),))))
+    rows = list(U.run_unit(make_unit("fp32", model=ModelSpec("path", str(folder), "local"), cells=((2, 1),))))
     assert rows[0]["status"] == "ok" and rows[0]["model_source"] == "path" and rows[0]["params"] == 134_515_008
 
 
@@ -240,15 +240,14 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
     time in compile_s (never in the latency), a static cache allocated for every position."""
     import torch
 
-    p = REGISTRY["fp32"]
-    model, _, _ = models.load({"synthetic": TINY_LLAMA, "label": "t"}, p, p.parse_options({}), "cpu")
+    model = tiny()
     ids = latency.prompt_ids(None, 1000, 8, 2, "cpu")
     eager, _ = latency.generate(model, ids, 6)
-    compiled, cache = latency.generate(model, ids, 6, step=latency.compiled_decode_step("cpu"))
+    compiled, cache = latency.generate(model, ids, 6, step=model.compiled_decode())
     assert torch.equal(eager, compiled) and type(cache).__name__ == "StaticCache"
 
     unit = make_unit(cells=((5, 2),))
-    unit["cells"][0]["decode"] = "compiled"
+    unit.cells[0] = dataclasses.replace(unit.cells[0], decode="compiled")
     r = list(U.run_unit(unit))[0]
     assert r["status"] == "ok", r.get("traceback")
     assert r["decode"] == "compiled" and r["compile_s"] > 0
@@ -259,9 +258,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
 
 
 def test_profile_lists_the_top_operators_of_one_decode_step(tmp_path):
-    unit = make_unit("nf4", cells=((4, 1),))
-    unit["generation"]["profile"] = True
-    r = list(U.run_unit(unit))[0]
+    r = list(U.run_unit(make_unit("nf4", cells=((4, 1),), profile=True)))[0]
     assert r["status"] == "ok", r.get("traceback")
     k = r["top_kernels"]
     assert 3 <= len(k) <= 10 and [x["time_us"] for x in k] == sorted((x["time_us"] for x in k), reverse=True)

@@ -1,6 +1,7 @@
 """Calibrated methods (gptq, awq) and the KV-cache axis, on CPU: calibration cached on disk and never on the test
 split, packed weights counted, quantized caches measured against their analytic size, perplexity through a cache,
 and the fork server's preload list free of libraries that touch CUDA at import."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,10 +12,12 @@ import pytest
 from orchestrator.files import BadInput
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan, unsupported_cells
-from orchestrator.schema import NAMES
+from spec.catalog import RANDOM_IDS
+from spec.schema import NAMES
+from spec.units import Calibration, CellSpec, KvSpec, ModelSpec
 from orchestrator.store import Store
-from tasks import kv_cache, perplexity, unit as U
-from tasks.calibration import RANDOM_IDS, calibration_ids
+from tasks import perplexity, unit as U
+from tasks.precisions.gptq.calibration import calibration_ids
 from tests.conftest import ROOT, SHARED, SMOLLM2, WIKITEXT, write_grid
 from tests.test_measurements import make_unit
 
@@ -25,8 +28,8 @@ VALID = SHARED / "data" / "wikitext-2" / "wiki.valid.tokens"
 
 def calibrated_unit(name, **options):
     u = make_unit(name, {"group_size": 64, "calib_samples": 4, "calib_seqlen": 32, **options},
-                  model={"synthetic": TINY64, "label": "tiny64"}, cells=((4, 1),))
-    u["calibration"] = {"name": RANDOM_IDS, "sha256": None, "text": None}
+                  model=ModelSpec("synthetic", TINY64, "tiny64"), cells=((4, 1),))
+    u.precision = dataclasses.replace(u.precision, calibration=Calibration(RANDOM_IDS))
     return u
 
 
@@ -42,7 +45,7 @@ def test_calibrated_method_runs_and_is_cached(name, kernel, tmp_path, monkeypatc
     assert first["calib_text"] == RANDOM_IDS and first["calib_samples"] == 4 and first["calib_seqlen"] == 32
     assert first["linear_class"] == kernel and first["quant_library"] == "gptqmodel"
     # packed int32 buffers: the projections count by their logical shape, 4-bit values plus group scales
-    fp32 = list(U.run_unit(make_unit("fp32", model={"synthetic": TINY64, "label": "tiny64"}, cells=((4, 1),))))[0]
+    fp32 = list(U.run_unit(make_unit("fp32", model=ModelSpec("synthetic", TINY64, "tiny64"), cells=((4, 1),))))[0]
     assert first["params"] == fp32["params"]
     assert first["weights_bytes"] < fp32["weights_bytes"] / 2.5
     again = list(U.run_unit(calibrated_unit(name)))[0]  # a second sweep: loaded from the cache, no calibration
@@ -56,12 +59,12 @@ def test_calibrated_method_runs_and_is_cached(name, kernel, tmp_path, monkeypatc
 
 def test_shapes_that_do_not_fit_the_groups_are_a_clear_error():
     u = calibrated_unit("gptq")
-    u["model"] = {"synthetic": {**TINY64, "hidden_size": 96, "heads": 3}, "label": "tiny96"}
+    u.model = ModelSpec("synthetic", {**TINY64, "hidden_size": 96, "heads": 3}, "tiny96")
     r = list(U.run_unit(u))[0]
     assert r["status"] == "error"
     assert "gptq: group_size 64 does not divide the model's hidden_size 96" in r["error_message"]
     u = calibrated_unit("awq", group_size=32)
-    u["model"] = {"synthetic": {**TINY64, "hidden_size": 96, "heads": 3}, "label": "tiny96"}
+    u.model = ModelSpec("synthetic", {**TINY64, "hidden_size": 96, "heads": 3}, "tiny96")
     r = list(U.run_unit(u))[0]
     assert "awq: the model's hidden_size 96 is not a multiple of 64" in r["error_message"]
 
@@ -73,16 +76,17 @@ def test_what_failed_on_an_h200_is_skipped_before_start(tmp_path, capsys):
     torch._int_mm with one row per sequence, which CUDA refuses up to 16. Known from the grid, the model's widths
     and the GPU type; on CPU all run."""
     from orchestrator.cli import main
-    from orchestrator.plan import model_widths, unsupported_before_start
+    from orchestrator.model_info import model_widths
+    from orchestrator.plan import unsupported_before_start
 
-    assert model_widths({"gguf": SMOLLM2}) == {"hidden_size": 576, "intermediate_size": 1536,
+    assert model_widths(ModelSpec("gguf", SMOLLM2, "s")) == {"hidden_size": 576, "intermediate_size": 1536,
                                                         "kv projection width": 192}
-    assert model_widths({"synthetic": "llama-2-7b"}) == {"hidden_size": 4096, "intermediate_size": 11008,
+    assert model_widths(ModelSpec("synthetic", "llama-2-7b", "l")) == {"hidden_size": 4096, "intermediate_size": 11008,
                                                          "kv projection width": 4096}
     from transformers import LlamaConfig  # a local folder: read from its config.json, grouped-query k/v width
     LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3).save_pretrained(
         tmp_path / "local")
-    assert model_widths({"path": str(tmp_path / "local")}) == {"hidden_size": 576, "intermediate_size": 1536,
+    assert model_widths(ModelSpec("path", str(tmp_path / "local"), "p")) == {"hidden_size": 576, "intermediate_size": 1536,
                                                                 "kv projection width": 192}
     path = write_grid(tmp_path / "g.yaml", f"""
 name: h200
@@ -101,7 +105,7 @@ generation: {{new_tokens: [4], batch_sizes: [1, 32], decode: [eager, compiled]}}
 perplexity: false
 """)
     plan = make_plan(load_grid(path), "r")
-    label = {u.unit_id: (u.model["label"], u.label.split(" × ")[1]) for u in plan.units}
+    label = {u.unit_id: (u.model.label, u.label.split(" × ")[1]) for u in plan.units}
     on_h200 = unsupported_before_start(plan, "cuda", ["H200"])
     assert [label[k] for k in on_h200] == [("smollm2", "gptq(group_size=64)")]
     assert "Machete" in on_h200[next(iter(on_h200))] and "`kernel: torch`" in on_h200[next(iter(on_h200))]
@@ -124,7 +128,7 @@ perplexity: false
 def test_machete_without_its_sources_is_refused_before_calibrating(monkeypatch):
     """Seen on an H200 without internet: 4-bit GPTQ with kernel auto loads with Machete, which downloads CUTLASS from
     GitHub at first use; the load failed after calibrating. The worker now says so before calibrating."""
-    from tasks.calibration import machete_problem
+    from tasks.precisions.gptq.calibration import machete_problem
     from tasks.precisions import REGISTRY
 
     opts = REGISTRY["gptq"].parse_options({})
@@ -164,11 +168,11 @@ perplexity: false
 def test_calibration_text_is_read_checked_and_keyed_by_content(tmp_path):
     grid = load_grid(_calibrated_grid(tmp_path, VALID))
     plan = make_plan(grid, "r")
-    gptq = next(u for u in plan.units if u.precision["name"] == "gptq")
-    assert gptq.precision["calibration"]["name"] == str(VALID.resolve())
+    gptq = next(u for u in plan.units if u.precision.name == "gptq")
+    assert gptq.precision.calibration.name == str(VALID.resolve())
     task = gptq.to_task(plan)
-    assert task["calibration"]["text"] == VALID.read_bytes()  # shipped with the unit: no copy needed on workers
-    assert gptq.precision["label"] == "gptq(group_size=64)"  # the file is on the row, not in the label
+    assert task.precision.calibration.text == VALID.read_bytes()  # shipped with the unit: no copy needed on workers
+    assert gptq.precision.label == "gptq(group_size=64)"  # the file is on the row, not in the label
     copy = tmp_path / "same-text.tokens"
     copy.write_bytes(VALID.read_bytes())
     moved = make_plan(load_grid(_calibrated_grid(tmp_path, copy)), "r")
@@ -192,7 +196,7 @@ perplexity: false
     with pytest.raises(BadInput, match=r"precisions\[0\]\.calib_path: no calibration text is set"):
         make_plan(grid, "r")
     monkeypatch.setenv("WIKITEXT2_VALID_PATH", str(VALID))
-    assert make_plan(grid, "r").units[0].precision["calibration"]["sha256"]
+    assert make_plan(grid, "r").units[0].precision.calibration.sha256
     synthetic = load_grid(write_grid(tmp_path / "s.yaml", """
 name: calib
 models: [{synthetic: opt-125m}]
@@ -201,18 +205,16 @@ generation: {new_tokens: [4]}
 perplexity: false
 """))
     monkeypatch.delenv("WIKITEXT2_VALID_PATH")
-    assert make_plan(synthetic, "r").units[0].precision["calibration"]["name"] == RANDOM_IDS  # no text needed
+    assert make_plan(synthetic, "r").units[0].precision.calibration.name == RANDOM_IDS  # no text needed
 
 
 KV = ["native", "quanto-int4", "quanto-int2", "hqq-int8", "hqq-int4", "hqq-int2"]
 
 
 def test_kv_cache_axis_measured_and_analytic_agree():
-    u = make_unit("fp32", model={"synthetic": TINY64, "label": "tiny64"})
-    u["cells"] = [{"cell_key": name, "new_tokens": 40, "batch_size": 2,
-                   "kv_cache": {"name": name, "options": kv_cache.parse_options(name, {"residual_length": 16} if
-                                                                                  name != "native" else {}),
-                                "label": name}} for name in KV]
+    u = make_unit("fp32", model=ModelSpec("synthetic", TINY64, "tiny64"))
+    quantized = {"q_group_size": 64, "residual_length": 16}
+    u.cells = [CellSpec(name, 40, 2, kv=KvSpec(name, {} if name == "native" else quantized, name)) for name in KV]
     rows = {r["kv_cache"]: r for r in U.run_unit(u)}
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("traceback") for r in rows.values()]
     for name, r in rows.items():
@@ -239,11 +241,11 @@ generation: {new_tokens: [4], decode: [eager, compiled], kv_cache: [native, {nam
 perplexity: false
 """))
     plan = make_plan(grid, "r")
-    assert sorted((c.decode, c.kv_cache) for c in plan.cells) == [
+    assert sorted((c.decode, c.kv.label) for c in plan.cells) == [
         ("compiled", "hqq-int4(residual_length=64)"), ("compiled", "native"),
         ("eager", "hqq-int4(residual_length=64)"), ("eager", "native")]
     skipped = unsupported_cells(plan)
-    assert [(c.decode, c.kv["name"]) for c in plan.cells if c.key in skipped] == [("compiled", "hqq-int4")]
+    assert [(c.decode, c.kv.name) for c in plan.cells if c.key in skipped] == [("compiled", "hqq-int4")]
     assert "needs a static cache" in next(iter(skipped.values()))
     assert main(["validate", str(tmp_path / "g.yaml")]) == 0  # validate lists them
     assert "skipped before start (1 cell): kv_cache hqq-int4 with decode: compiled" in capsys.readouterr().out
@@ -255,7 +257,7 @@ precisions: [fp16]
 generation: {new_tokens: [4], decode: [eager, compiled]}
 perplexity: false
 """)), "r")
-    assert {c.key for c in plain.cells} == {c.key for c in plan.cells if c.kv["name"] == "native"}
+    assert {c.key for c in plain.cells} == {c.key for c in plan.cells if c.kv.name == "native"}
 
 
 def test_unknown_kv_cache_is_named(tmp_path):
@@ -281,7 +283,7 @@ def test_perplexity_through_a_quantized_cache(smollm2, wikitext_bytes):
     rows = perplexity.rows_from_raw(wikitext_bytes)
 
     def ppl(name):
-        kv = None if name == "native" else {"name": name, "options": {"q_group_size": 64, "residual_length": 16}}
+        kv = None if name == "native" else KvSpec(name, {"q_group_size": 64, "residual_length": 16}, name)
         return perplexity.continuation_perplexity(model, tok, rows, kv=kv, windows=2, prefill=64, continuation=48,
                                                   device="cpu")
 
@@ -289,7 +291,7 @@ def test_perplexity_through_a_quantized_cache(smollm2, wikitext_bytes):
     assert native["ppl_kv_tokens_scored"] == 96 and native["ppl_kv_prefill_tokens"] == 64
     ids = perplexity.token_ids(tok, perplexity.corpus_text(rows))[:2 * 112].view(2, 112)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, 63:-1].float()
+        logits = model.module(input_ids=ids).logits[:, 63:-1].float()
     exact = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 64:].reshape(-1)).item())
     assert native["ppl_kv"] == pytest.approx(exact, rel=1e-3)
     assert native["ppl_kv"] < int4["ppl_kv"] < int2["ppl_kv"]

@@ -17,6 +17,11 @@ GRID = textwrap.dedent("""
 """)
 
 
+def keyed(p):
+    """(model, precision, new_tokens, batch_size) -> key of every cell of a plan."""
+    return {(u.model.label, u.precision.label, c.new_tokens, c.batch_size): c.key for u in p.units for c in u.cells}
+
+
 def plan(tmp_path, text=GRID, overrides=()):
     f = tmp_path / "g.yaml"
     f.write_text(text)
@@ -30,26 +35,24 @@ def test_cells_and_units(tmp_path):
     assert all(len(u.cells) == 6 for u in p.units)
     assert len({c.key for c in p.cells}) == len(p.cells)
     # every unit is one (model, precision) pair, so each pair is loaded exactly once
-    assert len({(u.model["label"], u.precision["label"]) for u in p.units}) == len(p.units)
+    assert len({(u.model.label, u.precision.label) for u in p.units}) == len(p.units)
 
 
 def test_largest_first(tmp_path):
     p = plan(tmp_path)
-    assert [u.model["label"] for u in p.units[:3]] == ["llama-2-7b"] * 3
-    assert [u.model["label"] for u in p.units[-3:]] == ["synthetic-llama-64x2"] * 3
+    assert [u.model.label for u in p.units[:3]] == ["llama-2-7b"] * 3
+    assert [u.model.label for u in p.units[-3:]] == ["synthetic-llama-64x2"] * 3
     assert [u.size for u in p.units] == sorted((u.size for u in p.units), reverse=True)
 
 
 def test_keys_stable_and_change_with_configuration(tmp_path):
-    a = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key for c in plan(tmp_path).cells}
-    b = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key for c in plan(tmp_path).cells}
+    a = keyed(plan(tmp_path))
+    b = keyed(plan(tmp_path))
     assert a == b
-    c = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key
-         for c in plan(tmp_path, overrides=["generation.repeats=9"]).cells}
+    c = keyed(plan(tmp_path, overrides=["generation.repeats=9"]))
     assert not set(a.values()) & set(c.values())
     # a changed option of one precision changes only that precision's keys
-    d = {(c.model, c.precision, c.new_tokens, c.batch_size): c.key
-         for c in plan(tmp_path, GRID.replace("int8]", "{name: int8, threshold: 0.0}]")).cells}
+    d = keyed(plan(tmp_path, GRID.replace("int8]", "{name: int8, threshold: 0.0}]")))
     same = {k for k in a if k in d and a[k] == d[k]}
     assert same and all(k[1] != "int8" for k in same)
     assert len(same) == len(a) * 2 // 3  # every fp16 and nf4 cell kept its key
@@ -92,7 +95,7 @@ def test_smollm2_bitsandbytes_units_go_first(tmp_path):
 
 def test_unsupported_before_start_by_device_and_accelerator(tmp_path):
     from orchestrator.plan import unsupported_before_start
-    from tasks.hardware import capability_of
+    from spec.catalog import capability_of
 
     g = tmp_path / "g.yaml"
     g.write_text("""
@@ -103,7 +106,7 @@ generation: {new_tokens: [4], batch_sizes: [1]}
 perplexity: false
 """)
     plan = make_plan(load_grid(str(g), []), "r", None)
-    label = {u.unit_id: u.precision["name"] for u in plan.units}
+    label = {u.unit_id: u.precision.name for u in plan.units}
 
     def skipped(device, acc):
         return sorted(label[k] for k in unsupported_before_start(plan, device, acc))
@@ -125,7 +128,9 @@ def test_decode_axis_and_backends_that_cannot_compile(tmp_path, monkeypatch):
 
     # no registered backend declares a compile_reason (those checked compile on CPU: see the README); declare one,
     # as a backend that cannot compile would
-    monkeypatch.setitem(REGISTRY, "nf4", dataclasses.replace(REGISTRY["nf4"], compile_reason="its kernels break the graph"))
+    nf4 = REGISTRY["nf4"]
+    monkeypatch.setitem(REGISTRY, "nf4", dataclasses.replace(nf4, limits=dataclasses.replace(
+        nf4.limits, compile_reason="its kernels break the graph")))
 
     g = tmp_path / "g.yaml"
     g.write_text("""
@@ -139,7 +144,7 @@ perplexity: false
     assert len(plan.cells) == 2 * 2 * 2 and len({c.key for c in plan.cells}) == 8
     assert {c.decode for c in plan.cells} == {"eager", "compiled"}
     skipped = unsupported_cells(plan)
-    nf4_compiled = {c.key for u in plan.units if u.precision["name"] == "nf4" for c in u.cells if c.decode == "compiled"}
+    nf4_compiled = {c.key for u in plan.units if u.precision.name == "nf4" for c in u.cells if c.decode == "compiled"}
     assert set(skipped) == nf4_compiled and all(
         r == "decode: compiled is not available for nf4: its kernels break the graph" for r in skipped.values())
     # eager alone keeps the default, and keys of eager cells do not depend on whether compiled is also asked for
@@ -149,7 +154,8 @@ perplexity: false
     plan3 = make_plan(load_grid(str(g3), []), "r", None)
     assert unsupported_cells(plan3, "cpu") == {}
     on_gpu = unsupported_cells(plan3, "cuda")
-    assert {(c.precision, c.decode) for c in plan3.cells if c.key in on_gpu} == {("int8", "compiled")}
+    assert {(u.precision.label, c.decode) for u in plan3.units for c in u.cells if c.key in on_gpu} == {
+        ("int8", "compiled")}
     assert all("CUDA graphs" in r and "H200" in r for r in on_gpu.values())
     g2 = tmp_path / "g2.yaml"
     g2.write_text(g.read_text().replace(", decode: [eager, compiled]", ""))

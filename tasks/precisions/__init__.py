@@ -1,18 +1,21 @@
-"""The precision registry: one small module per backend.
-
-Each backend is a `Precision`: a name, the devices it runs on, a pydantic model of its options, and `build()` giving
-the `from_pretrained` arguments that realise it (plus `after_load` for libraries with their own API). Metadata here
-imports neither torch nor any quantization library, so a grid can be validated on a machine without them.
+"""The precision registry: one module (or package) per backend, each owning its whole story: what it is, how it
+loads and how its stored bytes are counted, where it cannot run (tasks/precisions/base.py). Importing the registry
+imports neither torch nor any quantization library, so the driver validates grids on a machine without them.
 """
 from __future__ import annotations
 
 from tasks.precisions.base import Precision
-from tasks.precisions import bnb, full, gptq_backend, hqq_backend, quanto_backend, torchao_backend
+from tasks.precisions import bnb, full, gptq, hqq_backend, quanto_backend, torchao_backend
 
 REGISTRY: dict[str, Precision] = {p.name: p for p in (*full.PRECISIONS, *bnb.PRECISIONS, *torchao_backend.PRECISIONS,
                                                       *quanto_backend.PRECISIONS, *hqq_backend.PRECISIONS,
-                                                      *gptq_backend.PRECISIONS)}
+                                                      *gptq.PRECISIONS)}
 
 
 def get(name: str) -> Precision:
     return REGISTRY[name]
+
+
+def library_imports() -> tuple[str, ...]:
+    """Every module the backends import to load a model (quantization libraries, which may touch CUDA at import)."""
+    return tuple(sorted({m for p in REGISTRY.values() for m in p.method.imports}))

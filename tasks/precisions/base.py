@@ -1,7 +1,11 @@
+"""What a backend is: a `Precision` declares what it is (library, scheme, bits), how it loads (its options, the load
+plan it builds, a step after loading or before it, how its stored tensors are counted) and where it cannot run
+(devices, compute capability, bf16, compiled decode, projection shapes). The shared code reads these declarations;
+it never names a library. Importing a backend imports neither torch nor its library."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,72 +24,113 @@ class NoOptions(Options):
 
 
 @dataclass(frozen=True)
+class LoadPlan:
+    """How a precision loads: the arguments for the engine's loader (for transformers: from_pretrained's dtype and
+    quantization_config) and a one-line description of what was applied, recorded on rows as `quant_config`."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A module whose weight a backend stores its own way: the logical parameter count (a packed 4-bit tensor
+    counted unpacked) and every tensor that holds its state (packed values, scales, zero points, code books)."""
+    params: int
+    tensors: Iterable[Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the precision is."""
+    library: str = "torch"                        # who quantizes: torch (none), bitsandbytes, torchao, quanto, ...
+    distribution: str | None = None               # its pip distribution, for the version column (None: = library)
+    scheme: str = "none"                          # none | weight-only | weight+activation
+    weight_bits: float | Callable[[Options], float] = 16.0  # nominal bits of a stored weight
+    # modules its loading imports: never preloaded by the fork server (quantization libraries may initialise CUDA at
+    # import, and a forked child could then not use the GPU)
+    imports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How it loads."""
+    options: type[Options] = NoOptions
+    build: Callable[[Options, str], LoadPlan] = field(default=lambda o, device: LoadPlan())  # (options, device)
+    # libraries that quantize a loaded model in place through their own API (hqq): (model, options, device)
+    after_load: Callable[[Any, Options, str], None] | None = None
+    # calibrated methods (gptq, awq): (source folder, options, device, calibration text or None, its name,
+    # synthetic?) -> (folder of the calibrated checkpoint to load instead, calibration facts for the row)
+    prepare: Callable[..., tuple[str, dict[str, Any]]] | None = None
+    # modules whose weights the backend stores its own way (tasks.weights counts the rest generically)
+    storage: Callable[[Any], Stored | None] | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Where it cannot run: each answer is a reason, known before the sweep starts where the grid tells."""
+    devices: tuple[str, ...] = ("cuda", "cpu")    # device types it runs on
+    needs_bf16: Callable[[Options], bool] = field(default=lambda o: False)
+    min_capability: Callable[[Options], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
+    compile_reason: str | None = None             # why decode: compiled cannot run with it anywhere (None: it can)
+    # why compiled decode cannot run on GPUs (CUDA graphs), where CPU compiles: text, or (options, batch size) -> text
+    compile_reason_cuda: str | Callable[[Options, int], str | None] | None = None
+    # projection shapes its groups or kernels cannot take: (options, widths, GPU compute capability or None) -> why
+    shape_reason: Callable[[Options, dict[str, int], tuple[int, int] | None], str | None] | None = None
+
+
+@dataclass(frozen=True)
 class Precision:
     name: str
     description: str
-    devices: tuple[str, ...]                      # device types it runs on: "cuda", "cpu"
-    options: type[BaseModel] = NoOptions
-    # (options, device) -> kwargs for AutoModelForCausalLM.from_pretrained (quantization_config, dtype); a
-    # "_quant_config" entry, if any, is a one-line description of what was applied (recorded as `quant_config`)
-    build: Callable[[BaseModel, str], dict[str, Any]] = field(default=lambda o, device: {})
-    # for libraries that quantize a loaded model in place through their own API (hqq): (model, options, device)
-    after_load: Callable[[Any, BaseModel, str], str | None] | None = None
-    # for calibrated methods (gptq, awq): (source folder, options, device, calibration text or None, its name,
-    # synthetic?) -> (folder of the calibrated checkpoint to load instead, calibration facts for the row)
-    prepare: Callable[..., tuple[str, dict[str, Any]]] | None = None
-    needs_bf16: Callable[[BaseModel], bool] = field(default=lambda o: False)
-    weight_bits: float | Callable[[BaseModel], float] = 16.0  # nominal bits of a stored weight
-    compile_reason: str | None = None             # why decode: compiled cannot run with this backend (None: it can)
-    # why compiled decode cannot run on GPUs (CUDA graphs), where CPU compiles: text, or (options, batch size) -> text
-    # or None
-    compile_reason_cuda: str | Callable[[BaseModel, int], str | None] | None = None
-    # projection shapes a method's groups or kernels cannot take: (options, widths, GPU compute capability or None)
-    # -> why, or None; widths: hidden_size, intermediate_size, kv projection width (see tasks.calibration)
-    shape_reason: Callable[[BaseModel, dict[str, int], tuple[int, int] | None], str | None] | None = None
-    min_capability: Callable[[BaseModel], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
-    library: str = "torch"                        # who quantizes: torch (none), bitsandbytes, torchao, quanto, hqq
-    scheme: str = "none"                          # none | weight-only | weight+activation
+    method: Method = Method()
+    loading: Loading = Loading()
+    limits: Limits = Limits()
     # decode cost per layer relative to fp16 when launches dominate (only orders units, largest first); measured on
     # an H200 with SmolLM2-135M: nf4 1.9x, fp4 1.4x, int8 (threshold 0) 2.4x, int8 (threshold 6) 3.9x
-    launch_cost: Callable[[BaseModel], float] = field(default=lambda o: 1.0)
+    launch_cost: Callable[[Options], float] = field(default=lambda o: 1.0)
 
-    def parse_options(self, raw: dict[str, Any]) -> BaseModel:
-        return self.options(**raw)
+    def parse_options(self, raw: dict[str, Any]) -> Options:
+        return self.loading.options(**raw)
 
-    def decode_reason(self, decode: str, device_type: str | None = None, opts: BaseModel | None = None,
+    @property
+    def calibrated(self) -> bool:
+        return self.loading.prepare is not None
+
+    def bits(self, opts: Options) -> float:
+        b = self.method.weight_bits
+        return b(opts) if callable(b) else b
+
+    def decode_reason(self, decode: str, device_type: str | None = None, opts: Options | None = None,
                       batch_size: int = 1) -> str | None:
         """Why a cell with this decode path (and batch size) cannot run with this backend (on this device type, if
         known), or None."""
         if decode != "compiled":
             return None
-        if self.compile_reason:
-            return f"decode: compiled is not available for {self.name}: {self.compile_reason}"
-        cuda = self.compile_reason_cuda if device_type == "cuda" else None
+        if self.limits.compile_reason:
+            return f"decode: compiled is not available for {self.name}: {self.limits.compile_reason}"
+        cuda = self.limits.compile_reason_cuda if device_type == "cuda" else None
         if callable(cuda):
-            cuda = cuda(opts if opts is not None else self.options(), batch_size)
+            cuda = cuda(opts if opts is not None else self.loading.options(), batch_size)
         return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {cuda}" if cuda else None
 
-    @property
-    def calibrated(self) -> bool:
-        return self.prepare is not None
-
-    def bits(self, opts: BaseModel) -> float:
-        return self.weight_bits(opts) if callable(self.weight_bits) else self.weight_bits
-
-    def unsupported_reason(self, device_type: str, opts: BaseModel, bf16_ok: bool | None = True,
+    def unsupported_reason(self, device_type: str, opts: Options, bf16_ok: bool | None = True,
                            capability: tuple[int, int] | None = None) -> str | None:
         """Why this precision cannot run on the device at hand, or None. `capability`: the GPU's compute capability
         when known (before the sweep, from the cluster's accelerator type; in the worker, from the device)."""
-        if device_type not in self.devices:
-            return f"{self.name} does not run on {device_type} (runs on {', '.join(self.devices)})"
-        if self.needs_bf16(opts) and (bf16_ok is False or (device_type == "cuda" and capability is not None
-                                                           and capability < (8, 0))):
+        limits = self.limits
+        if device_type not in limits.devices:
+            return f"{self.name} does not run on {device_type} (runs on {', '.join(limits.devices)})"
+        if limits.needs_bf16(opts) and (bf16_ok is False or (device_type == "cuda" and capability is not None
+                                                             and capability < (8, 0))):
             return f"{self.name} with bf16 needs a GPU with bfloat16 support (compute capability 8.0 or newer)"
-        need = self.min_capability(opts) if device_type == "cuda" else None
+        need = limits.min_capability(opts) if device_type == "cuda" else None
         if need and capability is not None and capability < need:
             return (f"{self.name} needs compute capability {need[0]}.{need[1]} or newer; the GPU has "
                     f"{capability[0]}.{capability[1]}")
         return None
+
+    def shape_reason(self, opts: Options, widths: dict[str, int], capability) -> str | None:
+        return self.limits.shape_reason(opts, widths, capability) if self.limits.shape_reason else None
 
 
 def torch_dtype(name: str):

@@ -2,13 +2,16 @@
 
 bitsandbytes 0.50 runs all of them on CUDA and on CPU. Every option that changes a number is an option here and is
 recorded on each row: the int8 outlier threshold (transformers' default 6.0; optimum-benchmark uses 0.0, which decodes
-several times faster), the 4-bit compute dtype and double quantization.
+several times faster), the 4-bit compute dtype and double quantization. Stored bytes: the packed weight plus its
+quant_state (absmax, nested scales, code books) for 4-bit, the int8 weight plus its row scales (SCB) for LLM.int8.
 """
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Options, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, Stored, torch_dtype
 
 
 class Int8Options(Options):
@@ -25,15 +28,16 @@ class DoubleQuantOptions(FourBitOptions):
     double_quant: bool = Field(True, description="always on for nf4-dq")
 
 
-def _int8(opts: Int8Options, device: str) -> dict:
+def _int8(opts: Int8Options, device: str) -> LoadPlan:
     from transformers import BitsAndBytesConfig
 
     cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=opts.threshold)
-    return {"quantization_config": cfg, "dtype": torch_dtype(opts.compute_dtype)}
+    return LoadPlan({"quantization_config": cfg, "dtype": torch_dtype(opts.compute_dtype)},
+                    f"bitsandbytes LLM.int8 (threshold {opts.threshold:g})")
 
 
 def _four_bit(quant_type: str):
-    def build(opts: FourBitOptions, device: str) -> dict:
+    def build(opts: FourBitOptions, device: str) -> LoadPlan:
         from transformers import BitsAndBytesConfig
 
         cfg = BitsAndBytesConfig(
@@ -42,26 +46,54 @@ def _four_bit(quant_type: str):
             bnb_4bit_compute_dtype=torch_dtype(opts.compute_dtype),
             bnb_4bit_use_double_quant=opts.double_quant,
         )
-        return {"quantization_config": cfg, "dtype": torch_dtype(opts.compute_dtype)}
+        return LoadPlan({"quantization_config": cfg, "dtype": torch_dtype(opts.compute_dtype)},
+                        f"bitsandbytes {quant_type} (compute {opts.compute_dtype}, double quant {opts.double_quant})")
 
     return build
+
+
+def _quant_state_tensors(qs) -> list:
+    out = []
+    for v in vars(qs).values():
+        if hasattr(v, "data_ptr"):
+            out.append(v)
+        elif v is not None and hasattr(v, "absmax"):  # the nested state of double quantization
+            out.extend(_quant_state_tensors(v))
+    return out
+
+
+def stored(module) -> Stored | None:
+    """Linear4bit: the packed weight counted by its quant_state's shape, plus absmax, nested scales and code books;
+    Linear8bitLt: the int8 weight plus SCB (the per-row scales)."""
+    w = getattr(module, "weight", None)
+    qs, scb = getattr(w, "quant_state", None), getattr(w, "SCB", None)
+    if qs is None and scb is None:
+        return None
+    tensors = [w] + (_quant_state_tensors(qs) if qs is not None else []) + ([scb] if scb is not None else [])
+    return Stored(math.prod(qs.shape) if qs is not None else w.numel(), tensors)  # (a bias counts as any parameter)
 
 
 def _bf16(opts) -> bool:
     return opts.compute_dtype == "bf16"
 
 
-DEVICES = ("cuda", "cpu")
-BNB = {"library": "bitsandbytes", "scheme": "weight-only"}
+def _method(bits: int) -> Method:
+    return Method("bitsandbytes", "bitsandbytes", "weight-only", bits, ("bitsandbytes",))
+
+
 PRECISIONS = (
-    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", DEVICES, Int8Options, _int8,
-              needs_bf16=_bf16, weight_bits=8, launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4,
-              compile_reason_cuda="its first compiled cell failed on an H200 (torch 2.11, bitsandbytes 0.50.2) with "
-                                  "'storage data ptrs are not allocated in pool' from CUDA graph trees", **BNB),
-    Precision("nf4", "bitsandbytes 4-bit NormalFloat", DEVICES, FourBitOptions, _four_bit("nf4"), needs_bf16=_bf16,
-              weight_bits=4, launch_cost=lambda o: 1.9, **BNB),
-    Precision("fp4", "bitsandbytes 4-bit float", DEVICES, FourBitOptions, _four_bit("fp4"), needs_bf16=_bf16,
-              weight_bits=4, launch_cost=lambda o: 1.4, **BNB),
-    Precision("nf4-dq", "bitsandbytes nf4 with double quantization of the scales", DEVICES, DoubleQuantOptions,
-              _four_bit("nf4"), needs_bf16=_bf16, weight_bits=4, launch_cost=lambda o: 2.0, **BNB),
+    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", _method(8),
+              Loading(Int8Options, _int8, storage=stored),
+              Limits(needs_bf16=_bf16,
+                     compile_reason_cuda="its first compiled cell failed on an H200 (torch 2.11, bitsandbytes 0.50.2) "
+                                         "with 'storage data ptrs are not allocated in pool' from CUDA graph trees"),
+              launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4),
+    Precision("nf4", "bitsandbytes 4-bit NormalFloat", _method(4), Loading(FourBitOptions, _four_bit("nf4"),
+                                                                          storage=stored),
+              Limits(needs_bf16=_bf16), launch_cost=lambda o: 1.9),
+    Precision("fp4", "bitsandbytes 4-bit float", _method(4), Loading(FourBitOptions, _four_bit("fp4"), storage=stored),
+              Limits(needs_bf16=_bf16), launch_cost=lambda o: 1.4),
+    Precision("nf4-dq", "bitsandbytes nf4 with double quantization of the scales", _method(4),
+              Loading(DoubleQuantOptions, _four_bit("nf4"), storage=stored), Limits(needs_bf16=_bf16),
+              launch_cost=lambda o: 2.0),
 )

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Options, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, torch_dtype
 
 
 class AoOptions(Options):
@@ -45,8 +45,8 @@ def _config(kind: str):
             text = f"IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup({opts.group_size}))"
         else:  # float8: GPUs below compute capability 8.9 are refused by min_capability before loading
             cfg, text = Float8WeightOnlyConfig(), "Float8WeightOnlyConfig()"
-        return {"quantization_config": TorchAoConfig(cfg), "dtype": torch_dtype(opts.compute_dtype),
-                "_quant_config": f"torchao {text}"}
+        return LoadPlan({"quantization_config": TorchAoConfig(cfg), "dtype": torch_dtype(opts.compute_dtype)},
+                        f"torchao {text}")
 
     return build
 
@@ -63,15 +63,17 @@ def _bf16(opts) -> bool:
     return opts.compute_dtype == "bf16"
 
 
-AO = {"library": "torchao", "needs_bf16": _bf16}
+def _ao(kind: str, options, bits: int, scheme: str = "weight-only", **limits) -> dict:
+    return dict(method=Method("torchao", "torchao", scheme, bits, ("torchao",)), loading=Loading(options, _config(kind)),
+                limits=Limits(needs_bf16=_bf16, **limits), launch_cost=lambda o: 1.5 if scheme == "weight-only" else 2.0)
+
+
+# stored bytes: torchao's tensor subclasses are counted by the plain tensors they flatten to (tasks.weights)
 PRECISIONS = (
-    Precision("torchao-int8wo", "torchao int8 weight-only", ("cuda", "cpu"), AoOptions, _config("int8wo"),
-              weight_bits=8, scheme="weight-only", launch_cost=lambda o: 1.5, **AO),
-    Precision("torchao-int8dq", "torchao int8 dynamic activation + int8 weight", ("cuda", "cpu"), AoOptions,
-              _config("int8dq"), weight_bits=8, scheme="weight+activation", launch_cost=lambda o: 2.0,
-              compile_reason_cuda=_int8dq_compile_cuda, **AO),
-    Precision("torchao-int4wo", "torchao int4 weight-only (packing per device)", ("cuda", "cpu"), AoInt4Options,
-              _config("int4wo"), weight_bits=4, scheme="weight-only", launch_cost=lambda o: 1.5, **AO),
-    Precision("torchao-fp8wo", "torchao float8 (e4m3) weight-only", ("cuda", "cpu"), AoOptions, _config("fp8wo"),
-              weight_bits=8, scheme="weight-only", launch_cost=lambda o: 1.5, min_capability=lambda o: (8, 9), **AO),
+    Precision("torchao-int8wo", "torchao int8 weight-only", **_ao("int8wo", AoOptions, 8)),
+    Precision("torchao-int8dq", "torchao int8 dynamic activation + int8 weight",
+              **_ao("int8dq", AoOptions, 8, "weight+activation", compile_reason_cuda=_int8dq_compile_cuda)),
+    Precision("torchao-int4wo", "torchao int4 weight-only (packing per device)", **_ao("int4wo", AoInt4Options, 4)),
+    Precision("torchao-fp8wo", "torchao float8 (e4m3) weight-only",
+              **_ao("fp8wo", AoOptions, 8, min_capability=lambda o: (8, 9))),
 )

@@ -13,7 +13,7 @@ imported the runner module and its `PRELOAD` list once, and forks a child from i
 - rows travel through a pipe one by one; an exception in the child is re-raised in the caller with the child's
   traceback attached (`child_traceback`); a child that dies without finishing raises `UnitProcessDied`.
 
-No Ray here: tasks/ never imports it.
+Process plumbing of the driver's side (the Ray worker calls it); no Ray here.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _child(conn, runner: str, unit: dict, wikitext: bytes | None, env: dict) -> None:
+def _child(conn, runner: str, unit, wikitext: bytes | None, env: dict) -> None:
     _die_with_parent()
     os.environ.clear()
     os.environ.update(env)
@@ -70,12 +70,12 @@ def fork_context(runner: str):
     return _context
 
 
-def start(runner: str, unit: dict, wikitext: bytes | None):
+def start(runner: str, unit, wikitext: bytes | None):
     """Fork the unit's process; returns (process, connection). Read rows with `rows(process, connection)`."""
     ctx = fork_context(runner)
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, runner, unit, wikitext, dict(os.environ)), daemon=True,
-                       name=f"unit {unit.get('unit_id', '')}")
+                       name=f"unit {getattr(unit, 'unit_id', '')}")
     # multiprocessing re-runs the caller's main script in the child when __main__ is a file (under Ray that is the
     # worker's default_worker.py, which imports Ray: a second per unit); the child needs nothing from it
     main = sys.modules["__main__"]

@@ -14,17 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-RANDOM_IDS = "random token ids (seed 0)"
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+from spec.catalog import RANDOM_IDS
+from spec.models import widths_of
+from tasks.precisions.gptq import machete_picked, shape_problem
+from tasks.sources import cache_root, publish
 
 
 def calibration_ids(text: bytes | None, tokenizer, vocab: int, samples: int, seqlen: int) -> list[dict]:
-    import torch
-
     g = torch.Generator().manual_seed(0)
     if text is None or tokenizer is None:
         ids = torch.randint(0, vocab, (samples, seqlen), generator=g)
@@ -39,9 +45,6 @@ def calibration_ids(text: bytes | None, tokenizer, vocab: int, samples: int, seq
 
 def _word_level_tokenizer(folder: Path, vocab: int) -> None:
     """gptqmodel insists on loading a tokenizer; a synthetic model gets a word-level one over its vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2",
@@ -79,15 +82,7 @@ def import_gptqmodel():
     return gptqmodel
 
 
-def machete_picked(method: str, opts, capability: tuple[int, int] | None) -> bool:
-    """Whether gptqmodel 7.6's kernel auto loads this GPTQ checkpoint with Machete (as it did on an H200)."""
-    return (method == "gptq" and opts.kernel == "auto" and capability == (9, 0) and opts.bits in (4, 8)
-            and opts.group_size in (-1, 64, 128))
-
-
 def github_reachable(timeout_s: float = 3.0) -> bool:
-    import socket
-
     try:
         socket.create_connection(("github.com", 443), timeout=timeout_s).close()
         return True
@@ -120,29 +115,6 @@ def machete_problem(method: str, opts, capability: tuple[int, int] | None, reach
             f"or `kernel: torch`), or set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout")
 
 
-def shape_problem(method: str, opts, widths: dict[str, int], capability: tuple[int, int] | None = None) -> str | None:
-    """Why a model's projection widths do not fit the method's groups or the kernel it will load with (gptqmodel
-    finds out only after calibrating, in the matmul, or while building the model). `capability`: the GPU's, if
-    known."""
-    for name in ("hidden_size", "intermediate_size"):
-        d = widths.get(name)
-        if d and opts.group_size > 0 and d % opts.group_size:
-            return f"{method}: group_size {opts.group_size} does not divide the model's {name} {d}"
-    if method == "awq":  # its clip search takes output channels 64 at a time
-        for name, d in widths.items():
-            if d % 64:
-                return f"awq: the model's {name} {d} is not a multiple of 64 (gptqmodel's AWQ clip search needs it)"
-    if machete_picked(method, opts, capability):
-        # seen on an H200: kernel auto is Machete there, whose layers refuse other widths while the model is built
-        for name, d in widths.items():
-            if d % 128:
-                return (f"gptq: with kernel auto, gptqmodel 7.6 loads {opts.bits}-bit GPTQ on compute capability 9.0 "
-                        f"with its Machete kernel, which needs every projection width to be a multiple of 128; the "
-                        f"model's {name} is {d} (NotImplementedError on an H200); choose another kernel "
-                        f"(e.g. `kernel: torch`)")
-    return None
-
-
 @contextmanager
 def calibration_log_in(folder: Path):
     """gptqmodel 7.6 writes its per-layer quantization log (loss, samples, time per module) to ./logs, wherever the
@@ -163,14 +135,8 @@ def calibration_log_in(folder: Path):
 def quantized_folder(source: str, method: str, opts, device: str, text: bytes | None, text_name: str | None,
                      synthetic: bool) -> tuple[str, dict]:
     """The cached calibrated checkpoint of `source` (built now if missing), and the calibration facts for the row."""
-    from transformers import AutoConfig
-
-    from tasks.models import _publish, cache_root, widths_of
-
     capability = None
     if device.startswith("cuda"):
-        import torch
-
         capability = tuple(torch.cuda.get_device_capability(device))
     config = AutoConfig.from_pretrained(source)
     problem = shape_problem(method, opts, widths_of(config), capability)
@@ -189,9 +155,7 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
     built_here = not (target / "config.json").exists()
 
     def build(tmp: Path) -> None:
-        import torch
         from gptqmodel import BACKEND, GPTQModel
-        from transformers import AutoTokenizer
 
         staging = tmp / "source"  # the source files by link, plus a tokenizer where it has none
         staging.mkdir()
@@ -227,7 +191,7 @@ def quantized_folder(source: str, method: str, opts, device: str, text: bytes | 
             **identity, "calibration_s": calibration_s, "device": device,
             "calib_text": RANDOM_IDS if synthetic or text is None else text_name}))
 
-    _publish(build, target)
+    publish(build, target)
     record = json.loads((target / "calibration.json").read_text())
     return str(target), {
         "calibration_s": record["calibration_s"], "calibration_cached": not built_here,

@@ -1,0 +1,109 @@
+"""What the driver hands a worker: a unit (one model at one precision, with its cells and settings) as typed plain
+data. It crosses Ray and the fork server's pipe by pickle; nothing in it needs torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINES = ("hf",)  # engines a grid may name (tasks/engines/<name>.py); "hf": transformers in eager PyTorch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model entry: one source (hub id, local folder, GGUF file or `pkg:` path, synthetic name or shapes), its label,
+    local paths already absolute."""
+    source: str                      # hub | path | gguf | synthetic
+    location: Any                    # the hub id, folder, file, or synthetic name / shapes mapping
+    label: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    def identity(self) -> dict:
+        """What makes it this model (the label does not): hashed into keys, written to rows as `model_spec`."""
+        d: dict = {self.source: self.location}
+        if self.revision:
+            d["revision"] = self.revision
+        if self.trust_remote_code:
+            d["trust_remote_code"] = True
+        return d
+
+
+@dataclass(frozen=True)
+class KvSpec:
+    name: str = "native"
+    options: dict = field(default_factory=dict)
+    label: str = "native"
+
+
+NATIVE_KV = KvSpec()
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One point of the grid within its unit."""
+    key: str
+    new_tokens: int
+    batch_size: int
+    decode: str = "eager"            # eager | compiled
+    kv: KvSpec = NATIVE_KV
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration data of a calibrated precision (gptq, awq): a file's bytes (shipped with the unit), the hub's
+    validation split (text None, fetched by the worker), or random ids for a model without a tokenizer."""
+    name: str
+    sha256: str | None = None
+    text: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    name: str
+    options: dict                    # every option, defaults included
+    label: str                       # name plus the options that differ from the defaults
+    calibration: Calibration | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt_tokens: int
+    warmup: int
+    repeats: int
+    profile: bool = False
+
+
+@dataclass(frozen=True)
+class PerplexitySpec:
+    protocol: str
+    seqlen: int
+    stride: int
+    max_windows: int | None
+    batch_size: int
+    dataset: str | None = None       # a file path or hub:wikitext/...
+    sha256: str | None = None
+    through_kv: bool = False         # kv-continuation perplexity per KV cache (the grid has a quantized one)
+    kv_windows: int = 4
+    kv_prefill: int = 1024
+    kv_continuation: int = 512
+
+
+@dataclass
+class UnitSpec:
+    sweep: str
+    run_id: str
+    unit_id: str
+    model: ModelSpec
+    precision: PrecisionSpec
+    cells: list[CellSpec]
+    generation: GenerationSpec
+    perplexity: PerplexitySpec | None
+    gpus: float
+    cpus: float | None = None
+    baseline: str | None = None
+    attempt: int = 1
+    engine: str = "hf"
