@@ -87,8 +87,9 @@ def validate(args) -> int:
         print(f"note: {note}")
     ppl = plan.perplexity
     print("perplexity: off" if not ppl else
-          f"perplexity: protocol {ppl['protocol']}, seqlen {ppl['seqlen']}, windows {ppl['max_windows'] or 'all'}, "
-          f"batch {ppl['batch_size']}, data {ppl['dataset']}")
+          f"perplexity: protocol {ppl.protocol}, seqlen {ppl.seqlen}, windows {ppl.max_windows or 'all'}, "
+          f"batch {ppl.batch_size or 'auto (8, or 1 where batching changes the numbers)'}, data {ppl.dataset}; "
+          f"distance to {grid.baseline}")
     for u, reason in sched.skipped_units:
         print(f"skipped before start ({len(u.cells)} cells): {u.label}: {reason}")
     for reason, n in Counter(r for _, _, r in sched.skipped_cells).items():

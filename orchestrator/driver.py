@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -53,11 +54,29 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
     wikitext_ref = ray.put(wikitext) if wikitext is not None else None
     options = dict(num_gpus=gpus_per_task, num_cpus=cpus_per_task)
     active: dict = {}
+    # units that measure their distance to the baseline wait for the baseline's reference (by key) when the baseline
+    # runs in this sweep: started once it arrives, or without it (the distance missing, with why) if it never does
+    made_here = {u.reference.key for u in units if u.reference and u.reference.role == "make"}
+    waiting: dict[str, list[Unit]] = {}
 
     def submit(unit: Unit, cells: list[CellSpec]) -> None:
         task = unit.to_task(plan, cells)
         gen = unit_task.options(**options).remote(runner, task, wikitext_ref)
         active[gen] = Running(unit, task, {c.key: c for c in cells})
+
+    def release(key: str, holder: list | None = None, missing: str | None = None) -> None:
+        for unit in waiting.pop(key, []):
+            unit.reference = dataclasses.replace(unit.reference, holder=holder, missing=missing)
+            submit(unit, unit.cells)
+
+    def unreleased() -> None:
+        """References no running unit can make any more: their waiting units start without them."""
+        making = {s.unit.reference.key for s in active.values() if s.unit.reference
+                  and s.unit.reference.role == "make"}
+        for key in [k for k in waiting if k not in making]:
+            progress.log(f"note   the baseline's reference for {waiting[key][0].model.label} was not made; its other "
+                         f"units measure everything but the distance")
+            release(key, missing="the baseline's unit ended without making its reference (see its rows)")
 
     def emit(row: dict) -> None:
         sink(row)
@@ -85,11 +104,16 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                 emit(row)
 
     for unit in units:
-        submit(unit, unit.cells)
+        ref = unit.reference
+        if ref and ref.role == "use" and ref.key in made_here and not ref.missing:
+            waiting.setdefault(ref.key, []).append(unit)
+        else:
+            submit(unit, unit.cells)
     try:
         # collect rows until no unit is left: starts, rows, ends, crashes (retried), errors and timeouts
-        while active:
-            ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_s)
+        while active or waiting:
+            unreleased()
+            ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_s) if active else ([], [])
             for gen in ready:
                 state = active.get(gen)
                 if state is None:
@@ -123,6 +147,9 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                     gpu = item.get("cuda_visible_devices")
                     state.where = f"{item['host']} GPU {gpu}" if gpu not in (None, "") else f"{item['host']} CPU"
                     progress.unit_started(state.unit.label, state.where)
+                    continue
+                if item.get("_event") == "reference":  # the baseline's: its model's other units start now
+                    release(item["key"], holder=item["holder"])
                     continue
                 state.remaining.pop(item["cell_key"], None)
                 emit(item)

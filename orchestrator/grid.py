@@ -155,7 +155,12 @@ class Generation(Strict):
     batch_sizes: list[PositiveInt] = Field(default=[1], min_length=1)
     prompt_tokens: PositiveInt = 32
     warmup: NonNegativeInt = 2
-    repeats: PositiveInt = 5
+    # timed runs: a number, or auto: until the decode interval's half-width is within target_halfwidth of its mean
+    # (at least 3 runs), at most max_repeats runs and max_seconds of timed work per cell
+    repeats: Union[PositiveInt, Literal["auto"]] = 5
+    max_repeats: PositiveInt = 30
+    max_seconds: PositiveFloat = 60
+    target_halfwidth: PositiveFloat = 0.02
     # eager: DynamicCache, one kernel launch at a time; compiled: StaticCache + torch.compile of the decode step
     decode: list[Literal["eager", "compiled"]] = Field(default=["eager"], min_length=1)
     # one more decode step per cell under torch.profiler: its top kernels (CUDA) or operators (CPU), after the timing
@@ -195,7 +200,8 @@ class Perplexity(Strict):
     seqlen: PositiveInt = 2048
     stride: PositiveInt = 512
     max_windows: PositiveInt | None = None
-    batch_size: PositiveInt = 8
+    # windows per forward pass; null: 8, or 1 for precisions whose numbers depend on batching (LLM.int8)
+    batch_size: PositiveInt | None = None
     # protocol kv-continuation, measured per kv_cache entry when the grid has a quantized one: `kv_windows` windows
     # of the test split, `kv_prefill` tokens into the cache, then `kv_continuation` tokens scored one at a time
     kv_windows: PositiveInt = 4
@@ -339,7 +345,8 @@ def _format_errors(err: ValidationError, prefix: str = "", model: type[BaseModel
     for e in err.errors():
         if "literal[False]" in e["loc"] and isinstance(e.get("input"), dict):
             continue  # the `perplexity: false` branch of a mapping that has its own errors
-        loc = [p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p[0].isupper() or p == "str"))]
+        loc = [p for p in e["loc"]  # (pydantic's union branch names: not field names)
+               if not (isinstance(p, str) and ("[" in p or "-" in p or p[0].isupper() or p == "str"))]
         where = ".".join(x for x in [prefix, _loc(loc)] if x) or "(top level)"
         if e["type"] == "extra_forbidden":
             key = loc[-1]

@@ -37,7 +37,8 @@ def _hub_config(model: ModelSpec) -> dict | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(model.location, "config.json", revision=model.revision)
+        found = try_to_load_from_cache(model.location, "config.json", revision=model.revision,
+                                       cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except Exception:  # a malformed id: the worker's loader names it
         return None
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None

@@ -21,7 +21,7 @@ from orchestrator.grid import Grid
 from orchestrator.model_info import model_shape, model_widths
 from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_decode_reason
 from spec.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
-                        UnitSpec)
+                        ReferenceSpec, UnitSpec)
 from tasks.precisions import REGISTRY
 
 
@@ -33,6 +33,10 @@ class Unit:
     cells: list[CellSpec]
     size: float                       # estimated work, for ordering
     attempt: int = 1
+    reference: ReferenceSpec | None = None   # makes the model's baseline reference, or uses it (distances)
+    quality_key: str | None = None    # perplexity and distance measured once per key (reused from earlier rows)
+    known_quality: dict | None = None  # those columns, when the output folder has them already
+    reference_only: bool = False      # no cells: only make the baseline's reference for the other units
 
     @property
     def label(self) -> str:
@@ -46,7 +50,8 @@ class Unit:
                 precision.calibration, text=plan.texts.get(precision.calibration.sha256)))
         return UnitSpec(plan.name, plan.run_id, self.unit_id, self.model, precision,
                         list(cells if cells is not None else self.cells), plan.generation, plan.perplexity,
-                        plan.gpus_per_task, plan.cpus_per_task, plan.baseline, self.attempt, plan.engine)
+                        plan.gpus_per_task, plan.cpus_per_task, plan.baseline, self.attempt, plan.engine,
+                        self.reference, self.known_quality, self.reference_only, self.quality_key)
 
 
 @dataclass
@@ -72,7 +77,7 @@ def unit_cost(model: ModelSpec, precision, options, cells: list[CellSpec], gener
     kernels layer by layer (per-layer cost, times the backend's extra kernels), large ones by reading weights."""
     params, layers = model_shape(model)
     step = layers * precision.launch_cost(options) + params * precision.bits(options) / 8 / 1e8
-    runs = generation.warmup + generation.repeats + 1
+    runs = generation.warmup + (generation.repeats or min(generation.max_repeats, 10)) + 1
     return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
 
 
@@ -128,7 +133,8 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
     base_dir = getattr(grid, "_base_dir", Path(os.getcwd()))
     gpus = grid.resources.gpus_per_task if gpus_per_task is None else gpus_per_task
     g = grid.generation
-    generation = GenerationSpec(g.prompt_tokens, g.warmup, g.repeats, g.profile)
+    generation = GenerationSpec(g.prompt_tokens, g.warmup, 0 if g.repeats == "auto" else g.repeats, g.profile,
+                                g.max_repeats, g.max_seconds, g.target_halfwidth)
     by_sha = {source["sha256"]: raw for raw, source in texts.calibration.values() if raw is not None}
     units = []
     for m in grid.models:
@@ -153,6 +159,7 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
                           dataclasses.asdict(calibration) if calibration else None], 12)
             units.append(Unit(uid, model, precision, cells, size))
     units.sort(key=lambda u: -u.size)
+    _quality_and_references(grid, units, gpus, (texts.test_source or {}).get("sha256"))
     ppl = None
     if grid.perplexity:
         q = grid.perplexity
@@ -160,6 +167,34 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
         ppl = PerplexitySpec(q.protocol, q.seqlen, q.stride, q.max_windows, q.batch_size, source.get("dataset"),
                              source.get("sha256"), g.quantized_kv, q.kv_windows, q.kv_prefill, q.kv_continuation)
     return Plan(grid.name, run_id, units, generation, ppl, gpus, grid.baseline, by_sha, engine=grid.engine)
+
+
+def _quality_and_references(grid: Grid, units: list[Unit], gpus: float, dataset_sha256: str | None) -> None:
+    """Each unit's quality key (perplexity settings and, for the others, the baseline they are compared with), and
+    for a model whose baseline has other precisions beside it, who makes the baseline's reference and who uses it."""
+    if not grid.perplexity:
+        return
+    settings = {"perplexity": grid.perplexity.model_dump(exclude={"path"} | KV_PPL), "engine": grid.engine,
+                "dataset": dataset_sha256, "gpus_per_task": gpus, "measurement_version": MEASUREMENT_VERSION}
+    by_model: dict[str, list[Unit]] = {}
+    for u in units:
+        by_model.setdefault(u.model.label, []).append(u)
+    for model_units in by_model.values():
+        identity = {u.unit_id: {"model": u.model.identity(), "precision": u.precision.name,
+                                "options": {k: v for k, v in u.precision.options.items() if k != "calib_path"},
+                                "calibration": u.precision.calibration and (u.precision.calibration.sha256
+                                                                            or u.precision.calibration.name)}
+                    for u in model_units}
+        base = next((u for u in model_units if u.precision.label == grid.baseline), None)
+        distance = base is not None and len(model_units) > 1 and not base.model.synthetic
+        key = digest({**settings, "baseline": identity[base.unit_id]}, 20) if distance else None
+        for u in model_units:
+            against = None if u is base or not distance else key
+            u.quality_key = digest({**settings, "unit": identity[u.unit_id], "reference": against}, 20)
+            if distance:
+                u.reference = ReferenceSpec(key, "make" if u is base else "use", grid.baseline)
+            elif u is base:
+                u.reference = ReferenceSpec("", "self", grid.baseline)  # its own distance: 0 and 1 by definition
 
 
 def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[str]) -> dict[str, str]:

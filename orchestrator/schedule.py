@@ -2,6 +2,7 @@
 the output folder, and what cannot run there (skipped before anything starts, with the reason)."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,7 +13,7 @@ from orchestrator.files import BadInput
 from orchestrator.grid import Grid
 from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start, unsupported_cells
 from spec.units import CellSpec
-from orchestrator.store import cell_statuses
+from orchestrator.store import cell_statuses, known_quality
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def pending_units(plan: Plan, statuses: dict[str, str], force: bool) -> list[Uni
     for u in plan.units:
         todo = [c for c in u.cells if force or statuses.get(c.key) != "ok"]
         if todo:
-            out.append(Unit(u.unit_id, u.model, u.precision, todo, u.size))
+            out.append(dataclasses.replace(u, cells=todo))
     return out
 
 
@@ -109,5 +110,33 @@ def schedule(grid: Grid, out: Path, resources: Resources, texts: wikitext.Texts,
         sched.skipped_cells += [(u, c, some[c.key]) for c in u.cells if c.key in some]
         keep = [c for c in u.cells if c.key not in some]
         if keep:
-            sched.units.append(Unit(u.unit_id, u.model, u.precision, keep, u.size))
+            sched.units.append(dataclasses.replace(u, cells=keep))
+    _quality(sched, known_quality(out), whole)
     return sched
+
+
+def _quality(sched: Schedule, known: dict[str, dict], whole: dict[str, str]) -> None:
+    """Reuse perplexity and distance measured before (same quality key); a unit that still measures its distance needs
+    the baseline's reference: made by the baseline's unit when it runs, else by a reference-only unit of it; where
+    the baseline cannot run here, the distance is missing with the reason."""
+    for u in sched.units:
+        role = u.reference.role if u.reference else None
+        if u.quality_key in known and role != "make":
+            u.known_quality = known[u.quality_key]
+            if role == "use":
+                u.reference = None
+    needed = {u.reference.key for u in sched.units if u.reference and u.reference.role == "use"}
+    made = {u.reference.key for u in sched.units if u.reference and u.reference.role == "make"}
+    for u in sched.units:  # a baseline running with no other unit to use its reference: its own distance only
+        if u.reference and u.reference.role == "make" and u.reference.key not in needed:
+            u.reference = dataclasses.replace(u.reference, role="self")
+    bases = {u.reference.key: u for u in sched.plan.units if u.reference and u.reference.role == "make"}
+    for key in needed - made:
+        base = bases[key]
+        if base.unit_id in whole:
+            for u in sched.units:
+                if u.reference and u.reference.key == key:
+                    u.reference = dataclasses.replace(u.reference, missing=f"the baseline {base.precision.label} "
+                                                                         f"cannot run here: {whole[base.unit_id]}")
+        else:
+            sched.units.insert(0, dataclasses.replace(base, cells=[], reference_only=True))

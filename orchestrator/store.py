@@ -1,7 +1,8 @@
 """The results store: a Parquet dataset at `<output>/cells/`, one file per cell named by its key, each written under
 a temporary name and renamed, so a crash never leaves half a file and `pandas.read_parquet(<output>/cells)` always
-reads whole rows. Nothing is deleted: a row replaced by a rerun, and rows of cells no longer in the grid, move to
-`<output>/history/<run_id>/`.
+reads whole rows. The folder is a cache of cells: rows of cells that the current grid does not ask for stay there and
+are used again whenever a grid asks for them (`sweep.json` lists the latest grid's cells, which the report shows by
+default). Nothing is deleted or overwritten: a row replaced by a rerun moves to `<output>/history/<run_id>/`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spec.schema import NAMES, SCHEMA
+from spec.schema import NAMES, QUALITY_COLUMNS, SCHEMA
 
 
 def _value(name: str, v):
@@ -74,13 +75,6 @@ class Store:
     def statuses(self) -> dict[str, str]:
         return cell_statuses(self.root)
 
-    def retire_except(self, keys: set[str]) -> int:
-        """Move rows of cells that are not in the current plan out of the dataset (into history)."""
-        stale = [f for f in self.cells.glob("*.parquet") if f.stem not in keys]
-        for f in stale:
-            self._retire(f)
-        return len(stale)
-
     def write_manifest(self, manifest: dict) -> None:
         """`sweep.json` describes the latest run; `runs/<run_id>.json` keeps every run's (a resumed sweep's earlier
         runs keep their wall time, model loads and retries)."""
@@ -103,4 +97,22 @@ def cell_statuses(output: str | Path) -> dict[str, str]:
             out[f.stem] = pq.read_table(f, columns=["status"]).column(0)[0].as_py()
         except Exception:  # unreadable: treat as not done
             continue
+    return out
+
+
+def known_quality(output: str | Path) -> dict[str, dict]:
+    """quality_key -> the quality columns (perplexity, its windows and interval, the distance) of rows in an output
+    folder that measured them: a unit with the same key reuses them instead of measuring again."""
+    out: dict[str, dict] = {}
+    for f in (Path(output) / "cells").glob("*.parquet"):
+        try:
+            schema = pq.read_schema(f)
+            cols = [c for c in ("quality_key", *QUALITY_COLUMNS) if c in schema.names]
+            if "quality_key" not in cols or "perplexity" not in cols:
+                continue
+            row = pq.read_table(f, columns=cols).to_pylist()[0]
+        except Exception:  # unreadable: measured again
+            continue
+        if row["quality_key"] and row["perplexity"] is not None and not row.get("distance_missing"):
+            out.setdefault(row.pop("quality_key"), row)
     return out

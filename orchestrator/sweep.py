@@ -50,10 +50,9 @@ def _run(grid, grid_path, overrides, out: Path, run_id: str, texts, address, for
     sched = schedule(grid, out, resources, texts, force, run_id)
     plan = sched.plan
     store = Store(out, plan.run_id)
-    retired = store.retire_except({c.key for c in plan.cells})
     print(f"sweep {grid.name}: {len(plan.cells)} cells in {len(plan.units)} units; {sched.to_run} to run "
-          f"({sched.already_ok} already ok, {sched.skipping} skipped{', forced' if force else ''}"
-          f"{f', {retired} stale rows moved to history' if retired else ''}); {cluster.describe()}; "
+          f"({sched.already_ok} already ok, {sched.skipping} skipped{', forced' if force else ''}); "
+          f"{cluster.describe()}; "
           f"{resources.gpus_per_task:g} GPU and {resources.cpus_per_task:g} CPU per unit; output {out}")
     manifest = {"sweep": grid.name, "run_id": plan.run_id, "started_at": datetime.now(timezone.utc).isoformat(),
                 "grid": grid.model_dump(), "grid_file": str(Path(grid_path).resolve()), "overrides": overrides,

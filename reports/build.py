@@ -30,9 +30,9 @@ def _env() -> Environment:
     return env
 
 
-def context(dirs) -> dict:
+def context(dirs, every_row: bool = False) -> dict:
     unreadable: list[str] = []
-    df = read_results(dirs, unreadable)
+    df = read_results(dirs, unreadable, every_row)
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
@@ -69,9 +69,10 @@ def context(dirs) -> dict:
     }
 
 
-def render(dirs, target) -> tuple[Path, list[str]]:
-    """Write the report; returns its path and the result files that could not be read (left out, named there)."""
-    ctx = context(list(dirs))
+def render(dirs, target, every_row: bool = False) -> tuple[Path, list[str]]:
+    """Write the report (each folder's latest grid's cells, or `every_row`); returns its path and the result files
+    that could not be read (left out, named there)."""
+    ctx = context(list(dirs), every_row)
     html = _env().get_template("report.html.j2").render(**ctx)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,8 @@ def memory_by_phase(rows: list[dict], cell) -> str | None:
 
 def quality_tradeoffs(rows: list[dict]) -> str | None:
     """Perplexity against decode ms/token and against peak (or weight) memory, Pareto frontier marked."""
-    pts = [r for r in rows if r["status"] == "ok" and r["perplexity"] and r["decode_ms_per_token"]]
+    pts = [r for r in rows if r["status"] == "ok" and r["perplexity"] and r["decode_ms_per_token"]
+           and (r["decode_peak_bytes"] or r["weights_bytes"])]
     if len(pts) < 1:
         return None
     use_peak = all(r["decode_peak_bytes"] for r in pts)

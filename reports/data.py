@@ -1,6 +1,7 @@
 """Reading result folders and the numbers the report shows. pandas and pyarrow only: no torch here."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,14 +11,27 @@ import pyarrow.parquet as pq
 FAILED = ("error", "oom", "timeout")
 
 
-def read_results(dirs, unreadable: list[str] | None = None) -> pd.DataFrame:
-    """Every row under the given sweep output folders (or their cells/ folders), merged. A file that cannot be read
-    (truncated, not Parquet, no permission) is left out and named in `unreadable` (path: reason)."""
+def latest_cells(folder: Path) -> set[str] | None:
+    """The cell keys of the latest sweep's grid in an output folder (its sweep.json), None where it does not say."""
+    try:
+        keys = json.loads((folder / "sweep.json").read_text()).get("cell_keys")
+    except (OSError, ValueError):
+        return None
+    return set(keys) if isinstance(keys, list) else None
+
+
+def read_results(dirs, unreadable: list[str] | None = None, every_row: bool = True) -> pd.DataFrame:
+    """The rows under the given sweep output folders (or their cells/ folders), merged: every row, or with
+    `every_row` false the cells of each folder's latest grid (a folder keeps the cells of earlier grids too). A file
+    that cannot be read (truncated, not Parquet, no permission) is left out and named in `unreadable`."""
     tables = []
     for d in dirs:
         d = Path(d)
         cells = d / "cells" if (d / "cells").is_dir() else d
+        wanted = None if every_row else latest_cells(d)
         for f in sorted(cells.glob("*.parquet")):
+            if wanted is not None and f.stem not in wanted:
+                continue
             try:
                 tables.append(pq.read_table(f))
             except (OSError, pa.ArrowException) as e:

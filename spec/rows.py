@@ -53,6 +53,7 @@ def unit_rows_base(unit: UnitSpec) -> dict:
         "ppl_batch_size": ppl.batch_size if ppl else None,
         "ppl_dataset": ppl.dataset if ppl else None,
         "ppl_dataset_sha256": ppl.sha256 if ppl else None,
+        "quality_key": unit.quality_key,
         "measurement_version": MEASUREMENT_VERSION,
     }
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 S, I, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 T = pa.timestamp("us", tz="UTC")
 LF = pa.list_(pa.float64())
+LI = pa.list_(pa.int64())
 KERNELS = pa.list_(pa.struct([("name", pa.string()), ("calls", pa.int64()), ("time_us", pa.float64())]))
 
 # (column, type, meaning). Units are in the names: _ms, _s, _bytes, _gbs (GB/s = 1e9 bytes/s).
@@ -37,7 +38,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("kv_cache_options", S, "the quantized cache's options as JSON (q_group_size, residual_length)"),
     ("prompt_tokens", I, "prompt length in tokens"),
     ("warmup", I, "untimed runs before the timed ones"),
-    ("repeats", I, "timed runs"),
+    ("repeats", I, "timed runs asked for (0 = auto: see repeats_done)"),
     ("gpus_per_task", F, "GPUs the unit asked Ray for (0 = CPU)"),
     ("measurement_version", I, "version of the measurement code; part of the cell key"),
     # outcome
@@ -88,6 +89,36 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ppl_dataset_sha256", S, "sha256 of the local file"),
     ("ppl_s", F, "seconds for perplexity, tokenization included"),
     ("ppl_tokens_per_s", F, "window tokens through the model per second (forward only)"),
+    ("ppl_ci_low", F, "perplexity, 95% interval, low end: a t-interval on the mean loss per token over windows "
+                      "(windows as independent samples; ratio estimator for windows of unequal length), through exp"),
+    ("ppl_ci_high", F, "perplexity, 95% interval, high end"),
+    ("ppl_window_nll", LF, "raw: each window's summed cross-entropy (nats), in window order: anyone can recompute "
+                           "the perplexity, its interval, and paired differences between precisions"),
+    ("ppl_window_tokens", LI, "raw: each window's scored tokens"),
+    ("ppl_batch_invariant", B, "false where the precision's numbers depend on which windows share a forward pass "
+                               "(LLM.int8 with outliers picks its outlier columns per batch): measured one window at a "
+                               "time unless perplexity.batch_size says otherwise"),
+    ("quality_key", S, "hash of what perplexity and distance depend on (model, precision, perplexity settings, "
+                       "dataset, baseline): measured once per key, reused by later sweeps"),
+    ("quality_reused", B, "perplexity and distance copied from an earlier row with the same quality_key"),
+    ("kl_mean", F, "distance to the baseline: mean over scored positions of KL(P_baseline || P_precision) of the "
+                   "next-token distributions over the whole vocabulary (nats); 0 on the baseline's own rows"),
+    ("kl_median", F, "median of the per-position KL"),
+    ("kl_p90", F, "90th percentile of the per-position KL"),
+    ("kl_p99", F, "99th percentile of the per-position KL"),
+    ("kl_max", F, "largest per-position KL"),
+    ("top1_agreement", F, "share of scored positions where the baseline's and this precision's most likely next "
+                          "tokens agree (1 on the baseline's own rows)"),
+    ("delta_p_mean", F, "mean of q(correct token) - p(correct token): this precision's probability of the true next "
+                        "token minus the baseline's"),
+    ("delta_p_rms", F, "root mean square of that difference"),
+    ("ln_ppl_ratio", F, "ln(perplexity / the baseline's perplexity) on the same windows"),
+    ("ln_ppl_ratio_ci_low", F, "its paired 95% interval over the same windows, low end (contains 0: "
+                               "indistinguishable from the baseline)"),
+    ("ln_ppl_ratio_ci_high", F, "its paired 95% interval, high end"),
+    ("distance_positions", I, "positions the distance was measured on (the perplexity's scored targets)"),
+    ("distance_reference", S, "the baseline precision the distance is against, 'self (the baseline)' on its rows"),
+    ("distance_missing", S, "why there is no distance (synthetic weights, the baseline unit failed, ...)"),
     ("ppl_skipped_reason", S, "why there is no perplexity (synthetic weights, off in the grid)"),
     ("ppl_error", S, "perplexity failure, if any"),
     ("ppl_status", S, "status of the perplexity measurement when it failed"),
@@ -112,6 +143,15 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("cv_ttft", F, "coefficient of variation of ttft over repeats"),
     ("cv_decode", F, "coefficient of variation of per-repeat mean decode gap"),
     ("noisy_timing", B, "cv_ttft or cv_decode over 5%"),
+    ("ttft_ms_ci_low", F, "time to first token, 95% interval on the mean over timed runs (Student t), low end"),
+    ("ttft_ms_ci_high", F, "time to first token, 95% interval, high end"),
+    ("decode_ms_ci_low", F, "decode ms/token, 95% interval on the mean over timed runs (each run's mean gap a "
+                            "sample; Student t), low end"),
+    ("decode_ms_ci_high", F, "decode ms/token, 95% interval, high end"),
+    ("decode_ci_rel_halfwidth", F, "half the decode interval's width over its mean"),
+    ("repeats_done", I, "timed runs made (generation.repeats, or as many as `auto` needed)"),
+    ("repeats_stop", S, "why timing stopped: fixed (the grid's number) | target (interval narrow enough) | "
+                        "max_repeats | max_seconds"),
     ("ttft_ms_samples", LF, "raw: ttft of each repeat"),
     ("decode_ms_samples", LF, "raw: every decode gap of every repeat"),
     ("e2e_s_samples", LF, "raw: end-to-end seconds of each repeat"),
@@ -173,6 +213,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
 
 SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in COLUMNS])
 NAMES = [n for n, _, _ in COLUMNS]
+# measured once per unit and reused by key (quality_key): perplexity, its windows and interval, the distance
+QUALITY_COLUMNS = ("perplexity", "ppl_batch_size", "ppl_batch_invariant", "ppl_ci_low", "ppl_ci_high",
+                   "ppl_window_nll", "ppl_window_tokens", "ppl_windows", "ppl_tokens_scored", "ppl_corpus_tokens",
+                   "ppl_s", "ppl_tokens_per_s", "kl_mean", "kl_median", "kl_p90", "kl_p99", "kl_max",
+                   "top1_agreement", "delta_p_mean", "delta_p_rms", "ln_ppl_ratio", "ln_ppl_ratio_ci_low",
+                   "ln_ppl_ratio_ci_high", "distance_positions", "distance_reference", "distance_missing")
 
 
 def markdown() -> str:

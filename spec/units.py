@@ -73,8 +73,11 @@ class PrecisionSpec:
 class GenerationSpec:
     prompt_tokens: int
     warmup: int
-    repeats: int
+    repeats: int                     # timed runs; 0: auto (until the decode interval is narrow enough)
     profile: bool = False
+    max_repeats: int = 30            # auto: at most this many timed runs,
+    max_seconds: float = 60.0        # and this much timed work,
+    target_halfwidth: float = 0.02   # stopping once the 95% interval's half-width / mean is this small
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,19 @@ class PerplexitySpec:
 
 
 @dataclass
+class ReferenceSpec:
+    """The baseline's reference for distances (tasks.distance): the baseline unit makes it (role "make"); the
+    model's other units use it (role "use"), from the node's cache (spec.cache.reference_path) or, where that has
+    none, from Ray's object store (`holder`: [ObjectRef of the file's bytes], nested so Ray does not fetch it before
+    it is needed). `missing`: why there is none (the baseline unit failed, ...), recorded on the rows."""
+    key: str
+    role: str                        # make | use
+    baseline: str                    # the baseline precision's label
+    holder: list | None = None
+    missing: str | None = None
+
+
+@dataclass
 class UnitSpec:
     sweep: str
     run_id: str
@@ -107,3 +123,9 @@ class UnitSpec:
     baseline: str | None = None
     attempt: int = 1
     engine: str = "hf"
+    reference: ReferenceSpec | None = None
+    # quality columns already measured for this (model, precision, perplexity settings, baseline) in the output folder:
+    # reused instead of measured again (perplexity, its windows and interval, the distance to the baseline)
+    known_quality: dict | None = None
+    reference_only: bool = False     # no cells: load the baseline only to make its reference (or find it cached)
+    quality_key: str | None = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from spec.stats import mean_interval, relative_halfwidth
 from spec.units import KvSpec
 from tasks import memory
 
@@ -103,14 +104,19 @@ class LatencyRecord:
     new_tokens: int
     ttft_ms: list[float] = field(default_factory=list)          # one per repeat
     decode_ms: list[list[float]] = field(default_factory=list)  # per repeat, the gaps between consecutive tokens
+    stop: str = "fixed"                                          # why the timed runs stopped (see timed_runs)
 
     def add(self, intervals_ms: list[float]) -> None:
         self.ttft_ms.append(intervals_ms[0])
         self.decode_ms.append(intervals_ms[1:])
 
+    @property
+    def per_run_decode(self) -> list[float]:
+        return [float(np.mean(r)) for r in self.decode_ms if r]
+
     def summary(self) -> dict:
         gaps = np.array([g for run in self.decode_ms for g in run], dtype=float)
-        per_run_decode = [float(np.mean(r)) for r in self.decode_ms if r]
+        per_run_decode = self.per_run_decode
         e2e_s = [(t + sum(r)) / 1e3 for t, r in zip(self.ttft_ms, self.decode_ms)]
         cv_decode = _cv(per_run_decode)
         cv_ttft = _cv(self.ttft_ms)
@@ -128,10 +134,46 @@ class LatencyRecord:
             "cv_ttft": cv_ttft,
             "cv_decode": cv_decode,
             "noisy_timing": any(cv is not None and cv > NOISY_CV for cv in (cv_ttft, cv_decode)),
+            **_interval("ttft_ms", self.ttft_ms),
+            **_interval("decode_ms", per_run_decode),
+            "decode_ci_rel_halfwidth": relative_halfwidth(per_run_decode),
+            "repeats_done": len(self.ttft_ms),
+            "repeats_stop": self.stop,
             "ttft_ms_samples": list(self.ttft_ms),
             "decode_ms_samples": [float(g) for g in gaps],
             "e2e_s_samples": e2e_s,
         }
+
+
+def _interval(name: str, values: list[float]) -> dict:
+    iv = mean_interval(values)
+    return {f"{name}_ci_low": iv[1] if iv else None, f"{name}_ci_high": iv[2] if iv else None}
+
+
+def timed_runs(run_once, batch_size: int, new_tokens: int, repeats: int, max_repeats: int = 30,
+               max_seconds: float = 60.0, target_halfwidth: float = 0.02, min_repeats: int = 3):
+    """Timed runs into a LatencyRecord. `run_once()` times one generation and returns its intervals (ms: the first
+    token, then every decode gap). A fixed number of `repeats`; or, with repeats 0 (auto), until the 95% interval of
+    the per-run mean decode gap is within `target_halfwidth` of the mean (after at least `min_repeats` runs), or
+    `max_repeats` runs, or `max_seconds` of timed work. Returns (record, why it stopped)."""
+    record = LatencyRecord(batch_size, new_tokens)
+    if repeats:
+        for _ in range(repeats):
+            record.add(run_once())
+        return record, "fixed"
+    spent = 0.0
+    while True:
+        intervals = run_once()
+        record.add(intervals)
+        spent += sum(intervals) / 1e3
+        n = len(record.ttft_ms)
+        half = relative_halfwidth(record.per_run_decode)
+        if n >= min_repeats and half is not None and half <= target_halfwidth:
+            return record, "target"
+        if n >= max_repeats:
+            return record, "max_repeats"
+        if spent >= max_seconds:
+            return record, "max_seconds"
 
 
 def _cv(values: list[float]) -> float | None:
@@ -174,7 +216,8 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
 
 
 def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int, warmup: int,
-                 repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None):
+                 repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None,
+                 max_repeats: int = 30, max_seconds: float = 60.0, target_halfwidth: float = 0.02):
     """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases, final cache, for
     the compiled path the seconds of its first run (compilation included; never part of the latency), and with
     `profile` the top kernels of one decode step (else None)."""
@@ -189,13 +232,16 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         generate(model, ids, new_tokens, step=step, kv=kv)
-    record = LatencyRecord(batch_size, new_tokens)
-    for _ in range(repeats):
+
+    def run_once() -> list[float]:
         clock = Clock(device)
         tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv)
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's KV cache must not outlive it: the next run (and the memory run) would count it
-        record.add(clock.intervals_ms())
+        return clock.intervals_ms()
+
+    record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
+    record.stop = stop
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.sources import cache_root
+from spec.cache import cache_root
+from spec.stats import paired_log_ratio, perplexity_interval
+from tasks.distance import Capture, Reference, check_head, windows_digest
 
 LOSS_CHUNK = 512  # positions per fp32 cross-entropy chunk
 
@@ -91,9 +93,12 @@ def strided_windows(n_tokens: int, seqlen: int, stride: int) -> list[Window]:
     return windows
 
 
-def window_losses(model, ids, windows: list[Window], batch_size: int, device: str) -> list[tuple[float, int]]:
+def window_losses(model, ids, windows: list[Window], batch_size: int, device: str, capture: Capture | None = None,
+                  reference: Reference | None = None) -> list[tuple[float, int]]:
     """(sum of cross-entropy in fp32, number of targets) per window, windows of equal length batched together;
-    `model`: a loaded model (tasks.engines.Model)."""
+    `model`: a loaded model (tasks.engines.Model). `capture`: keep the hidden states the output head reads (the
+    baseline, making its reference; its logits are then computed from exactly those); `reference`: add the distance
+    of each scored position's distribution to the baseline's."""
     out: dict[int, tuple[float, int]] = {}
     order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].begin)
     groups: list[list[int]] = []
@@ -107,21 +112,33 @@ def window_losses(model, ids, windows: list[Window], batch_size: int, device: st
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
         for group in groups:
             batch = torch.stack([ids[windows[i].begin:windows[i].end] for i in group]).to(device)
-            logits = model.window_logits(batch)
+            if capture is not None:
+                hidden = model.window_hidden(batch)
+                logits = F.linear(hidden, *model.output_head())
+                for row, i in enumerate(group):
+                    capture.add(i, hidden[row])
+                del hidden
+            else:
+                logits = model.window_logits(batch)
             for row, i in enumerate(group):
                 w = windows[i]
                 total = torch.zeros((), dtype=torch.float64, device=logits.device)
                 for lo in range(w.score_from, w.end - w.begin, LOSS_CHUNK):
                     hi = min(lo + LOSS_CHUNK, w.end - w.begin)
-                    total += F.cross_entropy(logits[row, lo - 1:hi - 1].float(), batch[row, lo:hi],
-                                             reduction="sum").double()
+                    chunk, targets = logits[row, lo - 1:hi - 1].float(), batch[row, lo:hi]
+                    total += F.cross_entropy(chunk, targets, reduction="sum").double()
+                    if reference is not None:
+                        reference.add(i, lo, hi, chunk, targets)
                 out[i] = (float(total), w.end - w.begin - w.score_from)
             del logits
     return [out[i] for i in range(len(windows))]
 
 
 def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int, stride: int,
-               max_windows: int | None, batch_size: int, device: str) -> dict:
+               max_windows: int | None, batch_size: int, device: str, capture: Capture | None = None,
+               reference: Reference | None = None) -> dict:
+    """Perplexity with its 95% interval and the per-window losses; with `reference`, the distance to the baseline
+    on the same windows; with `capture`, the hidden states for this precision's own reference."""
     t0 = time.perf_counter()
     ids = token_ids(tokenizer, corpus_text(rows))
     max_len = model.max_positions
@@ -137,10 +154,19 @@ def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int,
         windows = windows[:max_windows]
     if not windows:
         raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one window of {seqlen}")
+    out = {}
+    digest = windows_digest(ids, windows)
+    if capture is not None:
+        capture.digest, capture.windows = digest, len(windows)
+        capture.problem = check_head(model, ids[None, :64].to(device))
+        capture = None if capture.problem else capture
+    if reference is not None and reference.digest != digest:
+        out["distance_missing"] = "the baseline's reference was made on other windows (tokenizer or text differ)"
+        reference = None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    losses = window_losses(model, ids, windows, batch_size, device)
+    losses = window_losses(model, ids, windows, batch_size, device, capture, reference)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     forward_s = time.perf_counter() - t1
@@ -149,15 +175,30 @@ def perplexity(model, tokenizer, rows: list[str], *, protocol: str, seqlen: int,
         ppl = math.exp(nll / (len(windows) * seqlen))
     else:
         ppl = math.exp(sum(s for s, _ in losses) / sum(n for _, n in losses))
-    scored = sum(n for _, n in losses)
-    return {
+    nll_w, tokens_w = [s for s, _ in losses], [n for _, n in losses]
+    ci = perplexity_interval(nll_w, tokens_w)
+    out.update({
         "perplexity": ppl,
+        "ppl_ci_low": ci[1] if ci else None,
+        "ppl_ci_high": ci[2] if ci else None,
+        "ppl_window_nll": nll_w,
+        "ppl_window_tokens": tokens_w,
         "ppl_windows": len(windows),
-        "ppl_tokens_scored": scored,
+        "ppl_tokens_scored": sum(tokens_w),
         "ppl_corpus_tokens": len(ids),
         "ppl_s": time.perf_counter() - t0,                       # tokenization (or its cache) included
         "ppl_tokens_per_s": sum(w.end - w.begin for w in windows) / forward_s,  # model forward only
-    }
+    })
+    if reference is not None:
+        out.update(reference.columns(ppl))
+        out.update(paired_columns(nll_w, reference.window_nll, tokens_w))
+    return out
+
+
+def paired_columns(nll: list[float], baseline_nll: list[float], tokens: list[int]) -> dict:
+    """ln(ppl / baseline ppl) with its paired 95% interval over the same windows."""
+    iv = paired_log_ratio(nll, baseline_nll, tokens)
+    return {} if iv is None else {"ln_ppl_ratio_ci_low": iv[1], "ln_ppl_ratio_ci_high": iv[2]}
 
 
 def continuation_perplexity(model, tokenizer, rows: list[str], *, kv, windows: int, prefill: int,

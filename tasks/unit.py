@@ -15,10 +15,12 @@ from typing import Iterator
 
 import torch
 
+from spec.cache import reference_path
 from spec.catalog import kv_decode_reason
 from spec.rows import cell_fields, now, unit_rows_base
 from spec.units import CellSpec, UnitSpec
-from tasks import engines, kv_cache, latency, memory, perplexity
+from tasks import distance, engines, kv_cache, latency, memory, perplexity
+from tasks.distance import Capture, Reference
 from tasks.hardware import fingerprint, peak_bandwidth, roofline
 from tasks.precisions import REGISTRY, library_imports
 
@@ -78,6 +80,9 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
                                                    "error_message": reason})
         return
 
+    if unit.reference_only and reference_path(unit.reference.key).is_file():
+        yield {"_event": "reference", "key": unit.reference.key, "path": str(reference_path(unit.reference.key))}
+        return
     t_load = time.perf_counter()
     try:
         model = engines.load(unit.engine, unit.model, precision, options, device, calibration_text(unit))
@@ -90,7 +95,10 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
         yield from rows_for_remaining(unit.cells, {**_failure(exc), "load_s": time.perf_counter() - t_load})
         return
     base.update(facts)
-    base.update(measure_perplexity(unit, model, wikitext, device))
+    quality, reference = measure_quality(unit, model, wikitext, device)
+    base.update(quality)
+    if reference:  # the baseline's reference for the model's other units: the driver hands it to them
+        yield {"_event": "reference", "key": unit.reference.key, "path": reference}
     bw_gbs, bw_source = peak_bandwidth(device)
     base.update(peak_bandwidth_gbs=bw_gbs, peak_bandwidth_source=bw_source)
 
@@ -150,19 +158,54 @@ def _test_rows(wikitext: bytes | None) -> list[str]:
     return perplexity.rows_from_raw(wikitext) if wikitext is not None else perplexity.hub_rows()
 
 
-def measure_perplexity(unit: UnitSpec, model, wikitext: bytes | None, device: str) -> dict:
-    cfg = unit.perplexity
+def measure_quality(unit: UnitSpec, model, wikitext: bytes | None, device: str) -> tuple[dict, str | None]:
+    """Perplexity with its interval and, against the baseline's reference, the distance; the baseline unit makes
+    that reference here. Returns the columns and the path of a reference made (else None)."""
+    cfg, ref = unit.perplexity, unit.reference
     if not cfg:
-        return {"ppl_skipped_reason": "perplexity off in the grid"}
+        return {"ppl_skipped_reason": "perplexity off in the grid"}, None
     if unit.model.synthetic or model.tokenizer is None:
-        return {"ppl_skipped_reason": "synthetic weights"}
+        return {"ppl_skipped_reason": "synthetic weights", "distance_missing": "synthetic weights"}, None
+    if unit.known_quality:
+        return {**unit.known_quality, "quality_reused": True}, None
+    capture = reference = None
+    out = {}
+    if ref and ref.role == "make":
+        capture = None if reference_path(ref.key).is_file() else Capture()  # made by an earlier sweep on this node
+    elif ref and ref.missing:
+        out["distance_missing"] = ref.missing
+    elif ref:
+        path = reference_path(ref.key)
+        if path.is_file():
+            reference = Reference(str(path), device)
+            out["distance_reference"] = ref.baseline
+        else:
+            out["distance_missing"] = f"the baseline's reference is not on this node ({path})"
+    invariant = REGISTRY[unit.precision.name].method.batch_invariant(
+        REGISTRY[unit.precision.name].parse_options(unit.precision.options))
+    batch = cfg.batch_size or (8 if invariant else 1)  # the default gives the one-window figure where it differs
+    out.update(ppl_batch_size=batch, ppl_batch_invariant=invariant)
     try:
-        return perplexity.perplexity(model, model.tokenizer, _test_rows(wikitext), protocol=cfg.protocol,
-                                     seqlen=cfg.seqlen, stride=cfg.stride, max_windows=cfg.max_windows,
-                                     batch_size=cfg.batch_size, device=device)
+        out.update(perplexity.perplexity(model, model.tokenizer, _test_rows(wikitext), protocol=cfg.protocol,
+                                         seqlen=cfg.seqlen, stride=cfg.stride, max_windows=cfg.max_windows,
+                                         batch_size=batch, device=device, capture=capture, reference=reference))
     except Exception as exc:
         f = _failure(exc)
-        return {"ppl_error": f"{f['error_type']}: {f['error_message']}", "ppl_status": f["status"]}
+        return {"ppl_error": f"{f['error_type']}: {f['error_message']}", "ppl_status": f["status"],
+                "distance_missing": "perplexity failed"}, None
+    if "distance_missing" in out:
+        out.pop("distance_reference", None)
+    if ref and ref.role == "self":
+        out.update(distance.self_columns(out["ppl_tokens_scored"]))
+    if ref and ref.role == "make":
+        out.update(distance.self_columns(out["ppl_tokens_scored"]))
+        if capture is not None and capture.problem:
+            out = {**out, **{k: None for k in distance.self_columns(0)}, "distance_missing": capture.problem}
+            return out, None
+        path = capture.save(ref.key, model, out["ppl_window_nll"], out["ppl_window_tokens"], out["perplexity"]) \
+            if capture is not None else str(reference_path(ref.key))
+        return out, path
+    return out, None
 
 
 def measure_kv_perplexity(unit: UnitSpec, model, wikitext: bytes | None, device: str, cell: CellSpec) -> dict:
@@ -186,7 +229,8 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
     kv = cell.kv if cell.kv.name != "native" else None
     record, phases, cache, compile_s, kernels = latency.measure_cell(
         model, device, new_tokens=cell.new_tokens, batch_size=cell.batch_size, prompt_tokens=g.prompt_tokens,
-        warmup=g.warmup, repeats=g.repeats, decode=cell.decode, profile=g.profile, kv=kv)
+        warmup=g.warmup, repeats=g.repeats, decode=cell.decode, profile=g.profile, kv=kv, max_repeats=g.max_repeats,
+        max_seconds=g.max_seconds, target_halfwidth=g.target_halfwidth)
     out = record.summary()
     geometry = model.geometry
     out.update(kv_cache.accounting(geometry, model.cache_bytes(cache), model.cache_element_size(cache),

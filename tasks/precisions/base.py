@@ -49,6 +49,9 @@ class Method:
     # modules its loading imports: never preloaded by the fork server (quantization libraries may initialise CUDA at
     # import, and a forked child could then not use the GPU)
     imports: tuple[str, ...] = ()
+    # whether its numbers are the same whichever windows share a forward pass (LLM.int8 with outliers is not: it
+    # picks outlier columns per batch)
+    batch_invariant: Callable[[Options], bool] = field(default=lambda o: True)
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,16 @@ def _bf16(opts) -> bool:
     return opts.compute_dtype == "bf16"
 
 
-def _method(bits: int) -> Method:
-    return Method("bitsandbytes", "bitsandbytes", "weight-only", bits, ("bitsandbytes",))
+def _method(bits: int, **kw) -> Method:
+    return Method("bitsandbytes", "bitsandbytes", "weight-only", bits, ("bitsandbytes",), **kw)
 
 
 PRECISIONS = (
-    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)", _method(8),
+    # with a threshold, LLM.int8 takes the input columns whose largest value passes it out of the int8 matmul, per
+    # input matrix: which windows share a forward pass changes the numbers (seen on an H200: SmolLM2 22.0331 with 8
+    # windows per pass, 22.015 one at a time)
+    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)",
+              _method(8, batch_invariant=lambda o: o.threshold == 0),
               Loading(Int8Options, _int8, storage=stored),
               Limits(needs_bf16=_bf16,
                      compile_reason_cuda="its first compiled cell failed on an H200 (torch 2.11, bitsandbytes 0.50.2) "

@@ -27,7 +27,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from spec.catalog import RANDOM_IDS
 from spec.models import widths_of
 from tasks.precisions.gptq import machete_picked, shape_problem
-from tasks.sources import cache_root, publish
+from spec.cache import cache_root
+from tasks.sources import publish
 
 
 def calibration_ids(text: bytes | None, tokenizer, vocab: int, samples: int, seqlen: int) -> list[dict]:

@@ -1,0 +1,86 @@
+"""Run a GPU campaign: the sweeps a data file lists (bench/campaigns/*.yaml), on one Ray head that holds every GPU of
+the host, each sweep joining it with --address auto, so that Ray hands GPUs to units as they free up.
+
+  python bench/campaign.py CAMPAIGN.yaml --results DIR
+
+A campaign file:
+  about: one line on what it measures
+  seed: docs/results/...           # optional: copy these folders' cells first (cells already measured on this
+                                   # GPU type are not measured again)
+  sweeps:
+    - name: methods                # results in DIR/<name>
+      grid: examples/gpu-methods.yaml
+      set: ["generation.new_tokens=[128]"]   # optional --set overrides
+      after_s: 0                   # optional: start this many seconds after the campaign (Ray does not serve
+                                   # concurrent drivers first come, first served: the longest start first)
+Each sweep's log is DIR/<name>.log; DIR/exits.txt gets "<name> exit <code> after <s> s"; DIR/all.done when all end.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(path: Path) -> dict:
+    c = yaml.safe_load(path.read_text())
+    if not isinstance(c, dict) or not isinstance(c.get("sweeps"), list):
+        raise SystemExit(f"{path}: a campaign needs `sweeps:` (a list)")
+    for i, s in enumerate(c["sweeps"]):
+        missing = {"name", "grid"} - set(s)
+        if missing:
+            raise SystemExit(f"{path}: sweeps[{i}] needs {', '.join(sorted(missing))}")
+    return c
+
+
+def seed(campaign: dict, results: Path) -> None:
+    for folder in campaign.get("seed") or []:
+        for s in campaign["sweeps"]:
+            src = ROOT / folder / s["name"] / "cells"
+            if src.is_dir():
+                dst = results / s["name"] / "cells"
+                dst.mkdir(parents=True, exist_ok=True)
+                for f in src.glob("*.parquet"):
+                    shutil.copy2(f, dst / f.name)
+
+
+def run(campaign: dict, results: Path, address: str = "auto") -> int:
+    results.mkdir(parents=True, exist_ok=True)
+    seed(campaign, results)
+    t0 = time.monotonic()
+    procs = []
+    for s in sorted(campaign["sweeps"], key=lambda s: s.get("after_s", 0)):
+        wait = s.get("after_s", 0) - (time.monotonic() - t0)
+        if wait > 0:
+            time.sleep(wait)
+        cmd = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / s["grid"]), "--output",
+               str(results / s["name"])] + (["--address", address] if address else [])
+        for item in s.get("set") or []:
+            cmd += ["--set", item]
+        log = open(results / f"{s['name']}.log", "a")
+        procs.append((s["name"], subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+    worst = 0
+    for name, proc, log in procs:
+        code = proc.wait()
+        log.close()
+        worst = max(worst, code)
+        with open(results / "exits.txt", "a") as f:
+            f.write(f"{name} exit {code} after {time.monotonic() - t0:.0f} s\n")
+    (results / "all.done").touch()
+    return worst
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("campaign", type=Path)
+    ap.add_argument("--results", type=Path, required=True)
+    ap.add_argument("--address", default="auto", help="Ray address the sweeps join ('' for an embedded Ray each)")
+    args = ap.parse_args()
+    sys.exit(run(load(args.campaign), args.results, args.address))
