@@ -7,6 +7,9 @@ A campaign file:
   about: one line on what it measures
   seed: docs/results/...           # optional: copy these folders' cells first (cells already measured on this
                                    # GPU type are not measured again)
+  before:                          # optional: commands run one after another before the Ray head starts (benches
+    - {name: overhead, run: "python3 bench/unit_overhead.py --output {results}/o"}  # that start Ray themselves);
+                                   # their output in DIR/<name>.out; {results} is DIR
   sweeps:
     - name: methods                # results in DIR/<name>
       grid: examples/gpu-methods.yaml
@@ -51,9 +54,31 @@ def seed(campaign: dict, results: Path) -> None:
                     shutil.copy2(f, dst / f.name)
 
 
-def run(campaign: dict, results: Path, address: str = "auto") -> int:
+def before(campaign: dict, results: Path) -> None:
+    for step in campaign.get("before") or []:
+        t0 = time.monotonic()
+        with open(results / f"{step['name']}.out", "w") as out:
+            code = subprocess.call(step["run"].format(results=results), shell=True, cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        with open(results / "exits.txt", "a") as f:
+            f.write(f"{step['name']} exit {code} after {time.monotonic() - t0:.0f} s\n")
+
+
+def ray_head(gpus: int) -> None:
+    """One Ray head holding every GPU of the host, token authentication on (a token made if there is none)."""
+    ray = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
+    subprocess.call([ray, "get-auth-token", "--generate"], stdout=subprocess.DEVNULL)
+    subprocess.call([ray, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.check_call([ray, "start", "--head", f"--num-gpus={gpus}", "--disable-usage-stats"],
+                          stdout=subprocess.DEVNULL)
+
+
+def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> int:
     results.mkdir(parents=True, exist_ok=True)
     seed(campaign, results)
+    before(campaign, results)
+    if address == "auto" and gpus:
+        ray_head(gpus)
     t0 = time.monotonic()
     procs = []
     for s in sorted(campaign["sweeps"], key=lambda s: s.get("after_s", 0)):
@@ -82,5 +107,6 @@ if __name__ == "__main__":
     ap.add_argument("campaign", type=Path)
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--address", default="auto", help="Ray address the sweeps join ('' for an embedded Ray each)")
+    ap.add_argument("--gpus", type=int, default=0, help="start a Ray head with this many GPUs first (--address auto)")
     args = ap.parse_args()
-    sys.exit(run(load(args.campaign), args.results, args.address))
+    sys.exit(run(load(args.campaign), args.results, args.address, args.gpus))

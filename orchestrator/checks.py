@@ -36,9 +36,9 @@ def check_models(grid: Grid) -> None:
         ctx = context_length(model)
         if not ctx:
             continue
-        name, longest = model.label, g.prompt_tokens + max(g.new_tokens)
+        name, longest = model.label, max(g.prompt_tokens) + max(g.new_tokens)
         if longest > ctx:
-            raise BadInput(f"generation.new_tokens: {max(g.new_tokens)} new tokens after a {g.prompt_tokens}-token "
+            raise BadInput(f"generation.new_tokens: {max(g.new_tokens)} new tokens after a {max(g.prompt_tokens)}-token "
                            f"prompt need {longest} positions; {name} holds {ctx}")
         if ppl and ppl.seqlen > ctx:
             raise BadInput(f"perplexity.seqlen: windows of {ppl.seqlen} tokens; {name} holds {ctx}")

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator, model_validator)
 
 from orchestrator.files import GRID_CAP, BadInput, expand, read_regular_file
 from spec.catalog import KV_CACHES, KV_DEFAULTS, kv_label
@@ -153,7 +153,7 @@ class KvCacheEntry(Strict):
 class Generation(Strict):
     new_tokens: list[PositiveInt] = Field(min_length=1)
     batch_sizes: list[PositiveInt] = Field(default=[1], min_length=1)
-    prompt_tokens: PositiveInt = 32
+    prompt_tokens: list[PositiveInt] = Field(default=[32], min_length=1)  # an axis: one number or a list
     warmup: NonNegativeInt = 2
     # timed runs: a number, or auto: until the decode interval's half-width is within target_halfwidth of its mean
     # (at least 3 runs), at most max_repeats runs and max_seconds of timed work per cell
@@ -177,7 +177,12 @@ class Generation(Strict):
                 {"name": x["name"], "options": {k: y for k, y in x.items() if k != "name"}}
                 if isinstance(x, dict) and "name" in x else x for x in v]
 
-    @field_validator("new_tokens", "batch_sizes", "decode")
+    @field_validator("prompt_tokens", mode="before")
+    @classmethod
+    def _one_length(cls, v):
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("new_tokens", "batch_sizes", "decode", "prompt_tokens")
     @classmethod
     def _each_once(cls, v):
         return _once_each(v)
@@ -222,6 +227,16 @@ class Resources(Strict):
     retries: NonNegativeInt = 1
 
 
+class Cost(Strict):
+    usd_per_gpu_hour: PositiveFloat  # rows get usd_per_million_tokens at each cell's end-to-end throughput
+
+
+class ReportSettings(Strict):
+    # GPU memory sizes for the fit table ("fits a 16 GiB GPU up to batch 6 at 4096 tokens"), beside the GPU that ran
+    # the sweep: bytes, or text like 16GiB, 24GB
+    memory_budgets: list[ByteSize] = Field(default_factory=list)
+
+
 class Grid(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: str | None = None
@@ -232,6 +247,8 @@ class Grid(Strict):
     generation: Generation
     perplexity: Union[Perplexity, Literal[False]] = Field(default_factory=Perplexity)
     resources: Resources = Field(default_factory=Resources)
+    cost: Cost | None = None
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     @field_validator("precisions", mode="before")
     @classmethod

@@ -51,7 +51,8 @@ class Unit:
         return UnitSpec(plan.name, plan.run_id, self.unit_id, self.model, precision,
                         list(cells if cells is not None else self.cells), plan.generation, plan.perplexity,
                         plan.gpus_per_task, plan.cpus_per_task, plan.baseline, self.attempt, plan.engine,
-                        self.reference, self.known_quality, self.reference_only, self.quality_key)
+                        self.reference, self.known_quality, self.reference_only, self.quality_key,
+                        plan.usd_per_gpu_hour)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Plan:
     texts: dict[str, bytes] = field(default_factory=dict)  # calibration texts by sha256, shipped with their units
     cpus_per_task: float | None = None  # what each unit asks Ray for, recorded on its rows (not part of the keys)
     engine: str = "hf"
+    usd_per_gpu_hour: float | None = None  # the grid's cost (not part of the keys: it changes no measurement)
 
     @property
     def cells(self) -> list[CellSpec]:
@@ -78,7 +80,11 @@ def unit_cost(model: ModelSpec, precision, options, cells: list[CellSpec], gener
     params, layers = model_shape(model)
     step = layers * precision.launch_cost(options) + params * precision.bits(options) / 8 / 1e8
     runs = generation.warmup + (generation.repeats or min(generation.max_repeats, 10)) + 1
-    return step * runs * sum(c.new_tokens for c in cells) + params / 1e6  # + loading
+    cost = step * runs * sum(c.new_tokens + c.prompt_tokens / 64 for c in cells) + params / 1e6  # + loading
+    if precision.calibrated:  # calibration (when not cached): its samples through the model, layer by layer; on an
+        # H200, AWQ on SmolLM2 (128 x 512 tokens) took 280 s, about four of that model's decode units
+        cost += params * options.calib_samples * options.calib_seqlen / 1e9 * 30
+    return cost
 
 
 KV_PPL = {"kv_windows", "kv_prefill", "kv_continuation"}
@@ -106,8 +112,10 @@ def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid,
     identity = {
         "model": model.identity(),
         "precision": {"name": precision.name, "options": precision.options},
-        "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"], "decode": cell["decode"],
-        "generation": grid.generation.model_dump(exclude={"new_tokens", "batch_sizes", "decode", "kv_cache"}),
+        "prompt_tokens": cell["prompt_tokens"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"],
+        "decode": cell["decode"],
+        "generation": grid.generation.model_dump(exclude={"prompt_tokens", "new_tokens", "batch_sizes", "decode",
+                                                          "kv_cache"}),  # (the grid's cost and report: not here)
         "perplexity": grid.perplexity.model_dump(exclude={"path"} | (set() if quantized_kv else KV_PPL))
         if grid.perplexity else False,
         "gpus_per_task": gpus_per_task,
@@ -133,7 +141,7 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
     base_dir = getattr(grid, "_base_dir", Path(os.getcwd()))
     gpus = grid.resources.gpus_per_task if gpus_per_task is None else gpus_per_task
     g = grid.generation
-    generation = GenerationSpec(g.prompt_tokens, g.warmup, 0 if g.repeats == "auto" else g.repeats, g.profile,
+    generation = GenerationSpec(g.warmup, 0 if g.repeats == "auto" else g.repeats, g.profile,
                                 g.max_repeats, g.max_seconds, g.target_halfwidth)
     by_sha = {source["sha256"]: raw for raw, source in texts.calibration.values() if raw is not None}
     units = []
@@ -150,10 +158,12 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
             cells = []
             for kv in g.kv_cache:
                 for d in g.decode:
-                    for n in g.new_tokens:
-                        for b in g.batch_sizes:
-                            axes = {"new_tokens": n, "batch_size": b, "decode": d, "kv": kv.spec()}
-                            cells.append(CellSpec(cell_key(model, precision, axes, grid, gpus), **axes))
+                    for pt in g.prompt_tokens:
+                        for n in g.new_tokens:
+                            for b in g.batch_sizes:
+                                axes = {"prompt_tokens": pt, "new_tokens": n, "batch_size": b, "decode": d,
+                                        "kv": kv.spec()}
+                                cells.append(CellSpec(cell_key(model, precision, axes, grid, gpus), **axes))
             size = unit_cost(model, backend, parsed, cells, generation)
             uid = digest([model.identity(), model.label, precision.name, precision.options, precision.label,
                           dataclasses.asdict(calibration) if calibration else None], 12)
@@ -166,7 +176,8 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
         source = texts.test_source or {}
         ppl = PerplexitySpec(q.protocol, q.seqlen, q.stride, q.max_windows, q.batch_size, source.get("dataset"),
                              source.get("sha256"), g.quantized_kv, q.kv_windows, q.kv_prefill, q.kv_continuation)
-    return Plan(grid.name, run_id, units, generation, ppl, gpus, grid.baseline, by_sha, engine=grid.engine)
+    return Plan(grid.name, run_id, units, generation, ppl, gpus, grid.baseline, by_sha, engine=grid.engine,
+                usd_per_gpu_hour=grid.cost.usd_per_gpu_hour if grid.cost else None)
 
 
 def _quality_and_references(grid: Grid, units: list[Unit], gpus: float, dataset_sha256: str | None) -> None:

@@ -1,5 +1,5 @@
 """Render one self-contained HTML report (inline CSS, inline SVG charts, no request to any other host) from one or
-more sweep output folders. Reads only the Parquet rows, so any past sweep can be re-rendered."""
+more sweep output folders. Reads only the Parquet rows and sweep.json, so any past sweep can be re-rendered."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -7,8 +7,8 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from reports import charts, tables
-from reports.data import col, first, precision_order, read_results
+from reports import charts, fit, tables
+from reports.data import colors, first, headline_cell, manifest, precision_order, read_results, with_axes
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -21,40 +21,65 @@ def _num(x, fmt="{:.2f}"):
     return "–" if x is None else fmt.format(x)
 
 
+def _interval(pair, fmt="{:.2f}"):
+    lo, hi = pair if pair else (None, None)
+    return "" if lo is None or hi is None else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
 def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(mb=_mb, num=_num,
+    env.filters.update(mb=_mb, num=_num, interval=_interval,
                        pct=lambda x: "–" if x is None else f"{x:+.1f}%",
-                       frac=lambda x: "–" if x is None else tables.percent(x),
-                       times=lambda x: "–" if x is None else f"{x:.2f}×")
+                       share=lambda x: "–" if x is None else (f"{x:.1%}" if x < 0.9995 else "100%"))
     return env
+
+
+def budgets_of(dirs, df) -> list[tuple[str, float]]:
+    """Memory budgets for the fit: the GPU that ran the sweep, then those the grids list (report.memory_budgets)."""
+    out = []
+    gpu = df.dropna(subset=["gpu_memory_bytes"]) if "gpu_memory_bytes" in df else df.iloc[0:0]
+    if len(gpu):
+        out.append((f"this {first(gpu.gpu_name)} ({gpu.gpu_memory_bytes.max() / fit.GiB:.0f} GiB)",
+                    float(gpu.gpu_memory_bytes.max())))
+    for d in dirs:
+        for b in ((manifest(d).get("grid") or {}).get("report") or {}).get("memory_budgets") or []:
+            size = fit.parse_size(b)
+            if all(abs(size - s) > 1 for _, s in out):
+                out.append((fit.budget_label(size), size))
+    return out
 
 
 def context(dirs, every_row: bool = False) -> dict:
     unreadable: list[str] = []
     df = read_results(dirs, unreadable, every_row)
+    df = with_axes(df) if len(df) else df
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
+    budgets = budgets_of(dirs, df) if len(df) else []
+    palette = colors(precision_order(df, None)) if len(df) else {}
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
-        every = df[df.model == model]
-        # tables and charts: the eager path with the native KV cache; the other axes have tables of their own
-        d = every[(col(every, "decode").fillna("eager") == "eager") & (col(every, "kv_cache").fillna("native") == "native")]
+        d = df[df.model == model]
         baseline = first(d.baseline) if "baseline" in d else None  # rows say what their sweep compared against
         baseline = baseline if baseline in set(d.precision) else (precision_order(d, None) or [None])[0]
-        rows, cell = tables.model_table(d, baseline)
+        cell = headline_cell(d)
+        entries = tables.summary(d, baseline, cell)
+        fits = tables.fits(d, entries, budgets)
+        longest = max((f["context"] for f in fits), default=None)
+        decision = tables.decision(entries, [f for f in fits if f["context"] == longest])
+        broken = set(decision["broken"])
+        cross = [c for c in tables.crossover(d, baseline) if c["precision"] not in broken]
         models.append({
-            "name": model,
-            "baseline": baseline,
-            "note": tables.first(d.weights_note) if "weights_note" in d else None,
-            "rows": rows,
-            "cell": cell,
-            "breakdown": tables.breakdown(every, baseline),
-            "compiled": tables.eager_vs_compiled(every, baseline),
-            "kv": tables.kv_cache_table(every[col(every, "decode").fillna("eager") == "eager"], baseline),
-            "kernels": tables.top_kernels(every, baseline, cell),
-            "findings": tables.findings(d, model, baseline),
-            "charts": [c for c in (charts.decode_vs_length(d, baseline), charts.memory_by_phase(rows, cell),
-                                   charts.quality_tradeoffs(rows)) if c],
+            "name": model, "baseline": baseline, "cell": cell, "entries": entries, "decision": decision,
+            "note": first(d.weights_note) if "weights_note" in d else None,
+            "findings": tables.findings(entries, baseline, model, cell, decision),
+            "fits": fits, "fit_errors": tables.fit_errors(d, entries), "crossover": cross,
+            "cells": tables.every_cell(d),
+            "charts": [c for c in (charts.quality(entries, palette, cell, baseline),
+                                   charts.decode_vs_length(d, baseline, palette, broken),
+                                   charts.prompt_length(d, baseline, palette, broken),
+                                   charts.memory(entries, cell), charts.energy(entries, cell),
+                                   charts.crossover(cross)) if c],
+            "gpu": bool(d.device.eq("cuda").any()) if "device" in d else False,
         })
     return {
         "title": " + ".join(sweeps) or "empty sweep",
@@ -66,6 +91,8 @@ def context(dirs, every_row: bool = False) -> dict:
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "sources": [str(d) for d in dirs],
         "unreadable": unreadable,
+        "every_row": every_row,
+        "reserve_gib": fit.RESERVE / fit.GiB,
     }
 
 

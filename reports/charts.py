@@ -1,109 +1,284 @@
-"""Charts drawn by matplotlib and embedded as inline SVG (text as paths: no font is fetched)."""
+"""Charts drawn by matplotlib and embedded as inline SVG: one colour per precision in every chart, log scales where
+values span orders of magnitude, no more than 8 series in one axes (facets instead), ticks that read as the values,
+broken precisions left out of the scales (the tables name them), every point's values on hover (an SVG title)."""
 from __future__ import annotations
 
 import io
+import math
 import re
+from html import escape
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator  # noqa: E402
 
-from reports.data import pareto, precision_order  # noqa: E402
+from reports.data import method_group, precision_order  # noqa: E402
 
-plt.rcParams.update({"svg.fonttype": "path", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-                     "svg.hashsalt": "quant-sweep"})
+plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "font.family": "sans-serif",
+                     "axes.spines.top": False, "axes.spines.right": False, "svg.hashsalt": "quant-sweep"})
+MAX_SERIES = 8
 MAX_FACETS = 4
 
 
-def _svg(fig) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
-    text = buf.getvalue()
-    text = text[text.index("<svg"):]
-    # drop the RDF metadata block and its namespaces: identifiers only, but a self-contained page names no other host
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
-    return re.sub(r'\s+xmlns:(dc|cc|rdf)="[^"]*"', "", text)
+class Hover:
+    """Gives artists ids and the texts to show on hover; `svg()` writes them in as SVG titles."""
+
+    def __init__(self):
+        self.texts: dict[str, str] = {}
+
+    def __call__(self, artist, text: str):
+        gid = f"h{id(self)}-{len(self.texts)}"
+        artist.set_gid(gid)
+        self.texts[gid] = text
+
+    def svg(self, fig) -> str:
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+        plt.close(fig)
+        text = buf.getvalue()
+        text = text[text.index("<svg"):]
+        text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # identifiers of other hosts: none
+        text = re.sub(r'\s+xmlns:(dc|cc|rdf)="[^"]*"', "", text)
+        for gid, t in self.texts.items():
+            text = text.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{escape(t)}</title>', 1)
+        return text
 
 
-def _colors(precisions: list[str]) -> dict[str, str]:
-    cmap = plt.get_cmap("tab10")
-    return {p: cmap(i % 10) for i, p in enumerate(precisions)}
+def _values_ticks(ax, values, axis="x"):
+    """Log-2 axis whose ticks read as the values themselves (8, 16, 32), not as powers."""
+    values = sorted(set(int(v) for v in values))
+    getattr(ax, f"set_{axis}scale")("log", base=2)
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(FixedLocator(values))
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_locator(NullLocator())
 
 
-def decode_vs_length(df: pd.DataFrame, baseline: str | None) -> str | None:
-    """Decode ms/token against generation length, a line per precision, one panel per batch size."""
-    ok = df[(df.status == "ok") & df.decode_ms_per_token.notna()] if "decode_ms_per_token" in df else df.iloc[0:0]
-    if ok.empty:
+PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
+
+
+def _log(ax, axis="y"):
+    """A log axis whose ticks read as plain numbers (100, 0.01), not powers."""
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_formatter(PLAIN)
+    target.set_minor_formatter(NullFormatter())
+
+
+def _log_if_wide(ax, values, axis="y"):
+    v = [x for x in values if x and x > 0]
+    if v and max(v) / min(v) > 10:
+        _log(ax, axis)
+
+
+def _groups(precisions: list[str], df: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """Facets of at most MAX_SERIES precisions: by method group, split where a group is larger."""
+    by = {}
+    for p in precisions:
+        by.setdefault(method_group(df[df.precision == p]), []).append(p)
+    out = []
+    for name, ps in by.items():
+        for i in range(0, len(ps), MAX_SERIES):
+            out.append((name + (f" ({i // MAX_SERIES + 1})" if len(ps) > MAX_SERIES else ""), ps[i:i + MAX_SERIES]))
+    return out
+
+
+def quality(entries: list[dict], colors: dict, cell: dict | None, baseline: str | None) -> str | None:
+    """Distance to the baseline (KL, else |Δ perplexity|) against decode ms/token and against weights, with the
+    speed's 95% interval as error bars; the frontier circled."""
+    pts = [e for e in entries if not e["broken"] and e["decode_ms"] and e["weights_bytes"]
+           and (e["kl_mean"] is not None or e["ppl_change"] is not None)]
+    if len(pts) < 2:
         return None
+    use_kl = all(e["kl_mean"] is not None for e in pts)
+    q = {e["precision"]: (e["kl_mean"] if use_kl else abs(e["ppl_change"])) for e in pts}
+    floor = min([v for v in q.values() if v > 0], default=1e-6) / 3  # the baseline's 0 on a log axis
+    hover = Hover()
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), layout="constrained")
+    for ax, (key, label) in zip(axes, [("decode_ms", "decode ms/token (eager)"), ("weights_bytes", "weights MB")]):
+        for e in pts:
+            x = e[key] / (1e6 if key == "weights_bytes" else 1)
+            y = max(q[e["precision"]], floor)
+            err = None
+            if key == "decode_ms" and e["decode_ci"][0] is not None:
+                err = [[x - e["decode_ci"][0]], [e["decode_ci"][1] - x]]
+            h = ax.errorbar([x], [y], xerr=err, fmt="o", ms=5, color=colors[e["precision"]], ecolor="#888",
+                            elinewidth=1, capsize=2, label=e["precision"])
+            hover(h[0], f"{e['precision']}: {label} {x:,.2f}; " + (f"KL {q[e['precision']]:.4g}" if use_kl else
+                                                                  f"|Δ perplexity| {q[e['precision']]:.2f}%"))
+        _log(ax, "y")
+        _log_if_wide(ax, [e[key] for e in pts], "x")
+        ax.set_xlabel(label)
+        ax.set_ylabel("KL to baseline (nats, log)" if use_kl else "|Δ perplexity| % (log)")
+        if len(pts) <= 10:
+            for e in pts:
+                ax.annotate(e["precision"], (e[key] / (1e6 if key == "weights_bytes" else 1),
+                                             max(q[e["precision"]], floor)), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+    if len(pts) > 10:
+        axes[1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5),
+                       ncol=1 + len(pts) // 16)
+    where = f"{cell['prompt_tokens']}+{cell['new_tokens']} tokens, batch {cell['batch_size']}" if cell else ""
+    fig.suptitle(f"Quality against speed and size ({where}; lower is better on every axis; {baseline} at the "
+                 f"bottom)", fontsize=9)
+    return hover.svg(fig)
+
+
+def decode_vs_length(df: pd.DataFrame, baseline: str | None, colors: dict, broken: set[str]) -> str | None:
+    """Decode ms/token against generation length: a panel per batch size (at most 4) and precision group (at most 8
+    lines each), eager, the smallest prompt, with 95% intervals."""
+    ok = df[(df.status == "ok") & df.decode_ms_per_token.notna() & (df.decode == "eager")
+            & (df.kv_cache == "native") & ~df.precision.isin(broken)] if "decode_ms_per_token" in df else df.iloc[0:0]
+    if ok.empty or ok.new_tokens.nunique() < 2:
+        return None
+    ok = ok[ok.prompt_tokens == ok.prompt_tokens.min()]
     batches = sorted(ok.batch_size.unique())
-    if len(batches) > MAX_FACETS:  # keep the smallest, largest and evenly spaced ones between
+    if len(batches) > MAX_FACETS:
         step = (len(batches) - 1) / (MAX_FACETS - 1)
         batches = [batches[round(i * step)] for i in range(MAX_FACETS)]
-    precs = precision_order(ok, baseline)
-    colors = _colors(precs)
-    fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 2.8), squeeze=False, sharey=False)
-    for ax, b in zip(axes[0], batches):
-        d = ok[ok.batch_size == b]
-        for p in precs:
-            s = d[d.precision == p].sort_values("new_tokens")
-            if len(s):
-                ax.plot(s.new_tokens, s.decode_ms_per_token, marker="o", ms=3, label=p, color=colors[p])
-        ax.set_title(f"batch {b}")
-        ax.set_xlabel("new tokens")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(bottom=0)
-    axes[0][0].set_ylabel("decode ms / token")
-    axes[0][-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
-    return _svg(fig)
+    groups = _groups(precision_order(ok, baseline), ok)
+    hover = Hover()
+    fig, axes = plt.subplots(len(groups), len(batches), figsize=(3.2 * len(batches) + 1.6, 2.4 * len(groups)),
+                             layout="constrained",
+                             squeeze=False)
+    for gi, (gname, ps) in enumerate(groups):
+        for bi, b in enumerate(batches):
+            ax = axes[gi][bi]
+            d = ok[ok.batch_size == b]
+            for p in ps:
+                s = d[d.precision == p].sort_values("new_tokens")
+                if len(s):
+                    lo = (s.decode_ms_per_token - s.get("decode_ms_ci_low", s.decode_ms_per_token)).fillna(0)
+                    hi = (s.get("decode_ms_ci_high", s.decode_ms_per_token) - s.decode_ms_per_token).fillna(0)
+                    h = ax.errorbar(s.new_tokens, s.decode_ms_per_token, yerr=[lo, hi], marker="o", ms=3,
+                                    color=colors[p], label=p, capsize=2, elinewidth=0.8)
+                    hover(h[0], f"{p}, batch {b}: " + ", ".join(f"{int(n)} tokens {v:.2f} ms" for n, v in
+                                                               zip(s.new_tokens, s.decode_ms_per_token)))
+            _values_ticks(ax, ok.new_tokens)
+            ax.set_title(f"{gname}, batch {b}", fontsize=8)
+            ax.set_xlabel("new tokens")
+            if bi == 0:
+                ax.set_ylabel("decode ms/token")
+        axes[gi][-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(f"Decode speed against generation length (eager, {int(ok.prompt_tokens.min())}-token prompts, "
+                 f"95% intervals)", fontsize=9)
+    return hover.svg(fig)
 
 
-def memory_by_phase(rows: list[dict], cell) -> str | None:
-    """Stacked bars at the headline cell: weights, KV cache, and activations (peak minus both)."""
-    rows = [r for r in rows if r["status"] == "ok" and r["weights_bytes"]]
+def prompt_length(df: pd.DataFrame, baseline: str | None, colors: dict, broken: set[str]) -> str | None:
+    """TTFT and decode ms/token against prompt length (eager, the smallest batch, the longest generation)."""
+    ok = df[(df.status == "ok") & (df.decode == "eager") & (df.kv_cache == "native") & ~df.precision.isin(broken)]
+    if ok.empty or ok.prompt_tokens.nunique() < 2:
+        return None
+    ok = ok[(ok.batch_size == ok.batch_size.min())]
+    ok = ok[ok.new_tokens == ok.new_tokens.max()]
+    groups = _groups(precision_order(ok, baseline), ok)
+    hover = Hover()
+    fig, axes = plt.subplots(len(groups), 2, figsize=(8.4, 2.5 * len(groups)), squeeze=False,
+                             layout="constrained")
+    for gi, (gname, ps) in enumerate(groups):
+        for ax, (key, label) in zip(axes[gi], [("ttft_ms", "time to first token, ms"),
+                                               ("decode_ms_per_token", "decode ms/token at that depth")]):
+            for p in ps:
+                s = ok[ok.precision == p].sort_values("prompt_tokens")
+                if len(s):
+                    (line,) = ax.plot(s.prompt_tokens, s[key], marker="o", ms=3, color=colors[p], label=p)
+                    hover(line, f"{p}: " + ", ".join(f"{int(n)} tokens {v:.2f} ms" for n, v in
+                                                     zip(s.prompt_tokens, s[key])))
+            _values_ticks(ax, ok.prompt_tokens)
+            _log_if_wide(ax, ok[key])
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel(label)
+            ax.set_title(gname, fontsize=8)
+        axes[gi][-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle(f"Prompt length (eager, batch {int(ok.batch_size.min())}, {int(ok.new_tokens.max())} new tokens)",
+                 fontsize=9)
+    return hover.svg(fig)
+
+
+def memory(entries: list[dict], cell: dict | None) -> str | None:
+    """Weights, KV cache and the rest of the peak at the headline cell, one horizontal bar per precision (the names
+    stay legible however many there are). On CPU: the process's peak resident memory."""
+    rows = [e for e in entries if e["eager_row"] is not None and e["weights_bytes"]]
     if not rows:
         return None
-    names = [r["precision"] for r in rows]
-    w = [r["weights_bytes"] / 1e6 for r in rows]
-    kv = [(r["kv_cache_bytes"] or 0) / 1e6 for r in rows]
-    peak = [max(r["decode_peak_bytes"] or 0, r["prefill_peak_bytes"] or 0) / 1e6 for r in rows]
-    act = [max(0.0, p - a - b) if p else 0.0 for p, a, b in zip(peak, w, kv)]
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.7 * len(rows) + 1.5), 2.8))
-    ax.bar(names, w, label="weights", color="#4c72b0")
-    ax.bar(names, kv, bottom=w, label="KV cache", color="#dd8452")
-    ax.bar(names, act, bottom=[a + b for a, b in zip(w, kv)], label="activations + workspace", color="#bbbbbb")
-    ax.set_ylabel("MB")
-    title = f"memory at {cell[0]} tokens × batch {cell[1]}" if cell else "memory"
-    ax.set_title(title if any(peak) else title + " (no GPU peaks: CPU)")
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5))
-    return _svg(fig)
+    gpu = all(e["peak_bytes"] for e in rows)
+    hover = Hover()
+    fig, ax = plt.subplots(figsize=(7.2, 0.28 * len(rows) + 1.2), layout="constrained")
+    names = [e["precision"] for e in rows][::-1]
+    for i, e in enumerate(rows[::-1]):
+        w = e["weights_bytes"] / 1e6
+        if gpu:
+            kv = (e["eager_row"].get("kv_cache_bytes") or 0) / 1e6
+            rest = max(0.0, e["peak_bytes"] / 1e6 - w - kv)
+            parts = [(w, "weights", "#4c72b0"), (kv, "KV cache", "#dd8452"), (rest, "activations + workspace", "#bbb")]
+        else:
+            parts = [(w, "weights", "#4c72b0"), (max(0.0, (e["rss_bytes"] or 0) / 1e6 - w), "rest of RSS", "#bbb")]
+        left = 0.0
+        for value, label, color in parts:
+            bar = ax.barh(i, value, left=left, color=color, label=label if i == 0 else None)
+            hover(bar.patches[0], f"{e['precision']}: {label} {value:,.1f} MB")
+            left += value
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("MB")
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    where = f"{cell['prompt_tokens']}+{cell['new_tokens']} tokens × batch {cell['batch_size']}" if cell else ""
+    ax.set_title(f"Peak memory by part, {where}" if gpu else f"Resident memory on CPU (peak RSS), {where}",
+                 fontsize=9)
+    return hover.svg(fig)
 
 
-def quality_tradeoffs(rows: list[dict]) -> str | None:
-    """Perplexity against decode ms/token and against peak (or weight) memory, Pareto frontier marked."""
-    pts = [r for r in rows if r["status"] == "ok" and r["perplexity"] and r["decode_ms_per_token"]
-           and (r["decode_peak_bytes"] or r["weights_bytes"])]
-    if len(pts) < 1:
+def energy(entries: list[dict], cell: dict | None) -> str | None:
+    rows = [e for e in entries if e["eager_row"] is not None and e["eager_row"].get("energy_j_per_decode_token")]
+    if not rows:
         return None
-    use_peak = all(r["decode_peak_bytes"] for r in pts)
-    mem_key = "decode_peak_bytes" if use_peak else "weights_bytes"
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.9))
-    colors = _colors([r["precision"] for r in rows])
-    for ax, (xkey, xlabel, scale) in zip(axes, [("decode_ms_per_token", "decode ms / token", 1.0),
-                                                (mem_key, "peak MB" if use_peak else "weights MB", 1e-6)]):
-        xy = [(r[xkey] * scale, r["perplexity"], r["precision"]) for r in pts]
-        front = pareto(xy)
-        for x, y, p in xy:
-            ax.scatter([x], [y], color=colors[p], s=40 if p in front else 18, zorder=3,
-                       edgecolors="black" if p in front else "none")
-            ax.annotate(p, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        fx = sorted((x, y) for x, y, p in xy if p in front)
-        if len(fx) > 1:
-            ax.plot([x for x, _ in fx], [y for _, y in fx], "--", color="black", lw=0.8, label="Pareto frontier")
-            ax.legend(fontsize=7, frameon=False)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity")
-    return _svg(fig)
+    hover = Hover()
+    fig, ax = plt.subplots(figsize=(7.2, 0.28 * len(rows) + 1.2), layout="constrained")
+    for i, e in enumerate(rows[::-1]):
+        v = e["eager_row"]["energy_j_per_decode_token"]
+        bar = ax.barh(i, v, color="#55a868")
+        hover(bar.patches[0], f"{e['precision']}: {v:.4g} J per decode token, "
+                              f"{e['eager_row'].get('power_mean_w') or 0:.0f} W mean")
+    ax.set_yticks(range(len(rows)), [e["precision"] for e in rows][::-1], fontsize=7)
+    _log_if_wide(ax, [e["eager_row"]["energy_j_per_decode_token"] for e in rows], "x")
+    ax.set_xlabel("joules per generated token (eager)")
+    where = f"{cell['prompt_tokens']}+{cell['new_tokens']} tokens × batch {cell['batch_size']}" if cell else ""
+    ax.set_title(f"Energy per decode token, {where}", fontsize=9)
+    return hover.svg(fig)
+
+
+def crossover(maps: list[dict]) -> str | None:
+    """One heatmap per quantized precision and decode path: its decode ms/token over the baseline's by batch and
+    prompt length (green: faster than the baseline, red: slower)."""
+    maps = [m for m in maps if len(m["batches"]) * len(m["prompts"]) > 1][:16]
+    if not maps:
+        return None
+    cols = min(4, len(maps))
+    rows = math.ceil(len(maps) / cols)
+    hover = Hover()
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.6, 2.3 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(maps):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, maps):
+        grid = [[m["ratios"].get((b, p), math.nan) for p in m["prompts"]] for b in m["batches"]]
+        logs = [[math.log2(v) if v == v else math.nan for v in r] for r in grid]
+        im = ax.imshow(logs, cmap="RdYlGn_r", vmin=-1, vmax=1, aspect="auto")
+        for i, r in enumerate(grid):
+            for j, v in enumerate(r):
+                if v == v:
+                    t = ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                    hover(t, f"{m['precision']} ({m['decode']}), batch {m['batches'][i]}, prompt "
+                             f"{m['prompts'][j]}: {v:.2f}× the baseline's ms/token")
+        ax.set_xticks(range(len(m["prompts"])), m["prompts"], fontsize=7)
+        ax.set_yticks(range(len(m["batches"])), m["batches"], fontsize=7)
+        ax.set_xlabel("prompt tokens", fontsize=7)
+        ax.set_ylabel("batch", fontsize=7)
+        ax.set_title(f"{m['precision']}, {m['decode']}", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="ms/token ÷ baseline's (log scale)",
+                 ticks=[-1, 0, 1]).ax.set_yticklabels(["0.5", "1", "2"])
+    fig.suptitle("Where quantization pays: decode time against the baseline's (below 1: faster)", fontsize=9)
+    return hover.svg(fig)

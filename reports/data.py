@@ -1,7 +1,9 @@
-"""Reading result folders and the numbers the report shows. pandas and pyarrow only: no torch here."""
+"""Reading result folders, and the small facts the report's tables and charts share: which cell a model is shown at,
+precision order, method groups, one colour per precision. pandas and pyarrow only: no torch here."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FAILED = ("error", "oom", "timeout")
+SCHEMES = {"none": 0, "weight-only": 1, "weight+activation": 2}
+# rows written before quant_scheme and weight_bits_nominal existed (bitsandbytes and unquantized only)
+LEGACY = {"fp32": ("none", 32), "fp16": ("none", 16), "bf16": ("none", 16), "int8": ("weight-only", 8),
+          "nf4": ("weight-only", 4), "fp4": ("weight-only", 4), "nf4-dq": ("weight-only", 4)}
+# one colour per precision in every chart: tab20, then tab20b and tab20c, in the order precisions first appear
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+           "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#8ca252",
+           "#bd9e39", "#ad494a", "#a55194", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#6baed6"]
+BROKEN_RATIO = 10.0  # perplexity more than this times the baseline's: broken, named, kept out of the charts' scales
 
 
 def latest_cells(folder: Path) -> set[str] | None:
@@ -18,6 +30,13 @@ def latest_cells(folder: Path) -> set[str] | None:
     except (OSError, ValueError):
         return None
     return set(keys) if isinstance(keys, list) else None
+
+
+def manifest(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def read_results(dirs, unreadable: list[str] | None = None, every_row: bool = True) -> pd.DataFrame:
@@ -46,23 +65,50 @@ def col(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
+def val(x):
+    """A cell's value, None for missing (NaN, NaT, None)."""
+    if x is None:
+        return None
+    try:
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if pd.isna(x) is True:
+            return None
+    except (TypeError, ValueError):  # lists and arrays
+        pass
+    return x
+
+
 def first(series: pd.Series):
-    s = series.dropna()
-    return s.iloc[0] if len(s) else None
+    s = series.dropna() if len(series) else series
+    return val(s.iloc[0]) if len(s) else None
 
 
-def headline_cell(df: pd.DataFrame) -> tuple[int, int] | None:
-    """The (new_tokens, batch_size) used for the per-precision table: smallest batch, longest generation."""
-    ok = df[df.status == "ok"]
+def with_axes(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with every axis filled (rows from before an axis existed: its default)."""
+    return df.assign(decode=col(df, "decode").fillna("eager"), kv_cache=col(df, "kv_cache").fillna("native"),
+                     prompt_tokens=col(df, "prompt_tokens").fillna(32).astype(int))
+
+
+def headline_cell(df: pd.DataFrame) -> dict | None:
+    """The cell the per-precision table shows: eager, native KV cache, the smallest batch and prompt, the longest
+    generation among ok cells."""
+    ok = df[(df.status == "ok") & (df.decode == "eager") & (df.kv_cache == "native")]
     if ok.empty:
         return None
     b = int(ok.batch_size.min())
-    n = int(ok[ok.batch_size == b].new_tokens.max())
-    return n, b
+    p = int(ok[ok.batch_size == b].prompt_tokens.min())
+    n = int(ok[(ok.batch_size == b) & (ok.prompt_tokens == p)].new_tokens.max())
+    return {"batch_size": b, "prompt_tokens": p, "new_tokens": n}
+
+
+def at(df: pd.DataFrame, cell: dict, decode: str = "eager") -> pd.DataFrame:
+    return df[(df.batch_size == cell["batch_size"]) & (df.prompt_tokens == cell["prompt_tokens"])
+              & (df.new_tokens == cell["new_tokens"]) & (df.decode == decode) & (df.kv_cache == "native")]
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[str]:
-    """Labels on the frontier when both coordinates are better lower (e.g. perplexity and ms/token)."""
+    """Labels on the frontier when both coordinates are better lower (e.g. KL and ms/token)."""
     front, best = [], float("inf")
     for x, y, label in sorted(points):
         if y < best:
@@ -71,6 +117,53 @@ def pareto(points: list[tuple[float, float, str]]) -> list[str]:
     return front
 
 
+def frontier(points: dict[str, tuple[float, ...]]) -> list[str]:
+    """Labels no other point beats on every coordinate (all better lower) and strictly on one."""
+    out = []
+    for p, a in points.items():
+        dominated = any(all(x <= y for x, y in zip(b, a)) and any(x < y for x, y in zip(b, a))
+                        for q, b in points.items() if q != p)
+        if not dominated:
+            out.append(p)
+    return out
+
+
 def precision_order(df: pd.DataFrame, baseline: str | None) -> list[str]:
+    """The baseline, then by method (unquantized, weight-only from more bits to fewer, weight+activation)."""
     seen = list(dict.fromkeys(df.precision.dropna()))
-    return ([baseline] if baseline in seen else []) + [p for p in seen if p != baseline]
+    rest = sorted((p for p in seen if p != baseline), key=lambda p: method_rank(df[df.precision == p]))
+    return ([baseline] if baseline in seen else []) + rest
+
+
+def colors(precisions: list[str]) -> dict[str, str]:
+    return {p: PALETTE[i % len(PALETTE)] for i, p in enumerate(dict.fromkeys(precisions))}
+
+
+def _method(d: pd.DataFrame) -> tuple:
+    scheme, bits = first(col(d, "quant_scheme")), first(col(d, "weight_bits_nominal"))
+    if scheme is None:
+        scheme, bits = LEGACY.get(first(col(d, "precision_name")), (None, None))
+    return scheme, bits
+
+
+def method_group(d: pd.DataFrame) -> str:
+    """How a precision quantizes, in the report's groups: unquantized, weight-only N-bit, weight+activation N-bit."""
+    scheme, bits = _method(d)
+    if scheme in (None, "none") or bits is None:
+        return "unquantized" if scheme == "none" else "–"
+    return f"{scheme} {bits:g}-bit"
+
+
+def method_rank(d: pd.DataFrame) -> tuple:
+    scheme, bits = _method(d)
+    return SCHEMES.get(scheme, 3), -(bits or 0)
+
+
+def per_run_decode(row) -> list[float]:
+    """Each timed run's mean decode gap (ms), from the raw samples (new_tokens - 1 gaps a run)."""
+    samples, n = val(row.get("decode_ms_samples")), val(row.get("new_tokens"))
+    if samples is None or not n or n < 2:
+        return []
+    samples = list(samples)
+    k = int(n) - 1
+    return [sum(samples[i:i + k]) / k for i in range(0, len(samples) - k + 1, k)]

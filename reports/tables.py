@@ -1,28 +1,297 @@
-"""The report's tables and findings, computed from result rows (a pandas DataFrame)."""
+"""What the report says, computed from result rows (a pandas DataFrame): per model the decision (the frontier, what
+fits each memory budget, what is broken), the per-precision summary with intervals, ranked findings, the crossover of
+quantized speed against the baseline's, the fit table; and the failures, caveats, protocol and environment."""
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
-from reports.data import FAILED, col, first, headline_cell, precision_order  # noqa: F401 (first used by build)
+from reports import fit
+from reports.data import (BROKEN_RATIO, FAILED, at, col, first, frontier, headline_cell, method_group,
+                          per_run_decode, precision_order, val)
+from spec.stats import mean_interval, paired_log_ratio, t975
+
+NOISY_HALFWIDTH = 0.05  # a speed whose 95% interval is wider than ±5% of it makes no claim
 
 
-def _f(x):
-    return None if x is None or (isinstance(x, float) and x != x) else x
+def _ratio_interval(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
+    """mean(a) / mean(b) with a 95% interval (independent runs; the delta method on the log ratio)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ia, ib = mean_interval(a), mean_interval(b)
+    ma, mb = ia[0], ib[0]
+    if ma <= 0 or mb <= 0:
+        return None
+    sa, sb = (ia[2] - ma) / t975(len(a) - 1), (ib[2] - mb) / t975(len(b) - 1)  # standard errors
+    se = math.sqrt((sa / ma) ** 2 + (sb / mb) ** 2)
+    r, t = ma / mb, t975(min(len(a), len(b)) - 1)
+    return r, r * math.exp(-t * se), r * math.exp(t * se)
 
+
+def _noisy(row) -> bool:
+    """Decode timing too uncertain for a speed claim: its 95% interval wider than ±5%, or (rows without an
+    interval) its runs' coefficient of variation over 5%."""
+    if row is None:
+        return True
+    half, cv = val(row.get("decode_ci_rel_halfwidth")), val(row.get("cv_decode"))
+    return (half is not None and half > NOISY_HALFWIDTH) or (cv is not None and cv > 0.05)
+
+
+def _row(d: pd.DataFrame):
+    return d.iloc[0] if len(d) else None
+
+
+def _get(r, k):
+    return val(r.get(k)) if r is not None and k in r else None
+
+
+def summary(df: pd.DataFrame, baseline: str | None, cell: dict | None) -> list[dict]:
+    """One entry per precision: the main table's figures (at the headline cell, eager and compiled) with intervals,
+    and the rest for its detail."""
+    base_rows = df[(df.precision == baseline) & col(df, "ppl_window_nll").notna()]
+    base_nll = list(first(base_rows.ppl_window_nll)) if len(base_rows) else None
+    base_ppl = first(col(df[df.precision == baseline], "perplexity"))
+    out = []
+    for p in precision_order(df, baseline):
+        d = df[df.precision == p]
+        eager = _row(at(d[d.status == "ok"], cell, "eager")) if cell else None
+        comp = _row(at(d[d.status == "ok"], cell, "compiled")) if cell else None
+        comp_skip = _row(at(d[d.status == "skipped"], cell, "compiled")) if cell else None
+        ppl = first(col(d, "perplexity"))
+        e = {"precision": p, "method": method_group(d), "library": first(col(d, "quant_library")),
+             "status": "ok" if eager is not None else (first(d.status) or "–"),
+             "reason": first(col(d[d.status != "ok"], "error_message")),
+             "perplexity": ppl, "ppl_ci": (first(col(d, "ppl_ci_low")), first(col(d, "ppl_ci_high"))),
+             "kl_mean": first(col(d, "kl_mean")), "kl_p99": first(col(d, "kl_p99")),
+             "top1": first(col(d, "top1_agreement")), "distance_missing": first(col(d, "distance_missing")),
+             "weights_bytes": first(col(d, "weights_bytes")), "bits_per_param": first(col(d, "bits_per_param")),
+             "peak_bytes": _get(eager, "peak_bytes"), "rss_bytes": _get(eager, "peak_rss_bytes"),
+             "decode_ms": _get(eager, "decode_ms_per_token"),
+             "decode_ci": (_get(eager, "decode_ms_ci_low"), _get(eager, "decode_ms_ci_high")),
+             "compiled_ms": _get(comp, "decode_ms_per_token"),
+             "compiled_ci": (_get(comp, "decode_ms_ci_low"), _get(comp, "decode_ms_ci_high")),
+             "compiled_skipped": _get(comp_skip, "error_message"),
+             "tokens_per_s": _get(eager, "decode_tokens_per_s"), "noisy": eager is not None and _noisy(eager),
+             "eager_row": eager, "compiled_row": comp,
+             "detail": _detail(d, eager, comp)}
+        e["ppl_change"], e["ppl_change_ci"], e["indistinguishable"] = _ppl_change(d, ppl, base_ppl, base_nll,
+                                                                                  p == baseline)
+        e["broken"] = bool(ppl and base_ppl and ppl > BROKEN_RATIO * base_ppl)
+        out.append(e)
+    return out
+
+
+def _ppl_change(d, ppl, base_ppl, base_nll, is_base) -> tuple:
+    """Δ perplexity in % against the baseline with its paired 95% interval over the same windows; whether that
+    interval holds 0."""
+    if is_base or ppl is None or not base_ppl:
+        return (0.0 if is_base and ppl else None), None, is_base and ppl is not None
+    lo, hi = first(col(d, "ln_ppl_ratio_ci_low")), first(col(d, "ln_ppl_ratio_ci_high"))
+    if lo is None and base_nll:  # rows without the interval: from the windows both rows keep
+        mine, tokens = first(col(d, "ppl_window_nll")), first(col(d, "ppl_window_tokens"))
+        iv = paired_log_ratio(list(mine), base_nll, list(tokens)) if mine is not None and tokens is not None else None
+        lo, hi = (iv[1], iv[2]) if iv else (None, None)
+    change = (ppl / base_ppl - 1) * 100
+    if lo is None:
+        return change, None, False
+    return change, ((math.exp(lo) - 1) * 100, (math.exp(hi) - 1) * 100), lo <= 0 <= hi
+
+
+DETAIL = [("TTFT ms", "ttft_ms", "{:.2f}"), ("decode p99 ms", "decode_ms_p99", "{:.2f}"),
+          ("prefill tokens/s", "prefill_tokens_per_s", "{:,.0f}"), ("of bandwidth limit", "bandwidth_fraction", "pct"),
+          ("floor ms/token", "decode_ms_floor", "{:.3f}"), ("KV cache MB", "kv_cache_bytes", "mb"),
+          ("prefill peak MB", "prefill_peak_bytes", "mb"), ("J / decode token", "energy_j_per_decode_token", "{:.3g}"),
+          ("J / prefill token", "energy_j_per_prefill_token", "{:.3g}"), ("mean power W", "power_mean_w", "{:.0f}"),
+          ("$ / M tokens", "usd_per_million_tokens", "{:.3f}"), ("repeats", "repeats_done", "{:.0f}"),
+          ("CV decode", "cv_decode", "pct"), ("host load (1 min)", "host_load_1m", "{:.1f}")]
+UNIT = [("load s", "load_s", "{:.1f}"), ("quantize s", "quantize_s", "{:.1f}"), ("calibration s", "calibration_s",
+                                                                                  "{:.1f}"),
+        ("kernel path", "linear_class", "{}"), ("applied", "quant_config", "{}"),
+        ("perplexity windows", "ppl_windows", "{:.0f}"), ("tokens scored", "ppl_tokens_scored", "{:,.0f}"),
+        ("windows per pass", "ppl_batch_size", "{:.0f}"), ("KL median", "kl_median", "{:.3g}"),
+        ("KL p90", "kl_p90", "{:.3g}"), ("KL max", "kl_max", "{:.3g}"), ("Δp mean", "delta_p_mean", "{:+.4f}"),
+        ("Δp RMS", "delta_p_rms", "{:.4f}")]
+
+
+def _fmt(v, how: str) -> str:
+    if v is None:
+        return "–"
+    if how == "mb":
+        return f"{v / 1e6:,.1f}"
+    if how == "pct":
+        return f"{v:.1%}" if v >= 0.001 else f"{v:.2%}"
+    try:
+        return how.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def _detail(d: pd.DataFrame, eager, comp) -> list[tuple[str, str]]:
+    out = [(label, _fmt(first(col(d, k)), how)) for label, k, how in UNIT]
+    out += [(f"{label} (eager)", _fmt(_get(eager, k), how)) for label, k, how in DETAIL]
+    if comp is not None:
+        out += [("compile s", _fmt(_get(comp, "compile_s"), "{:.1f}")),
+                ("compiled of bandwidth limit", _fmt(_get(comp, "bandwidth_fraction"), "pct"))]
+    return [(k, v) for k, v in out if v != "–"]
+
+
+# ------------------------------------------------------------------------------------------------------ decision
+
+def quality_of(e: dict) -> float | None:
+    """The quality coordinate of the decision: KL to the baseline where measured, else |Δ perplexity| in %."""
+    if e["kl_mean"] is not None:
+        return e["kl_mean"]
+    return abs(e["ppl_change"]) / 100 if e["ppl_change"] is not None else None
+
+
+def decision(entries: list[dict], fits: list[dict]) -> dict:
+    """The precisions on the quality × speed × memory frontier (eager and compiled), the best-quality precision that
+    fits each budget, and the broken ones."""
+    usable = [e for e in entries if not e["broken"] and quality_of(e) is not None]
+    out = {"broken": [e["precision"] for e in entries if e["broken"]], "frontier": {}}
+    for path, key in (("eager", "decode_ms"), ("compiled", "compiled_ms")):
+        pts = {e["precision"]: (quality_of(e), e[key], e["weights_bytes"] or 0) for e in usable if e[key]}
+        if pts:
+            out["frontier"][path] = [p for p in (e["precision"] for e in entries) if p in frontier(pts)]
+    out["budgets"] = []
+    for f in fits:
+        fitting = [e for e in usable if f["batches"].get(e["precision"], 0) >= 1]
+        best = min(fitting, key=lambda e: (quality_of(e), e["decode_ms"] or math.inf), default=None)
+        out["budgets"].append({"budget": f["label"], "context": f["context"],
+                               "best": best["precision"] if best else None,
+                               "batch": f["batches"].get(best["precision"]) if best else None})
+    return out
+
+
+def fits(df: pd.DataFrame, entries: list[dict], budgets: list[tuple[str, float]]) -> list[dict]:
+    """Per budget and context length, the largest batch of each precision (eager, native KV cache) by the memory
+    model of reports.fit, at the contexts the sweep measured."""
+    d = df[(df.decode == "eager") & (df.kv_cache == "native")]
+    params = {e["precision"]: fit.parameters(d[d.precision == e["precision"]]) for e in entries}
+    params = {p: v for p, v in params.items() if v}
+    if not params:
+        return []
+    contexts = sorted({int(x) for x in (d.prompt_tokens + d.new_tokens).dropna()})[-3:]
+    out = []
+    for label, size in budgets:
+        for context in contexts:
+            out.append({"label": label, "bytes": size, "context": context,
+                        "batches": {p: fit.largest_batch(v, context, size) for p, v in params.items()}})
+    return out
+
+
+def fit_errors(df: pd.DataFrame, entries: list[dict]) -> dict[str, float]:
+    d = df[(df.decode == "eager") & (df.kv_cache == "native")]
+    out = {}
+    for e in entries:
+        cells = d[d.precision == e["precision"]]
+        p = fit.parameters(cells)
+        err = fit.check(p, cells) if p else None
+        if err is not None:
+            out[e["precision"]] = err
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ findings
+
+def findings(entries: list[dict], baseline: str | None, model: str, cell: dict | None, dec: dict) -> list[str]:
+    """A handful of sentences, most decisive first, each with its interval; no speed claim from a noisy cell."""
+    out = []
+    base = next((e for e in entries if e["precision"] == baseline), None)
+    where = (f"at {cell['prompt_tokens']}+{cell['new_tokens']} tokens, batch {cell['batch_size']}" if cell else "")
+    for path in ("eager", "compiled"):
+        front = [p for p in dec["frontier"].get(path, []) if p != baseline]
+        if front:
+            out.append(f"On the quality × speed × memory frontier ({path} decode): {', '.join(front)}"
+                       + (f" beside {baseline}" if baseline in dec["frontier"][path] else "") + ".")
+    for b in dec["budgets"]:
+        if b["best"]:
+            out.append(f"Best quality that fits {b['budget']} at {b['context']} tokens: {b['best']} "
+                       f"(up to batch {b['batch']}).")
+    if dec["broken"]:
+        out.append(f"Broken (perplexity over {BROKEN_RATIO:g}× the baseline's; left out of the charts): "
+                   f"{', '.join(dec['broken'])}.")
+    same = [e["precision"] for e in entries if e["indistinguishable"] and e["precision"] != baseline]
+    if same:
+        out.append(f"Indistinguishable from {baseline} in perplexity (the paired 95% interval of the difference "
+                   f"holds 0): {', '.join(same)}.")
+    speed = []
+    for e in entries:
+        if e is base or base is None or e["noisy"] or base["noisy"] or e["broken"]:
+            continue
+        iv = _ratio_interval(per_run_decode(e["eager_row"]), per_run_decode(base["eager_row"]))
+        if iv and (iv[1] > 1 or iv[2] < 1):  # a claim only where the interval excludes "as fast"
+            r, lo, hi = (1 / iv[0], 1 / iv[2], 1 / iv[1]) if iv[0] < 1 else iv
+            word = "faster" if iv[0] < 1 else "slower"
+            speed.append((abs(math.log(iv[0])), f"{e['precision']} decodes {r:.2f}× {word} than {baseline} "
+                                                 f"(95% interval {lo:.2f}–{hi:.2f}×, eager, {where})."))
+    out += [s for _, s in sorted(speed, reverse=True)[:3]]
+    noisy = [e["precision"] for e in entries if e["noisy"] and e["decode_ms"]]
+    if noisy:
+        out.append(f"No speed claim for {', '.join(noisy)}: their timing is noisy (interval wider than "
+                   f"±{NOISY_HALFWIDTH:.0%} or coefficient of variation over 5%).")
+    return out[:8]
+
+
+# ------------------------------------------------------------------------------------------------------ crossover
+
+def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
+    """Per quantized precision and decode path: its decode ms/token over the baseline's at each (batch, prompt),
+    at the longest generation; < 1 is faster."""
+    ok = df[(df.status == "ok") & (df.kv_cache == "native")]
+    if baseline is None or ok.empty:
+        return []
+    n = int(ok.new_tokens.max())
+    ok = ok[ok.new_tokens == n]
+    out = []
+    for path in ("eager", "compiled"):
+        base = ok[(ok.precision == baseline) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
+        if base.empty:
+            continue
+        for p in precision_order(ok, baseline):
+            if p == baseline:
+                continue
+            mine = ok[(ok.precision == p) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
+            grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k]
+                    for k in mine.index.intersection(base.index)}
+            if len(grid) >= 1:
+                out.append({"precision": p, "decode": path, "new_tokens": n, "ratios": grid,
+                            "batches": sorted({b for b, _ in grid}), "prompts": sorted({q for _, q in grid})})
+    return out
+
+
+def every_cell(df: pd.DataFrame) -> list[dict]:
+    """Every cell of a model, its figures formatted."""
+    d = df.sort_values(["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens", "batch_size"])
+    out = []
+    for _, r in d.iterrows():
+        g = (lambda k: val(r.get(k)))
+        lo, hi = g("decode_ms_ci_low"), g("decode_ms_ci_high")
+        out.append({"precision": r.precision, "decode": r.decode, "kv_cache": r.kv_cache,
+                    "prompt_tokens": int(r.prompt_tokens), "new_tokens": int(r.new_tokens),
+                    "batch_size": int(r.batch_size), "status": r.status,
+                    "ttft": _fmt(g("ttft_ms"), "{:.2f}"), "decode_ms": _fmt(g("decode_ms_per_token"), "{:.2f}"),
+                    "ci": f"{lo:.2f}–{hi:.2f}" if lo is not None and hi is not None else "",
+                    "p99": _fmt(g("decode_ms_p99"), "{:.2f}"), "tokens_s": _fmt(g("decode_tokens_per_s"), "{:.1f}"),
+                    "peak": _fmt(g("peak_bytes"), "mb"), "kv": _fmt(g("kv_cache_bytes"), "mb"),
+                    "joules": _fmt(g("energy_j_per_decode_token"), "{:.3g}")})
+    return out
+
+
+# --------------------------------------------------------------------------------------- the sweep as a whole
 
 def header(df: pd.DataFrame, sweeps: list[str]) -> dict:
     started = pd.to_datetime(col(df, "started_at"), utc=True).dropna()
     ended = pd.to_datetime(col(df, "ended_at"), utc=True).dropna()
     gpus = df.dropna(subset=["gpu_uuid"]) if "gpu_uuid" in df else df.iloc[0:0]
-    gpu_names = sorted(set(gpus.gpu_name)) if len(gpus) else []
     return {
         "sweeps": sweeps,
         "date": ended.max().strftime("%Y-%m-%d %H:%M UTC") if len(ended) else "–",
         "hosts": sorted(set(col(df, "host").dropna())),
         "gpus": int(gpus.gpu_uuid.nunique()) if len(gpus) else 0,
-        "gpu_names": gpu_names,
+        "gpu_names": sorted(set(gpus.gpu_name)) if len(gpus) else [],
         "device": "GPU" if len(gpus) else "CPU",
         "wall_s": (ended.max() - started.min()).total_seconds() if len(started) and len(ended) else None,
         "ok": int((df.status == "ok").sum()),
@@ -32,225 +301,10 @@ def header(df: pd.DataFrame, sweeps: list[str]) -> dict:
     }
 
 
-def model_table(df: pd.DataFrame, baseline: str | None) -> tuple[list[dict], tuple[int, int] | None]:
-    """One row per precision at the headline cell, with changes against the baseline."""
-    cell = headline_cell(df)
-    rows = []
-    base = {}
-    order = precision_order(df, baseline)
-    order = order[:1] + sorted(order[1:], key=lambda p: method_rank(df[df.precision == p]))
-    for p in order:
-        d = df[df.precision == p]
-        at = d[(d.new_tokens == cell[0]) & (d.batch_size == cell[1]) & (d.status == "ok")] if cell else d.iloc[0:0]
-        r = at.iloc[0] if len(at) else None
-        get = (lambda k: _f(r.get(k)) if r is not None and k in r else None)
-        row = {
-            "precision": p,
-            "status": "ok" if r is not None else (first(d.status) or "–"),
-            "perplexity": _f(first(col(d, "perplexity"))),
-            "weights_bytes": _f(first(col(d, "weights_bytes"))),
-            "bits_per_param": _f(first(col(d, "bits_per_param"))),
-            "weights_allocated_bytes": _f(first(col(d, "weights_allocated_bytes"))),
-            "prefill_peak_bytes": get("prefill_peak_bytes"),
-            "decode_peak_bytes": get("decode_peak_bytes"),
-            "kv_cache_bytes": get("kv_cache_bytes"),
-            "ttft_ms": get("ttft_ms"),
-            "decode_ms_per_token": get("decode_ms_per_token"),
-            "decode_tokens_per_s": get("decode_tokens_per_s"),
-            "bandwidth_fraction": get("bandwidth_fraction"),
-            "decode_ms_floor": get("decode_ms_floor"),
-            "load_s": _f(first(col(d, "load_s"))),
-            "quantize_s": _f(first(col(d, "quantize_s"))),
-            "calibration_s": _f(first(col(d, "calibration_s"))),
-            "calibration_cached": bool(first(col(d, "calibration_cached"))),
-            "calib": _calib_text(d),
-            "method": method_group(d),
-            "library": first(col(d, "quant_library")),
-            "noisy": bool(r.get("noisy_timing")) if r is not None and "noisy_timing" in r else False,
-        }
-        if p == baseline:
-            base = row
-        rows.append(row)
-    for row in rows:
-        row["ppl_change"] = _ratio(row["perplexity"], base.get("perplexity"), pct=True)
-        row["weights_smaller"] = _ratio(base.get("weights_bytes"), row["weights_bytes"])
-        row["decode_vs_base"] = _ratio(row["decode_ms_per_token"], base.get("decode_ms_per_token"))
-    return rows, cell
-
-
-SCHEMES = {"none": 0, "weight-only": 1, "weight+activation": 2}
-
-
-# rows written before quant_scheme and weight_bits_nominal existed (bitsandbytes and unquantized only)
-LEGACY = {"fp32": ("none", 32), "fp16": ("none", 16), "bf16": ("none", 16), "int8": ("weight-only", 8),
-          "nf4": ("weight-only", 4), "fp4": ("weight-only", 4), "nf4-dq": ("weight-only", 4)}
-
-
-def _method(d: pd.DataFrame) -> tuple:
-    scheme, bits = first(col(d, "quant_scheme")), first(col(d, "weight_bits_nominal"))
-    if scheme is None:
-        scheme, bits = LEGACY.get(first(col(d, "precision_name")), (None, None))
-    return scheme, bits
-
-
-def method_group(d: pd.DataFrame) -> str:
-    """How a precision quantizes, in the report's groups: unquantized, weight-only N-bit, weight+activation N-bit."""
-    scheme, bits = _method(d)
-    if scheme in (None, "none") or bits is None or pd.isna(bits):
-        return "unquantized" if scheme == "none" else "–"
-    return f"{scheme} {bits:g}-bit"
-
-
-def method_rank(d: pd.DataFrame) -> tuple:
-    scheme, bits = _method(d)
-    return (SCHEMES.get(scheme, 3), -(bits if bits is not None and not pd.isna(bits) else 0))
-
-
-def _calib_text(d: pd.DataFrame) -> str | None:
-    n, length = first(col(d, "calib_samples")), first(col(d, "calib_seqlen"))
-    if n is None or pd.isna(n):
-        return None
-    text = str(first(col(d, "calib_text")) or "–").rsplit("/", 1)[-1]
-    return f"{int(n)} × {int(length)} tokens of {text}"
-
-
-def kv_cache_table(df: pd.DataFrame, baseline: str | None) -> list[dict]:
-    """The KV-cache axis: per precision, cell and cache, KV bytes per token (measured from the cache's tensors and
-    analytic), the peak, decode speed, and perplexity through the cache (kv-continuation) against the native cache."""
-    if "kv_cache" not in df or not (df.kv_cache.fillna("native") != "native").any():
-        return []
-    d = df.assign(kv_cache=df.kv_cache.fillna("native"), decode=col(df, "decode").fillna("eager"))
-    out = []
-    for p in precision_order(d, baseline):
-        dp = d[d.precision == p]
-        native_ppl = _f(first(col(dp[dp.kv_cache == "native"], "ppl_kv")))
-        for (n, b, kv), g in dp.groupby(["new_tokens", "batch_size", "kv_cache"], sort=False):
-            r = g.iloc[0]
-            get = (lambda k: _f(r.get(k)) if k in r else None)
-            ppl = get("ppl_kv")
-            out.append({"precision": p, "new_tokens": int(n), "batch_size": int(b), "kv_cache": kv,
-                        "status": r.status, "reason": get("error_message"),
-                        "kv_bytes_per_token": get("kv_bytes_per_token"),
-                        "kv_bytes_per_token_analytic": get("kv_bytes_per_token_analytic"),
-                        "kv_cache_tensor_bytes": get("kv_cache_tensor_bytes"), "peak_bytes": get("peak_bytes"),
-                        "decode_ms_per_token": get("decode_ms_per_token"), "ppl_kv": ppl,
-                        "ppl_kv_change": _ratio(ppl, native_ppl, pct=True) if kv != "native" else None,
-                        "ppl_kv_error": get("ppl_kv_error") or get("ppl_kv_skipped_reason")})
-    out.sort(key=lambda r: (r["precision"] != baseline, r["precision"], r["new_tokens"], r["batch_size"],
-                            r["kv_cache"] != "native", r["kv_cache"]))
-    return out
-
-
-def _ratio(a, b, pct: bool = False):
-    if a is None or b is None or not b:
-        return None
-    return (a / b - 1) * 100 if pct else a / b
-
-
-def breakdown(df: pd.DataFrame, baseline: str | None) -> list[dict]:
-    """Every (precision, new_tokens, batch) cell of one model."""
-    order = {p: i for i, p in enumerate(precision_order(df, baseline))}
-    d = df.assign(_o=df.precision.map(order), decode=col(df, "decode").fillna("eager"),
-                  kv_cache=col(df, "kv_cache").fillna("native"))
-    d = d.sort_values(["_o", "decode", "kv_cache", "new_tokens", "batch_size"])
-    keys = ["precision", "decode", "kv_cache", "new_tokens", "batch_size", "status", "ttft_ms", "decode_ms_per_token", "decode_ms_p99",
-            "decode_tokens_per_s", "peak_bytes", "kv_cache_bytes", "bandwidth_fraction", "noisy_timing", "cv_decode"]
-    return [{k: _f(r.get(k)) if k in r else None for k in keys} for _, r in d.iterrows()]
-
-
-def eager_vs_compiled(df: pd.DataFrame, baseline: str | None) -> list[dict]:
-    """Per precision and cell, eager against compiled ms/token next to the bandwidth floor: whether a method is slow
-    because of its kernels or because of launching them one by one."""
-    if "decode" not in df or not (df.decode == "compiled").any():
-        return []
-    ok = df[(df.status == "ok") & (col(df, "kv_cache").fillna("native") == "native")]
-    out = []
-    for p in precision_order(df, baseline):
-        for (n, b), g in ok[ok.precision == p].groupby(["new_tokens", "batch_size"]):
-            e, c = g[g.decode.fillna("eager") == "eager"], g[g.decode == "compiled"]
-            eager = _f(first(col(e, "decode_ms_per_token")))
-            comp = _f(first(col(c, "decode_ms_per_token")))
-            out.append({"precision": p, "new_tokens": int(n), "batch_size": int(b), "eager_ms": eager,
-                        "compiled_ms": comp, "floor_ms": _f(first(col(g, "decode_ms_floor"))),
-                        "speedup": _ratio(eager, comp), "compile_s": _f(first(col(c, "compile_s")))})
-    skipped = df[(df.decode == "compiled") & (df.status == "skipped")]
-    for p in dict.fromkeys(skipped.precision):
-        out.append({"precision": p, "skipped": first(skipped[skipped.precision == p].error_message)})
-    return out
-
-
-def top_kernels(df: pd.DataFrame, baseline: str | None, cell: tuple[int, int] | None, n: int = 5) -> list[dict]:
-    """With generation.profile: per precision (and decode path), the top kernels of one decode step at the headline
-    cell."""
-    if "top_kernels" not in df or cell is None:
-        return []
-    out = []
-    at = df[(df.new_tokens == cell[0]) & (df.batch_size == cell[1]) & df.top_kernels.notna()]
-    for p in precision_order(df, baseline):
-        for _, r in at[at.precision == p].iterrows():
-            ks = list(r.top_kernels)[:n]
-            if ks:
-                out.append({"precision": p, "decode": r.get("decode") or "eager",
-                            "kernels": [f"{k['name']} ×{k['calls']}: {k['time_us']:.0f} µs" for k in ks]})
-    return out
-
-
-def findings(df: pd.DataFrame, model: str, baseline: str | None) -> list[str]:
-    """Sentences written from the data: speed, weights and perplexity against the baseline, and what dominates
-    peak memory."""
-    rows, cell = model_table(df, baseline)
-    base = next((r for r in rows if r["precision"] == baseline), None)
-    out = []
-    if cell is None:
-        return [f"{model}: no cell finished."]
-    n, b = cell
-    for r in rows:
-        if r is base or r["status"] != "ok":
-            continue
-        parts = []
-        if base and r["decode_vs_base"]:
-            x = r["decode_vs_base"]
-            if abs(x - 1) < 0.05:
-                parts.append(f"{r['precision']} decodes as fast as {baseline} (within 5%) at batch {b}")
-            else:
-                parts.append(f"{r['precision']} is {max(x, 1 / x):.1f}× {'slower' if x > 1 else 'faster'} than "
-                             f"{baseline} at batch {b}")
-            parts[-1] += f" on {model} ({n} new tokens)"
-        if r["weights_smaller"]:
-            w = r["weights_smaller"]
-            parts.append(f"weights {w:.1f}× {'smaller' if w >= 1 else 'larger'}")
-        if r["ppl_change"] is not None:
-            parts.append(f"perplexity {r['ppl_change']:+.1f}%")
-        if parts:
-            out.append(", ".join(parts) + ".")
-    for r in rows:
-        if r["status"] != "ok" or not r["decode_peak_bytes"] or not r["weights_bytes"]:
-            continue
-        peak = max(r["decode_peak_bytes"], r["prefill_peak_bytes"] or 0)
-        share = r["weights_bytes"] / peak
-        kv = (r["kv_cache_bytes"] or 0) / peak
-        if share < 0.5:
-            out.append(f"{r['precision']}: weights are only {share:.0%} of the {peak / 1e6:.0f} MB peak "
-                       f"(KV cache {kv:.0%}, the rest activations and workspace), so shrinking weights moves the "
-                       f"peak little at {n} tokens × batch {b}.")
-    slow = [r for r in rows if r["status"] == "ok" and r["bandwidth_fraction"] is not None]
-    if slow:
-        best = max(slow, key=lambda r: r["bandwidth_fraction"])
-        floor = f" against a floor of {best['decode_ms_floor']:.3f} ms" if best["decode_ms_floor"] else ""
-        out.append(f"Closest to the memory-bandwidth limit: {best['precision']} at {percent(best['bandwidth_fraction'])} "
-                   f"of peak ({best['decode_ms_per_token']:.2f} ms/token{floor}).")
-    return out
-
-
-def percent(x: float) -> str:
-    """A fraction as a percentage, with decimals where it would otherwise read 0%."""
-    return f"{x:.0%}" if x >= 0.095 else f"{x:.1%}" if x >= 0.00095 else f"{x:.2%}"
-
-
 def failures(df: pd.DataFrame) -> list[dict]:
     d = df[df.status != "ok"]
-    return [{k: _f(r.get(k)) for k in ("model", "precision", "new_tokens", "batch_size", "status", "error_type",
-                                        "error_message")} for _, r in d.iterrows()]
+    return [{k: val(r.get(k)) for k in ("model", "precision", "decode", "prompt_tokens", "new_tokens", "batch_size",
+                                        "status", "error_type", "error_message")} for _, r in d.iterrows()]
 
 
 def caveats(df: pd.DataFrame) -> list[str]:
@@ -271,20 +325,64 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    + "; ".join(f"{r.model} × {r.precision} n={r.new_tokens} b={r.batch_size}"
                                for r in shared.head(6).itertuples()) + ("; …" if len(shared) > 6 else ""))
     if "device" in df and (df.device == "cpu").any():
-        out.append("Some cells ran on CPU: no per-phase GPU peaks; bandwidth limit is a measured CPU copy.")
+        out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
+                   "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "
+                   "measured CPU copy. No energy is measured on CPU.")
     return out
 
 
-def protocol(df: pd.DataFrame) -> dict:
-    keys = ["ppl_protocol", "ppl_seqlen", "ppl_stride", "ppl_max_windows", "ppl_batch_size", "ppl_windows",
-            "ppl_tokens_scored", "ppl_dataset", "ppl_dataset_sha256"]
-    env = ["gpu_name", "driver_version", "cuda_version", "torch_version", "transformers_version",
-           "bitsandbytes_version", "accelerate_version", "python_version", "cpu_model", "host", "prompt_tokens",
-           "warmup", "repeats", "measurement_version", "peak_bandwidth_gbs", "peak_bandwidth_source"]
-    def shown(v):
-        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+def _human_versions(df: pd.DataFrame) -> str:
+    names = [("torch", "torch_version"), ("transformers", "transformers_version"),
+             ("bitsandbytes", "bitsandbytes_version"), ("accelerate", "accelerate_version"),
+             ("Python", "python_version"), ("CUDA", "cuda_version"), ("driver", "driver_version")]
+    parts = [f"{label} {', '.join(sorted(map(str, set(col(df, k).dropna()))))}" for label, k in names
+             if len(col(df, k).dropna())]
+    libs = df.dropna(subset=["quant_library"]) if "quant_library" in df else df.iloc[0:0]
+    for lib, versions in libs.groupby("quant_library")["quant_library_version"] if len(libs) else []:
+        if lib not in ("torch", "bitsandbytes") and len(versions.dropna()):
+            parts.append(f"{lib} {', '.join(sorted(set(versions.dropna())))}")
+    return " · ".join(parts)
 
-    summarise = (lambda k: ", ".join(shown(v) for v in sorted(set(col(df, k).dropna()), key=str)) or "–")
+
+def protocol(df: pd.DataFrame) -> dict:
+    """The protocol and environment for people: sentences and rounded figures with units."""
+    ppl = df.dropna(subset=["ppl_windows"]) if "ppl_windows" in df else df.iloc[0:0]
+    sentence = None
+    if len(ppl):
+        r = ppl.iloc[0]
+        windows = sorted({int(x) for x in ppl.ppl_windows})
+        batches = sorted({int(x) for x in col(ppl, "ppl_batch_size").dropna()})
+        protocol, seqlen, stride = val(r.get("ppl_protocol")), val(r.get("ppl_seqlen")), val(r.get("ppl_stride"))
+        kind = ("non-overlapping windows, the tail dropped (the GPTQ paper's protocol)" if protocol == "gptq" else
+                f"windows every {int(stride)} tokens, each token scored once (Hugging Face's strided)" if stride
+                else "protocol not recorded")
+        sentence = (f"WikiText-2 raw test split, {' or '.join(map(str, windows))} windows"
+                    + (f" of {int(seqlen)} tokens" if seqlen else "") + f": {kind}; "
+                    f"{', '.join(map(str, batches)) or 'a recorded number of'} window(s) per forward pass; "
+                    f"intervals: Student-t 95% over windows; the distance to the baseline on the same windows over "
+                    f"the whole vocabulary.")
+    gpus = []
+    if "gpu_uuid" in df:
+        for (name, host), g in df.dropna(subset=["gpu_uuid"]).groupby(["gpu_name", "host"]):
+            mem = first(col(g, "gpu_memory_bytes"))
+            bw = first(col(g, "peak_bandwidth_gbs"))
+            facts = [f"{mem / 2 ** 30:.0f} GiB" if mem else None, f"{bw:,.0f} GB/s datasheet" if bw else None]
+            facts = [f for f in facts if f]
+            gpus.append(f"{g.gpu_uuid.nunique()} × {name}" + (f" ({', '.join(facts)})" if facts else "")
+                        + f" on {host}")
+    if not gpus and "cpu_model" in df and len(df.dropna(subset=["cpu_model"])):
+        r = df.dropna(subset=["cpu_model"]).iloc[0]
+        gpus.append(f"CPU: {r.cpu_model}, {int(r.cpu_count)} cores, {int(val(r.get('torch_threads')) or 0)} "
+                    f"torch threads per unit")
+    timing = None
+    if "warmup" in df and len(df.dropna(subset=["warmup"])):
+        r = df.dropna(subset=["warmup"]).iloc[0]
+        reps = sorted({int(x) for x in col(df, "repeats_done").dropna()}) or sorted({int(x) for x in df.repeats.dropna()})
+        timing = (f"greedy decoding of exactly new_tokens tokens after {int(r.warmup)} warm-up run(s), "
+                  f"{min(reps)}–{max(reps)} timed runs per cell; CUDA events after every step on a GPU (the host "
+                  f"clock on CPU); decode ms/token = the mean gap between tokens; intervals: Student-t 95% over "
+                  f"runs; memory from one more run with peak counters reset per phase.") if reps else None
     options = sorted(set(zip(col(df, "precision"), col(df, "precision_options"))), key=str)
-    return {"perplexity": {k: summarise(k) for k in keys}, "environment": {k: summarise(k) for k in env},
-            "precision_options": [(p, json.loads(o) if isinstance(o, str) else o) for p, o in options if p]}
+    return {"perplexity": sentence, "gpus": gpus, "versions": _human_versions(df), "timing": timing,
+            "precision_options": [(p, ", ".join(f"{k}={v}" for k, v in json.loads(o).items()) or "defaults")
+                                  for p, o in options if p and isinstance(o, str)]}

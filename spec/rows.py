@@ -41,7 +41,6 @@ def unit_rows_base(unit: UnitSpec) -> dict:
         "baseline": unit.baseline,
         "precision_name": p.name,
         "precision_options": json.dumps(p.options, sort_keys=True),
-        "prompt_tokens": g.prompt_tokens,
         "warmup": g.warmup,
         "repeats": g.repeats,
         "gpus_per_task": unit.gpus,
@@ -59,7 +58,8 @@ def unit_rows_base(unit: UnitSpec) -> dict:
 
 
 def cell_fields(cell: CellSpec) -> dict:
-    return {"cell_key": cell.key, "new_tokens": cell.new_tokens, "batch_size": cell.batch_size,
+    return {"cell_key": cell.key, "prompt_tokens": cell.prompt_tokens, "new_tokens": cell.new_tokens,
+            "batch_size": cell.batch_size,
             "decode": cell.decode, "kv_cache": cell.kv.label, "kv_cache_options": json.dumps(cell.kv.options,
                                                                                             sort_keys=True)}
 

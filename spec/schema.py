@@ -36,7 +36,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("kv_cache", S, "KV cache label: native (DynamicCache in the model's dtype) or a quantized cache (quanto-int4, "
                     "hqq-int2, ...) plus options that differ from the defaults"),
     ("kv_cache_options", S, "the quantized cache's options as JSON (q_group_size, residual_length)"),
-    ("prompt_tokens", I, "prompt length in tokens"),
+    ("prompt_tokens", I, "prompt length in tokens (an axis: generation.prompt_tokens)"),
     ("warmup", I, "untimed runs before the timed ones"),
     ("repeats", I, "timed runs asked for (0 = auto: see repeats_done)"),
     ("gpus_per_task", F, "GPUs the unit asked Ray for (0 = CPU)"),
@@ -133,6 +133,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     # latency
     ("ttft_ms", F, "time to first token (prefill), median of repeats"),
     ("ttft_ms_mean", F, "time to first token, mean of repeats"),
+    ("prefill_tokens_per_s", F, "batch_size x prompt_tokens x 1000 / ttft_ms: the prompt's tokens through the model "
+                                "per second"),
     ("decode_ms_per_token", F, "mean gap between consecutive tokens over all repeats"),
     ("decode_ms_p50", F, "median decode gap"),
     ("decode_ms_p90", F, "90th percentile decode gap"),
@@ -155,6 +157,23 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ttft_ms_samples", LF, "raw: ttft of each repeat"),
     ("decode_ms_samples", LF, "raw: every decode gap of every repeat"),
     ("e2e_s_samples", LF, "raw: end-to-end seconds of each repeat"),
+    ("energy_j_per_prefill_token", F, "joules per prompt token, from a loop of prefill-only runs of at least a "
+                                      "second (NVML's total-energy counter; see energy_method)"),
+    ("energy_j_per_decode_token", F, "joules per generated token after the first: the timed runs' energy less "
+                                     "their prefills', over their decode tokens"),
+    ("power_mean_w", F, "the GPU's mean power over the timed runs"),
+    ("tokens_per_kwh", F, "generated tokens per kilowatt-hour over the timed runs (prefill included)"),
+    ("energy_timed_j", F, "joules of all timed runs together"),
+    ("energy_method", S, "how the energy was read (NVML's counter moves in steps of tens of ms: read around all "
+                         "timed runs together, and around a prefill-only loop)"),
+    ("energy_missing", S, "why there is no energy (CPU: no counter; an older GPU)"),
+    ("usd_per_million_tokens", F, "with the grid's cost.usd_per_gpu_hour: dollars per million generated tokens at "
+                                  "the cell's end-to-end throughput"),
+    ("warmup_s", F, "seconds of the cell's warm-up runs"),
+    ("timed_s", F, "seconds of its timed runs (host clock, syncs included)"),
+    ("energy_prefill_s", F, "seconds of the prefill-only loop for energy (GPU only)"),
+    ("memory_run_s", F, "seconds of the memory run (peaks per phase)"),
+    ("profile_s", F, "seconds of the profiled decode step (generation.profile)"),
     ("top_kernels", KERNELS, "with generation.profile: one decode step's top CUDA kernels by GPU time (CPU: operators "
                              "by CPU time): name, calls, time_us"),
     # memory
@@ -194,6 +213,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("gpu_name", S, "CUDA device name"),
     ("gpu_count", I, "GPUs visible to the worker"),
     ("gpu_uuid", S, "UUID of the worker's GPU (distinct per physical GPU)"),
+    ("gpu_memory_bytes", I, "the GPU's total memory"),
     ("cuda_visible_devices", S, "CUDA_VISIBLE_DEVICES as Ray set it"),
     ("driver_version", S, "NVIDIA driver"),
     ("cuda_version", S, "CUDA version of torch"),

@@ -50,6 +50,7 @@ class CellSpec:
     batch_size: int
     decode: str = "eager"            # eager | compiled
     kv: KvSpec = NATIVE_KV
+    prompt_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,6 @@ class PrecisionSpec:
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    prompt_tokens: int
     warmup: int
     repeats: int                     # timed runs; 0: auto (until the decode interval is narrow enough)
     profile: bool = False
@@ -129,3 +129,4 @@ class UnitSpec:
     known_quality: dict | None = None
     reference_only: bool = False     # no cells: load the baseline only to make its reference (or find it cached)
     quality_key: str | None = None
+    usd_per_gpu_hour: float | None = None   # the grid's cost: dollars per million generated tokens on the rows

@@ -84,6 +84,7 @@ def fingerprint(device: str) -> dict:
         "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpu_uuid": str(torch.cuda.get_device_properties(device).uuid) if cuda else None,
+        "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "driver_version": nvml_driver() if cuda else None,
         "cuda_version": torch.version.cuda,

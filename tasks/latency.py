@@ -16,7 +16,7 @@ import torch
 
 from spec.stats import mean_interval, relative_halfwidth
 from spec.units import KvSpec
-from tasks import memory
+from tasks import energy, memory
 
 # Prompts for real models are cut from this text (written for this project; deterministic).
 PROMPT_TEXT = (
@@ -105,6 +105,7 @@ class LatencyRecord:
     ttft_ms: list[float] = field(default_factory=list)          # one per repeat
     decode_ms: list[list[float]] = field(default_factory=list)  # per repeat, the gaps between consecutive tokens
     stop: str = "fixed"                                          # why the timed runs stopped (see timed_runs)
+    prompt_tokens: int = 0
 
     def add(self, intervals_ms: list[float]) -> None:
         self.ttft_ms.append(intervals_ms[0])
@@ -123,6 +124,8 @@ class LatencyRecord:
         mean_gap = float(gaps.mean()) if gaps.size else None
         return {
             "ttft_ms": statistics.median(self.ttft_ms),
+            "prefill_tokens_per_s": (self.batch_size * self.prompt_tokens * 1e3 / statistics.median(self.ttft_ms)
+                                     if self.prompt_tokens else None),
             "ttft_ms_mean": statistics.fmean(self.ttft_ms),
             "decode_ms_per_token": mean_gap,
             "decode_ms_p50": float(np.percentile(gaps, 50)) if gaps.size else None,
@@ -215,12 +218,23 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
     return [{"name": name[:200], "calls": int(calls), "time_us": float(us)} for name, calls, us in rows[:top]]
 
 
+@dataclass
+class CellMeasurement:
+    record: LatencyRecord
+    phases: memory.PhaseMemory
+    cache: object                     # the memory run's KV cache, for its bytes
+    compile_s: float | None           # compiled decode: the first run, compilation included (not in the latency)
+    kernels: list[dict] | None        # with profile: the top kernels of one decode step
+    energy: dict                      # tasks.energy.columns, or {"energy_missing": why}
+    walls: dict                       # seconds of each part of the cell's work (warm-up, timed runs, ...)
+
+
 def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int, warmup: int,
                  repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None,
-                 max_repeats: int = 30, max_seconds: float = 60.0, target_halfwidth: float = 0.02):
-    """Warm-up runs, timed repeats, then one memory run. Returns the latency record, memory phases, final cache, for
-    the compiled path the seconds of its first run (compilation included; never part of the latency), and with
-    `profile` the top kernels of one decode step (else None)."""
+                 max_repeats: int = 30, max_seconds: float = 60.0, target_halfwidth: float = 0.02) -> CellMeasurement:
+    """Warm-up runs, timed repeats (their energy on a GPU, then a prefill-only loop for its share), then one memory
+    run; with `profile`, one decode step under the profiler."""
+    walls = {}
     ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
     step, compile_s = None, None
     if decode == "compiled":
@@ -230,8 +244,10 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     for _ in range(warmup):
         generate(model, ids, new_tokens, step=step, kv=kv)
+    walls["warmup_s"] = time.perf_counter() - t0
 
     def run_once() -> list[float]:
         clock = Clock(device)
@@ -240,15 +256,38 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         del tokens, cache  # a run's KV cache must not outlive it: the next run (and the memory run) would count it
         return clock.intervals_ms()
 
+    meter = energy.EnergyMeter(device)
+    e0 = meter.joules() if meter.handle else None
+    t0 = time.perf_counter()
     record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
-    record.stop = stop
+    record.stop, record.prompt_tokens = stop, prompt_tokens
+    if meter.handle:
+        timed_j, timed_s = meter.joules() - e0, time.perf_counter() - t0
+        walls["timed_s"] = timed_s
+        t1 = time.perf_counter()
+        prefill_j, prefill_runs, prefill_s = energy.prefill_loop(meter, lambda: prefill_only(model, ids, kv))
+        walls["energy_prefill_s"] = time.perf_counter() - t1
+        used = energy.columns(timed_j, timed_s, len(record.ttft_ms), prefill_j, prefill_runs, prefill_s, batch_size,
+                              prompt_tokens, new_tokens)
+    else:
+        walls["timed_s"] = time.perf_counter() - t0
+        used = {"energy_missing": meter.missing}
+    t0 = time.perf_counter()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     phases = memory.PhaseMemory(device)
     phases.before = memory.allocated(device)
     _, cache = generate(model, ids, new_tokens, phases=phases, step=step, kv=kv)
+    walls["memory_run_s"] = time.perf_counter() - t0
     kernels = None
     if profile:
+        t0 = time.perf_counter()
         kernels = profile_decode_step(model, ids, new_tokens, device, step, kv=kv)
-    return record, phases, cache, compile_s, kernels
+        walls["profile_s"] = time.perf_counter() - t0
+    return CellMeasurement(record, phases, cache, compile_s, kernels, used, walls)
+
+
+def prefill_only(model, ids, kv: KvSpec | None):
+    with torch.no_grad():
+        model.prefill(ids, model.new_cache(kv))

@@ -227,15 +227,16 @@ def measure_kv_perplexity(unit: UnitSpec, model, wikitext: bytes | None, device:
 def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, facts: dict, bw_gbs) -> dict:
     g = unit.generation
     kv = cell.kv if cell.kv.name != "native" else None
-    record, phases, cache, compile_s, kernels = latency.measure_cell(
-        model, device, new_tokens=cell.new_tokens, batch_size=cell.batch_size, prompt_tokens=g.prompt_tokens,
+    m = latency.measure_cell(
+        model, device, new_tokens=cell.new_tokens, batch_size=cell.batch_size, prompt_tokens=cell.prompt_tokens,
         warmup=g.warmup, repeats=g.repeats, decode=cell.decode, profile=g.profile, kv=kv, max_repeats=g.max_repeats,
         max_seconds=g.max_seconds, target_halfwidth=g.target_halfwidth)
-    out = record.summary()
+    out = {**m.record.summary(), **m.energy, **m.walls}
+    phases, compile_s, kernels = m.phases, m.compile_s, m.kernels
     geometry = model.geometry
-    out.update(kv_cache.accounting(geometry, model.cache_bytes(cache), model.cache_element_size(cache),
-                                   g.prompt_tokens, cell.new_tokens, cell.batch_size, cell.decode, kv))
-    del cache
+    out.update(kv_cache.accounting(geometry, model.cache_bytes(m.cache), model.cache_element_size(m.cache),
+                                   cell.prompt_tokens, cell.new_tokens, cell.batch_size, cell.decode, kv))
+    del m
     nvml_mine, nvml_used = memory.nvml_process_bytes(device)
     cuda = device.startswith("cuda")
     out.update({
@@ -253,7 +254,9 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
         "rss_bytes": memory.rss(),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     })
-    out.update(roofline(facts["weights_bytes"], facts["embedding_unread_bytes"], geometry, g.prompt_tokens,
+    if unit.usd_per_gpu_hour and unit.gpus and out["e2e_tokens_per_s"]:
+        out["usd_per_million_tokens"] = unit.usd_per_gpu_hour * unit.gpus / 3600 / out["e2e_tokens_per_s"] * 1e6
+    out.update(roofline(facts["weights_bytes"], facts["embedding_unread_bytes"], geometry, cell.prompt_tokens,
                         cell.new_tokens, cell.batch_size, kv, out["kv_bytes_per_element"], out["decode_ms_per_token"],
                         bw_gbs))
     return out

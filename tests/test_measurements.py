@@ -18,11 +18,12 @@ ALL = ["fp32", "fp16", "bf16", "int8", "nf4", "fp4", "nf4-dq"]
 
 
 def make_unit(precision="fp32", options=None, model=None, cells=((4, 1), (6, 2)), ppl=None, label="tiny",
-              **generation):
+              prompt_tokens=8, **generation):
     opts = REGISTRY[precision].parse_options(options or {}).model_dump()
     return UnitSpec("t", "r", "u", model or ModelSpec("synthetic", TINY_LLAMA, label),
-                    PrecisionSpec(precision, opts, precision), [CellSpec(f"k{n}-{b}", n, b) for n, b in cells],
-                    GenerationSpec(**{"prompt_tokens": 8, "warmup": 1, "repeats": 2, **generation}), ppl, 0)
+                    PrecisionSpec(precision, opts, precision),
+                    [CellSpec(f"k{n}-{b}", n, b, prompt_tokens=prompt_tokens) for n, b in cells],
+                    GenerationSpec(**{"warmup": 1, "repeats": 2, **generation}), ppl, 0)
 
 
 def tiny(precision="fp32", shapes=TINY_LLAMA):

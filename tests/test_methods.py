@@ -217,7 +217,8 @@ KV = ["native", "quanto-int4", "quanto-int2", "hqq-int8", "hqq-int4", "hqq-int2"
 def test_kv_cache_axis_measured_and_analytic_agree():
     u = make_unit("fp32", model=ModelSpec("synthetic", TINY64, "tiny64"))
     quantized = {"q_group_size": 64, "residual_length": 16}
-    u.cells = [CellSpec(name, 40, 2, kv=KvSpec(name, {} if name == "native" else quantized, name)) for name in KV]
+    u.cells = [CellSpec(name, 40, 2, kv=KvSpec(name, {} if name == "native" else quantized, name), prompt_tokens=8)
+               for name in KV]
     rows = {r["kv_cache"]: r for r in U.run_unit(u)}
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("traceback") for r in rows.values()]
     for name, r in rows.items():

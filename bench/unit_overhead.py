@@ -1,0 +1,73 @@
+"""Where a sweep's time goes (issue 14, item 9): the notebook's own case from command to report, and per unit the
+seconds outside loading and measuring, and latency_s against the timed work.
+
+  python bench/unit_overhead.py [--grid examples/notebook.yaml] [--output DIR] [--set KEY=VALUE ...]
+
+Runs `python -m orchestrator sweep` as a user would (an embedded Ray) and prints JSON:
+- command_to_report_s: wall time of the whole command (Ray's start, every unit, the report);
+- per unit: unit_s (the driver's span from the unit's start to its end), inside_s (preparing the source, loading,
+  quantizing, perplexity, every cell's latency_s), outside_s = unit_s - inside_s (process start, CUDA, imports);
+- per cell: latency_s against timed_work_s = (warm-up + timed runs) x new_tokens x decode ms/token, and the parts
+  the rows record (warmup_s, timed_s, energy_prefill_s, memory_run_s).
+Goals: outside_s <= 1 s; latency_s <= 1.15 x timed work; the notebook's case <= 60 s on one H200.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", default=str(ROOT / "examples" / "notebook.yaml"))
+    ap.add_argument("--output", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    out = Path(args.output or tempfile.mkdtemp(prefix="bench-overhead-"))
+    cmd = [sys.executable, "-m", "orchestrator", "sweep", args.grid, "--output", str(out), "--force"]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    import pandas as pd
+
+    manifest = json.loads((out / "sweep.json").read_text())
+    df = pd.read_parquet(out / "cells")
+    df = df[df.run_id == manifest["run_id"]]
+    units = []
+    for uid, g in df.groupby("unit_id"):
+        unit_s = next((v for k, v in manifest.get("per_unit_s", {}).items() if k.startswith(uid)), None)
+        first = g.iloc[0]
+        inside = sum(float(first[k]) for k in ("prepare_s", "load_s", "quantize_s", "ppl_s", "calibration_s")
+                     if k in first and first[k] == first[k] and not (k == "calibration_s" and first.get(
+                         "calibration_cached")))
+        inside += float(g.latency_s.sum())
+        units.append({"unit": f"{first.model} x {first.precision}", "unit_s": unit_s, "inside_s": inside,
+                      "outside_s": unit_s - inside if unit_s else None, "load_s": first.load_s,
+                      "ppl_s": first.get("ppl_s"), "perplexity": first.get("perplexity"),
+                      "kl_mean": first.get("kl_mean")})
+    cells = []
+    for _, c in df.iterrows():
+        runs = int(c.warmup) + int(c.get("repeats_done") or c.repeats)
+        work = runs * int(c.new_tokens) * float(c.decode_ms_per_token) / 1e3 if c.decode_ms_per_token else None
+        cells.append({"cell": f"{c.model} x {c.precision} n={c.new_tokens} b={c.batch_size}",
+                      "latency_s": c.latency_s, "timed_work_s": work,
+                      "ratio": c.latency_s / work if work else None,
+                      **{k: c.get(k) for k in ("warmup_s", "timed_s", "energy_prefill_s", "memory_run_s",
+                                               "decode_ms_per_token", "repeats_done")}})
+    print(json.dumps({"command": " ".join(cmd[1:]), "exit": r.returncode, "command_to_report_s": wall,
+                      "sweep_wall_s": manifest.get("wall_s"), "units": units, "cells": cells,
+                      "stdout_tail": r.stdout[-1500:], "stderr_tail": r.stderr[-1500:]}, indent=1, default=float))
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
