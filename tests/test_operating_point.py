@@ -1,0 +1,84 @@
+"""The operating point (issue 16) on CPU: prompt length is an axis with keys of its own, long prompts are refused where
+the model cannot hold them, energy is empty with the reason on CPU, the grid's cost prices the tokens, budgets parse,
+and a cell that runs out of memory becomes an `oom` row while the unit's other cells finish."""
+import textwrap
+
+import pytest
+
+from orchestrator.files import BadInput
+from orchestrator.grid import load_grid
+from orchestrator.plan import make_plan
+from tasks import latency, unit as U
+from tests.conftest import write_grid
+from tests.test_measurements import make_unit
+
+GRID = textwrap.dedent("""
+    name: op
+    models: [{synthetic: opt-125m}]
+    precisions: [fp16, nf4]
+    generation: {new_tokens: [16], batch_sizes: [1, 8], prompt_tokens: [128, 1024]}
+    perplexity: false
+    report: {memory_budgets: [16GiB, 24GB]}
+    cost: {usd_per_gpu_hour: 2.5}
+""")
+
+
+def test_prompt_length_is_an_axis_with_keys_of_its_own(tmp_path):
+    plan = make_plan(load_grid(write_grid(tmp_path / "g.yaml", GRID)), "r")
+    cells = [c for u in plan.units for c in u.cells]
+    assert len(cells) == 2 * 2 * 2 and len({c.key for c in cells}) == 8
+    assert sorted({c.prompt_tokens for c in cells}) == [128, 1024]
+    one = make_plan(load_grid(write_grid(tmp_path / "h.yaml", GRID.replace("prompt_tokens: [128, 1024]",
+                                                                           "prompt_tokens: 128"))), "r")
+    assert {c.key for u in one.units for c in u.cells} == {c.key for c in cells if c.prompt_tokens == 128}
+    grid = load_grid(tmp_path / "g.yaml")
+    assert grid.report.memory_budgets == [16 * 2 ** 30, 24 * 10 ** 9] and grid.cost.usd_per_gpu_hour == 2.5
+    assert plan.usd_per_gpu_hour == 2.5 and plan.units[0].to_task(plan).usd_per_gpu_hour == 2.5
+
+
+def test_a_prompt_the_model_cannot_hold_is_refused(tmp_path):
+    g = write_grid(tmp_path / "g.yaml", GRID.replace("[128, 1024]", "[128, 2048]"))
+    with pytest.raises(BadInput, match="2064 positions; opt-125m holds 2048"):
+        from orchestrator.checks import check_models
+
+        check_models(load_grid(g))
+
+
+def test_energy_is_empty_with_the_reason_on_cpu_and_prompts_are_measured_at_their_length():
+    rows = list(U.run_unit(make_unit(cells=((4, 2),), prompt_tokens=24)))
+    r = rows[0]
+    assert r["status"] == "ok" and r["prompt_tokens"] == 24
+    assert r["energy_missing"] == "no energy counter on CPU (NVML's counter is an NVIDIA GPU's)"
+    assert r.get("energy_j_per_decode_token") is None and r.get("usd_per_million_tokens") is None
+    assert r["prefill_tokens_per_s"] == pytest.approx(2 * 24 * 1e3 / r["ttft_ms"])
+    assert r["kv_cache_bytes"] == 2 * 2 * 2 * 16 * (24 + 4 - 1) * 2 * r["kv_bytes_per_element"]
+    assert r["warmup_s"] > 0 and r["timed_s"] > 0 and r["memory_run_s"] > 0
+
+
+def test_prompts_are_cut_from_real_text_up_to_any_length():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(set(latency.PROMPT_TEXT.split()) | {"<unk>"})},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    ids = latency.prompt_ids(fast, 1000, 4096, 2, "cpu")
+    assert ids.shape == (2, 4096) and ids.tolist() == latency.prompt_ids(fast, 1000, 4096, 2, "cpu").tolist()
+    assert ids[0, 11:22].tolist() == ids[1, :11].tolist()  # row b starts 11 tokens further on
+    random_ids = latency.prompt_ids(None, 1000, 4096, 2, "cpu")
+    assert random_ids.shape == (2, 4096) and int(random_ids.max()) < 1000
+
+
+def test_an_out_of_memory_cell_is_an_oom_row_and_the_others_finish(monkeypatch):
+    real = latency.measure_cell
+
+    def second_cell_runs_out(model, device, **kw):
+        if kw["batch_size"] == 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(model, device, **kw)
+
+    monkeypatch.setattr(U.latency, "measure_cell", second_cell_runs_out)
+    rows = list(U.run_unit(make_unit(cells=((4, 1), (4, 8), (6, 2)))))
+    assert [r["status"] for r in rows] == ["ok", "oom", "ok"]
+    assert "Tried to allocate" in rows[1]["error_message"]
