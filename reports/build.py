@@ -93,6 +93,7 @@ def context(dirs, every_row: bool = False) -> dict:
         "unreadable": unreadable,
         "every_row": every_row,
         "reserve_gib": fit.RESERVE / fit.GiB,
+        "extrapolated": tables.EXTRAPOLATED,
     }
 
 

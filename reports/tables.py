@@ -14,6 +14,7 @@ from reports.data import (BROKEN_RATIO, FAILED, at, col, first, frontier, headli
 from spec.stats import mean_interval, paired_log_ratio, t975
 
 NOISY_HALFWIDTH = 0.05  # a speed whose 95% interval is wider than ±5% of it makes no claim
+EXTRAPOLATED = 4  # a predicted largest batch over 4× the largest measured batch is said to be extrapolated
 
 
 def _ratio_interval(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
@@ -159,9 +160,11 @@ def decision(entries: list[dict], fits: list[dict]) -> dict:
     for f in fits:
         fitting = [e for e in usable if f["batches"].get(e["precision"], 0) >= 1]
         best = min(fitting, key=lambda e: (quality_of(e), e["decode_ms"] or math.inf), default=None)
+        batch = f["batches"].get(best["precision"]) if best else None
         out["budgets"].append({"budget": f["label"], "context": f["context"],
-                               "best": best["precision"] if best else None,
-                               "batch": f["batches"].get(best["precision"]) if best else None})
+                               "best": best["precision"] if best else None, "batch": batch,
+                               "measured_batch": f["measured_batch"],
+                               "extrapolated": bool(batch and batch > EXTRAPOLATED * f["measured_batch"])})
     return out
 
 
@@ -174,10 +177,11 @@ def fits(df: pd.DataFrame, entries: list[dict], budgets: list[tuple[str, float]]
     if not params:
         return []
     contexts = sorted({int(x) for x in (d.prompt_tokens + d.new_tokens).dropna()})[-3:]
+    measured = int(d[d.status == "ok"].batch_size.max())
     out = []
     for label, size in budgets:
         for context in contexts:
-            out.append({"label": label, "bytes": size, "context": context,
+            out.append({"label": label, "bytes": size, "context": context, "measured_batch": measured,
                         "batches": {p: fit.largest_batch(v, context, size) for p, v in params.items()}})
     return out
 
@@ -209,7 +213,8 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
     for b in dec["budgets"]:
         if b["best"]:
             out.append(f"Best quality that fits {b['budget']} at {b['context']} tokens: {b['best']} "
-                       f"(up to batch {b['batch']}).")
+                       f"(up to batch {b['batch']:,}" + (f", extrapolated from batches ≤ {b['measured_batch']}"
+                                                          if b["extrapolated"] else "") + ").")
     if dec["broken"]:
         out.append(f"Broken (perplexity over {BROKEN_RATIO:g}× the baseline's; left out of the charts): "
                    f"{', '.join(dec['broken'])}.")

@@ -2,6 +2,7 @@
 orchestrator -> spec, tasks (the precision registry only), reports, cluster; tasks never imports Ray or the driver;
 reports never torch; no module imports another's private names. And the schema document matches the code."""
 import ast
+import re
 import subprocess
 import sys
 
@@ -59,3 +60,10 @@ def test_contract_and_report_load_without_torch(modules):
 
 def test_schema_document_is_current():
     assert (ROOT / "docs" / "schema.md").read_text() == markdown(), "run: python -m orchestrator schema > docs/schema.md"
+
+
+def test_schema_table_has_three_cells_per_row():
+    """A `|` inside a column's meaning (there are several: 'a | b' alternatives) is escaped, or the row breaks."""
+    rows = [line for line in markdown().splitlines() if line.startswith("| `")]
+    assert len(rows) > 100 and any("\\|" in r for r in rows)
+    assert all(len(re.findall(r"(?<!\\)\|", r)) == 4 for r in rows)

@@ -150,14 +150,22 @@ def test_decision_frontier_budgets_and_broken(tmp_path):
         store.write(r)
     df, cell, by = entries_of(tmp_path)
     entries = list(by.values())
-    fits = tables.fits(df, entries, [("16 GiB", 16 * fit.GiB), ("80 GiB", 80 * fit.GiB)])
+    fits = tables.fits(df, entries, [("16 GiB", 16 * fit.GiB), ("80 GiB", 80 * fit.GiB), ("5 GB", 5e9)])
     dec = tables.decision(entries, [f for f in fits if f["context"] == max(x["context"] for x in fits)])
     assert dec["broken"] == ["quanto-int2"]
     assert "fp4" not in dec["frontier"]["eager"]  # nf4 is closer to fp16, as fast and as small
     assert set(dec["frontier"]["eager"]) == {"fp16", "int8", "nf4"}
     best = {b["budget"]: (b["best"], b["batch"]) for b in dec["budgets"]}
     assert best["80 GiB"][0] == "fp16" and best["16 GiB"][0] == "fp16"
+    # batches measured up to 8: 5 GB holds fp16 at batch 25 (no more than 4x beyond: stated plainly), 80 GiB at
+    # batch 1,100-odd (far beyond what was measured: said so)
+    by_budget = {b["budget"]: b for b in dec["budgets"]}
+    room, per = 5e9 - fit.RESERVE - 2e9, (1024 + 64) * (50_000 + 20_000)
+    assert by_budget["5 GB"]["batch"] == math.floor(room / per) == 25 and not by_budget["5 GB"]["extrapolated"]
+    assert by_budget["80 GiB"]["extrapolated"] and by_budget["80 GiB"]["measured_batch"] == 8
     found = tables.findings(entries, "fp16", "m", cell, dec)
+    assert any("fits 80 GiB" in f and "extrapolated from batches ≤ 8" in f for f in found)
+    assert any("fits 5 GB" in f and "(up to batch 25)." in f for f in found)
     assert any(f.startswith("Broken") and "quanto-int2" in f for f in found)
     speed = [f for f in found if "faster than fp16" in f]
     assert speed and all("95% interval" in f for f in speed)  # every speed claim carries its interval
@@ -279,6 +287,7 @@ def big_sweep(folder) -> None:
             store.write(r)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"), reason="Debian chromium not installed (.ci/run installs it)")
 def test_report_in_headless_chromium(tmp_path):
     from playwright.sync_api import sync_playwright
