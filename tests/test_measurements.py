@@ -141,8 +141,8 @@ def test_cell_failure_does_not_stop_the_unit(monkeypatch):
 
     monkeypatch.setattr(U.latency, "measure_cell", flaky)
     rows = list(U.run_unit(make_unit()))
-    assert [r["status"] for r in rows] == ["oom", "ok"]
-    assert rows[0]["error_type"] == "RuntimeError"
+    assert [r["status"] for r in rows] == ["oom", "ok"]  # the unit goes on with its other cells
+    assert rows[0]["error_type"] == "RuntimeError" and "Tried to allocate" in rows[0]["error_message"]
 
 
 def test_memory_run_starts_without_earlier_runs_caches(monkeypatch):
