@@ -16,6 +16,10 @@ A campaign file:
       set: ["generation.new_tokens=[128]"]   # optional --set overrides
       after_s: 0                   # optional: start this many seconds after the campaign (Ray does not serve
                                    # concurrent drivers first come, first served: the longest start first)
+    - {name: edge, run: "python3 bench/fit_edge.py --cells {results}/methods --address {address} ..."}
+                                   # a command in place of a grid: run in its turn ({results}, {address} filled in)
+  sequential: true                 # optional: one entry after another, in the listed order (on one GPU, the order
+                                   # decides what a cut-short campaign has measured); else all at once
 Each sweep's log is DIR/<name>.log; DIR/exits.txt gets "<name> exit <code> after <s> s"; DIR/all.done when all end.
 """
 from __future__ import annotations
@@ -37,9 +41,8 @@ def load(path: Path) -> dict:
     if not isinstance(c, dict) or not isinstance(c.get("sweeps"), list):
         raise SystemExit(f"{path}: a campaign needs `sweeps:` (a list)")
     for i, s in enumerate(c["sweeps"]):
-        missing = {"name", "grid"} - set(s)
-        if missing:
-            raise SystemExit(f"{path}: sweeps[{i}] needs {', '.join(sorted(missing))}")
+        if "name" not in s or ("grid" in s) == ("run" in s):
+            raise SystemExit(f"{path}: sweeps[{i}] needs a name and either a grid or a run")
     return c
 
 
@@ -80,24 +83,36 @@ def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> 
     if address == "auto" and gpus:
         ray_head(gpus)
     t0 = time.monotonic()
-    procs = []
-    for s in sorted(campaign["sweeps"], key=lambda s: s.get("after_s", 0)):
+    procs, worst = [], 0
+
+    def finish(name, proc, log) -> int:
+        code = proc.wait()
+        log.close()
+        with open(results / "exits.txt", "a") as f:
+            f.write(f"{name} exit {code} after {time.monotonic() - t0:.0f} s\n")
+        return code
+
+    entries = campaign["sweeps"] if campaign.get("sequential") else sorted(campaign["sweeps"],
+                                                                           key=lambda s: s.get("after_s", 0))
+    for s in entries:
         wait = s.get("after_s", 0) - (time.monotonic() - t0)
         if wait > 0:
             time.sleep(wait)
-        cmd = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / s["grid"]), "--output",
-               str(results / s["name"])] + (["--address", address] if address else [])
-        for item in s.get("set") or []:
-            cmd += ["--set", item]
+        if "run" in s:
+            cmd = s["run"].format(results=results, address=address or "")
+        else:
+            cmd = [sys.executable, "-m", "orchestrator", "sweep", str(ROOT / s["grid"]), "--output",
+                   str(results / s["name"])] + (["--address", address] if address else [])
+            for item in s.get("set") or []:
+                cmd += ["--set", item]
         log = open(results / f"{s['name']}.log", "a")
-        procs.append((s["name"], subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
-    worst = 0
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, shell=isinstance(cmd, str))
+        if campaign.get("sequential"):
+            worst = max(worst, finish(s["name"], proc, log))
+        else:
+            procs.append((s["name"], proc, log))
     for name, proc, log in procs:
-        code = proc.wait()
-        log.close()
-        worst = max(worst, code)
-        with open(results / "exits.txt", "a") as f:
-            f.write(f"{name} exit {code} after {time.monotonic() - t0:.0f} s\n")
+        worst = max(worst, finish(name, proc, log))
     (results / "all.done").touch()
     return worst
 

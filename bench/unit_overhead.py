@@ -6,7 +6,9 @@ seconds outside loading and measuring, and latency_s against the timed work.
 Runs `python -m orchestrator sweep` as a user would (an embedded Ray) and prints JSON:
 - command_to_report_s: wall time of the whole command (Ray's start, every unit, the report);
 - per unit: unit_s (the driver's span from the unit's start to its end), inside_s (preparing the source, loading,
-  quantizing, perplexity, every cell's latency_s), outside_s = unit_s - inside_s (process start, CUDA, imports);
+  quantizing, perplexity, every cell's latency_s), outside_s = unit_s - inside_s, and the parts of it that are
+  timed (the unit process's setup with its CUDA context, the fork, the reference's save, hand-over and load, the
+  process's exit after its last row) with what is left unaccounted;
 - per cell: latency_s against timed_work_s = (warm-up + timed runs) x new_tokens x decode ms/token, and the parts
   the rows record (warmup_s, timed_s, energy_prefill_s, memory_run_s).
 Goals: outside_s <= 1 s; latency_s <= 1.15 x timed work; the notebook's case <= 60 s on one H200.
@@ -50,8 +52,13 @@ def main() -> int:
                      if k in first and first[k] == first[k] and not (k == "calibration_s" and first.get(
                          "calibration_cached")))
         inside += float(g.latency_s.sum())
+        parts = next((v for k, v in manifest.get("per_unit_parts", {}).items() if k.startswith(uid)), {})
+        parts.update({k: float(first[k]) for k in ("unit_setup_s", "reference_save_s", "reference_load_s")
+                      if k in first and first[k] == first[k]})
         units.append({"unit": f"{first.model} x {first.precision}", "unit_s": unit_s, "inside_s": inside,
-                      "outside_s": unit_s - inside if unit_s else None, "load_s": first.load_s,
+                      "outside_s": unit_s - inside if unit_s else None, "outside_parts": parts,
+                      "outside_unaccounted_s": unit_s - inside - sum(parts.values()) if unit_s else None,
+                      "load_s": first.load_s,
                       "ppl_s": first.get("ppl_s"), "perplexity": first.get("perplexity"),
                       "kl_mean": first.get("kl_mean")})
     cells = []
@@ -61,6 +68,8 @@ def main() -> int:
         cells.append({"cell": f"{c.model} x {c.precision} n={c.new_tokens} b={c.batch_size}",
                       "latency_s": c.latency_s, "timed_work_s": work,
                       "ratio": c.latency_s / work if work else None,
+                      "warmup_runs_s": [float(x) for x in c.get("warmup_runs_s")] if c.get("warmup_runs_s")
+                      is not None else None,
                       **{k: c.get(k) for k in ("warmup_s", "timed_s", "energy_prefill_s", "memory_run_s",
                                                "decode_ms_per_token", "repeats_done")}})
     print(json.dumps({"command": " ".join(cmd[1:]), "exit": r.returncode, "command_to_report_s": wall,

@@ -44,6 +44,7 @@ class DriverResult:
     attempts: int = 0          # unit tasks started (first tries and retries)
     retries: int = 0
     per_unit_s: dict = field(default_factory=dict)
+    per_unit_parts: dict = field(default_factory=dict)  # the worker's fork, reference hand-over and process exit (s)
 
 
 def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: float, cpus_per_task: float,
@@ -147,6 +148,10 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                     gpu = item.get("cuda_visible_devices")
                     state.where = f"{item['host']} GPU {gpu}" if gpu not in (None, "") else f"{item['host']} CPU"
                     progress.unit_started(state.unit.label, state.where)
+                    continue
+                if item.get("_event") == "end":
+                    result.per_unit_parts[f"{state.unit.unit_id}#{state.unit.attempt}"] = {
+                        k: v for k, v in item.items() if k != "_event"}
                     continue
                 if item.get("_event") == "reference":  # the baseline's: its model's other units start now
                     release(item["key"], holder=item["holder"])

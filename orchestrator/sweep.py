@@ -86,7 +86,8 @@ def _run(grid, grid_path, overrides, out: Path, run_id: str, texts, address, for
                     interrupted=interrupted)
     if result:
         result.rows[:0] = skipped_rows
-        manifest.update(model_loads=result.attempts, retries=result.retries, per_unit_s=result.per_unit_s)
+        manifest.update(model_loads=result.attempts, retries=result.retries, per_unit_s=result.per_unit_s,
+                        per_unit_parts=result.per_unit_parts)
     store.write_manifest(manifest)
     if interrupted:
         print(f"interrupted: finished cells are in {store.cells}; run the same command again to resume")

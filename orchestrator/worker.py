@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from pathlib import Path
 
 import ray
@@ -26,13 +27,21 @@ def unit_task(runner: str, unit, wikitext: bytes | None):
     """Generator task: first where it runs, then one row per finished cell (and the reference, if it makes one)."""
     if unit.reference and unit.reference.role == "use" and unit.reference.holder:
         unit.reference = _reference_here(unit.reference)
+    t0 = time.perf_counter()
     proc, conn = forkserver.start(runner, unit, wikitext)
+    parts = {"fork_s": time.perf_counter() - t0, "reference_put_s": 0.0}
     yield {"_event": "start", "host": socket.gethostname(), "pid": proc.pid, "worker_pid": os.getpid(),
            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    last = time.perf_counter()
     for item in forkserver.rows(proc, conn):
         if item.get("_event") == "reference":  # nested in a list: the driver passes it on without fetching it
+            t0 = time.perf_counter()
             item = {**item, "holder": [ray.put(Path(item["path"]).read_bytes())]}
+            parts["reference_put_s"] += time.perf_counter() - t0
         yield item
+        last = time.perf_counter()
+    # where the unit's time outside loading and measuring goes (bench/unit_overhead.py reads it from sweep.json)
+    yield {"_event": "end", **parts, "exit_s": time.perf_counter() - last}
 
 
 def _reference_here(ref):

@@ -386,8 +386,14 @@ def protocol(df: pd.DataFrame) -> dict:
         timing = (f"greedy decoding of exactly new_tokens tokens after {int(r.warmup)} warm-up run(s), "
                   f"{min(reps)}–{max(reps)} timed runs per cell; CUDA events after every step on a GPU (the host "
                   f"clock on CPU); decode ms/token = the mean gap between tokens; intervals: Student-t 95% over "
-                  f"runs; memory from one more run with peak counters reset per phase.") if reps else None
+                  f"runs; memory from {_memory_run(df)} with peak counters reset per phase.") if reps else None
     options = sorted(set(zip(col(df, "precision"), col(df, "precision_options"))), key=str)
     return {"perplexity": sentence, "gpus": gpus, "versions": _human_versions(df), "timing": timing,
             "precision_options": [(p, ", ".join(f"{k}={v}" for k, v in json.loads(o).items()) or "defaults")
                                   for p, o in options if p and isinstance(o, str)]}
+
+
+def _memory_run(df) -> str:
+    """Which run the memory columns come from (rows before the column existed: a run after the timed runs)."""
+    seen = sorted(set(col(df, "memory_measured_in").dropna())) or ["a run after the timed runs"]
+    return " or ".join(seen)

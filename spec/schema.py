@@ -50,6 +50,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ended_at", T, "cell end (UTC)"),
     ("prepare_s", F, "seconds to materialise the source (GGUF conversion, synthetic weights; 0 when cached)"),
     ("load_s", F, "seconds to load the model at its precision (quantization included)"),
+    ("unit_setup_s", F, "seconds from the unit's process entering the unit to the start of loading (on a GPU: its "
+                        "CUDA context, the environment's fingerprint)"),
+    ("reference_save_s", F, "baseline unit: seconds to write the reference for distances to the node's cache"),
+    ("reference_load_s", F, "seconds to read the baseline's reference from the node's cache"),
     ("latency_s", F, "seconds spent measuring this cell (warm-up, repeats, memory run)"),
     # weights
     ("params", I, "parameters (4-bit packed tensors counted unpacked)"),
@@ -169,10 +173,13 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("energy_missing", S, "why there is no energy (CPU: no counter; an older GPU)"),
     ("usd_per_million_tokens", F, "with the grid's cost.usd_per_gpu_hour: dollars per million generated tokens at "
                                   "the cell's end-to-end throughput"),
-    ("warmup_s", F, "seconds of the cell's warm-up runs"),
+    ("warmup_s", F, "seconds of the cell's warm-up runs (the last one measures memory)"),
+    ("warmup_runs_s", LF, "seconds of each warm-up run (a first run slower than the rest pays one-time work)"),
+    ("memory_measured_in", S, "which run the memory columns come from: the last warm-up run (on an emptied "
+                              "allocator cache) or, with no warm-up, a run after the timed runs"),
     ("timed_s", F, "seconds of its timed runs (host clock, syncs included)"),
     ("energy_prefill_s", F, "seconds of the prefill-only loop for energy (GPU only)"),
-    ("memory_run_s", F, "seconds of the memory run (peaks per phase)"),
+    ("memory_run_s", F, "seconds of a memory run of its own (only with no warm-up; else in warmup_s)"),
     ("profile_s", F, "seconds of the profiled decode step (generation.profile)"),
     ("top_kernels", KERNELS, "with generation.profile: one decode step's top CUDA kernels by GPU time (CPU: operators "
                              "by CPU time): name, calls, time_us"),

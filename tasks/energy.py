@@ -38,9 +38,10 @@ class EnergyMeter:
 
 
 def prefill_loop(meter: EnergyMeter, prefill_once) -> tuple[float, int, float]:
-    """(joules, runs, seconds) of back-to-back prefills for at least MIN_PREFILL_LOOP_S and 3 runs."""
+    """(joules, runs, seconds) of back-to-back prefills for at least MIN_PREFILL_LOOP_S (one run at least: a long
+    prompt's prefill alone can take seconds, and it has already been warmed by the timed runs)."""
     e0, t0, runs = meter.joules(), time.perf_counter(), 0
-    while runs < 3 or time.perf_counter() - t0 < MIN_PREFILL_LOOP_S:
+    while runs < 1 or time.perf_counter() - t0 < MIN_PREFILL_LOOP_S:
         prefill_once()
         runs += 1
     e1 = meter.joules()

@@ -2,8 +2,9 @@
 cache), exactly `new_tokens` new tokens, EOS ignored.
 
 Timing is device-synchronised: on a GPU a CUDA event is recorded after every step and read once the run is over (no
-host sync inside the loop); on CPU the host clock is read after every step. Warm-up runs are untimed. One more,
-untimed run measures memory phase by phase (see tasks.memory).
+host sync inside the loop); on CPU the host clock is read after every step. Warm-up runs are untimed; the last one
+measures memory phase by phase (see tasks.memory), on a freshly emptied allocator cache, so that no extra run is
+spent on it (with no warm-up, one untimed run after the timed runs does).
 """
 from __future__ import annotations
 
@@ -222,7 +223,8 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
 class CellMeasurement:
     record: LatencyRecord
     phases: memory.PhaseMemory
-    cache: object                     # the memory run's KV cache, for its bytes
+    cache_bytes: int                  # the memory run's KV cache: its bytes and bytes per element
+    cache_element_size: int | None
     compile_s: float | None           # compiled decode: the first run, compilation included (not in the latency)
     kernels: list[dict] | None        # with profile: the top kernels of one decode step
     energy: dict                      # tasks.energy.columns, or {"energy_missing": why}
@@ -232,8 +234,9 @@ class CellMeasurement:
 def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int, warmup: int,
                  repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None,
                  max_repeats: int = 30, max_seconds: float = 60.0, target_halfwidth: float = 0.02) -> CellMeasurement:
-    """Warm-up runs, timed repeats (their energy on a GPU, then a prefill-only loop for its share), then one memory
-    run; with `profile`, one decode step under the profiler."""
+    """Warm-up runs (the last one measures memory), timed repeats (their energy on a GPU, then a prefill-only loop
+    for its share); with no warm-up, a memory run after the timed runs; with `profile`, one decode step under the
+    profiler."""
     walls = {}
     ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
     step, compile_s = None, None
@@ -244,10 +247,18 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        generate(model, ids, new_tokens, step=step, kv=kv)
-    walls["warmup_s"] = time.perf_counter() - t0
+    runs_s, phases = [], None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        if i == warmup - 1:
+            phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv)
+        else:
+            generate(model, ids, new_tokens, step=step, kv=kv)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        runs_s.append(time.perf_counter() - t0)
+    walls.update(warmup_s=sum(runs_s), warmup_runs_s=runs_s,
+                 memory_measured_in="the last warm-up run" if warmup else "a run after the timed runs")
 
     def run_once() -> list[float]:
         clock = Clock(device)
@@ -272,20 +283,31 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     else:
         walls["timed_s"] = time.perf_counter() - t0
         used = {"energy_missing": meter.missing}
-    t0 = time.perf_counter()
+    if phases is None:
+        t0 = time.perf_counter()
+        phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv)
+        walls["memory_run_s"] = time.perf_counter() - t0
+    kernels = None
+    if profile:
+        t0 = time.perf_counter()
+        kernels = profile_decode_step(model, ids, new_tokens, device, step, kv=kv)
+        walls["profile_s"] = time.perf_counter() - t0
+    return CellMeasurement(record, phases, cache_bytes, element_size, compile_s, kernels, used, walls)
+
+
+def memory_run(model, ids, new_tokens: int, device: str, step, kv: KvSpec | None):
+    """One generation with memory read phase by phase, from an emptied allocator cache: (phases, the KV cache's
+    bytes, its bytes per element). The cache is dropped here: it must not outlive the run (the timed runs that follow
+    would count it, and at the edge of the GPU's memory it would not fit twice)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     phases = memory.PhaseMemory(device)
     phases.before = memory.allocated(device)
     _, cache = generate(model, ids, new_tokens, phases=phases, step=step, kv=kv)
-    walls["memory_run_s"] = time.perf_counter() - t0
-    kernels = None
-    if profile:
-        t0 = time.perf_counter()
-        kernels = profile_decode_step(model, ids, new_tokens, device, step, kv=kv)
-        walls["profile_s"] = time.perf_counter() - t0
-    return CellMeasurement(record, phases, cache, compile_s, kernels, used, walls)
+    nbytes, element_size = model.cache_bytes(cache), model.cache_element_size(cache)
+    del cache
+    return phases, nbytes, element_size
 
 
 def prefill_only(model, ids, kv: KvSpec | None):

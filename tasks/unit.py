@@ -60,10 +60,10 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
     for the hub dataset (or when perplexity is off)."""
     global _loads
 
-    started = now()
+    started, t_setup = now(), time.perf_counter()
     base = unit_rows_base(unit)
     device = pick_device(unit.gpus)
-    env = fingerprint(device)
+    env = fingerprint(device)  # on a GPU this makes the process's CUDA context
     base.update(env)
     precision = REGISTRY[unit.precision.name]
     options = precision.parse_options(unit.precision.options)
@@ -84,6 +84,7 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
         yield {"_event": "reference", "key": unit.reference.key, "path": str(reference_path(unit.reference.key))}
         return
     t_load = time.perf_counter()
+    base["unit_setup_s"] = t_load - t_setup
     try:
         model = engines.load(unit.engine, unit.model, precision, options, device, calibration_text(unit))
         _loads += 1
@@ -177,8 +178,9 @@ def measure_quality(unit: UnitSpec, model, wikitext: bytes | None, device: str) 
     elif ref:
         path = reference_path(ref.key)
         if path.is_file():
+            t0 = time.perf_counter()
             reference = Reference(str(path), device)
-            out["distance_reference"] = ref.baseline
+            out.update(distance_reference=ref.baseline, reference_load_s=time.perf_counter() - t0)
         else:
             out["distance_missing"] = f"the baseline's reference is not on this node ({path})"
     invariant = REGISTRY[unit.precision.name].method.batch_invariant(
@@ -202,8 +204,10 @@ def measure_quality(unit: UnitSpec, model, wikitext: bytes | None, device: str) 
         if capture is not None and capture.problem:
             out = {**out, **{k: None for k in distance.self_columns(0)}, "distance_missing": capture.problem}
             return out, None
+        t0 = time.perf_counter()
         path = capture.save(ref.key, model, out["ppl_window_nll"], out["ppl_window_tokens"], out["perplexity"]) \
             if capture is not None else str(reference_path(ref.key))
+        out["reference_save_s"] = time.perf_counter() - t0
         return out, path
     return out, None
 
@@ -234,7 +238,7 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
     out = {**m.record.summary(), **m.energy, **m.walls}
     phases, compile_s, kernels = m.phases, m.compile_s, m.kernels
     geometry = model.geometry
-    out.update(kv_cache.accounting(geometry, model.cache_bytes(m.cache), model.cache_element_size(m.cache),
+    out.update(kv_cache.accounting(geometry, m.cache_bytes, m.cache_element_size,
                                    cell.prompt_tokens, cell.new_tokens, cell.batch_size, cell.decode, kv))
     del m
     nvml_mine, nvml_used = memory.nvml_process_bytes(device)

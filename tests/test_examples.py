@@ -48,4 +48,8 @@ def test_campaigns_name_grids_that_exist():
         c = load(f)
         assert yaml.safe_load(f.read_text())["about"]
         for s in c["sweeps"]:
-            assert (ROOT / s["grid"]).is_file(), (f.name, s["grid"])
+            if "grid" in s:
+                assert (ROOT / s["grid"]).is_file(), (f.name, s["grid"])
+            else:
+                scripts = [w for w in s["run"].split() if w.startswith("bench/") and w.endswith(".py")]
+                assert scripts and all((ROOT / w).is_file() for w in scripts), (f.name, s["run"])

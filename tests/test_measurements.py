@@ -145,26 +145,35 @@ def test_cell_failure_does_not_stop_the_unit(monkeypatch):
     assert rows[0]["error_type"] == "RuntimeError" and "Tried to allocate" in rows[0]["error_message"]
 
 
-def test_memory_run_starts_without_earlier_runs_caches(monkeypatch):
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_memory_run_starts_without_earlier_runs_caches(monkeypatch, warmup):
     """Found on an H200: the last timed run's KV cache was still referenced during the memory run, so every peak
-    counted one KV cache twice (Llama-2-7B, 1024 tokens x 16: 31.4 GB for 22.4 GB of weights + cache). On CPU the
-    allocator cannot tell, so check that no earlier run's cache is alive when the memory run starts."""
+    counted one KV cache twice (Llama-2-7B, 1024 tokens x 16: 31.4 GB for 22.4 GB of weights + cache). Memory is
+    read in the last warm-up run (with none, in a run after the timed ones). On CPU the allocator cannot tell, so
+    check that no earlier run's cache is alive when any run starts, the memory run's included."""
     import weakref
 
-    real, earlier, alive_at_memory_run = latency.generate, [], []
+    real, earlier, alive, memory_runs = latency.generate, [], [], []
 
     def watched(model, ids, new_tokens, clock=None, phases=None, step=None, kv=None):
+        alive.extend(r() is not None for r in earlier)
         if phases is not None:
-            alive_at_memory_run.extend(r() is not None for r in earlier)
+            memory_runs.append(len(earlier))
         tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases, step=step, kv=kv)
         earlier.append(weakref.ref(cache))
         return tokens, cache
 
     monkeypatch.setattr(latency, "generate", watched)
-    rows = list(U.run_unit(make_unit(cells=((5, 2),))))
-    assert rows[0]["status"] == "ok"
-    assert len(earlier) == 1 + 2 + 1 and len(alive_at_memory_run) == 3  # warm-up, 2 repeats, the memory run
-    assert not any(alive_at_memory_run)
+    rows = list(U.run_unit(make_unit(cells=((5, 2),), warmup=warmup)))
+    row = rows[0]
+    assert row["status"] == "ok", row.get("traceback")
+    assert len(earlier) == max(warmup, 1) + 2  # the warm-ups (or one memory run) and 2 timed runs
+    assert memory_runs == ([warmup - 1] if warmup else [2])  # the last warm-up, else after the 2 timed runs
+    assert not any(alive)
+    assert len(row["warmup_runs_s"]) == warmup and row["warmup_s"] == pytest.approx(sum(row["warmup_runs_s"]))
+    assert row["memory_measured_in"] == ("the last warm-up run" if warmup else "a run after the timed runs")
+    assert (row.get("memory_run_s") is not None) == (warmup == 0)
+    assert row["kv_cache_bytes"] > 0 and row["kv_cache_tensor_bytes"] > 0
 
 
 def test_opt_family_and_synthetic_cache(model_cache):
