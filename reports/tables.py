@@ -161,10 +161,16 @@ def decision(entries: list[dict], fits: list[dict]) -> dict:
         fitting = [e for e in usable if f["batches"].get(e["precision"], 0) >= 1]
         best = min(fitting, key=lambda e: (quality_of(e), e["decode_ms"] or math.inf), default=None)
         batch = f["batches"].get(best["precision"]) if best else None
+        # no quality to rank by (synthetic weights): what fits, and up to which batch, by memory alone
+        by_memory = [] if usable else sorted(
+            ((e["precision"], f["batches"][e["precision"]]) for e in entries
+             if not e["broken"] and f["batches"].get(e["precision"], 0) >= 1), key=lambda pb: -pb[1])
         out["budgets"].append({"budget": f["label"], "context": f["context"],
                                "best": best["precision"] if best else None, "batch": batch,
-                               "measured_batch": f["measured_batch"],
-                               "extrapolated": bool(batch and batch > EXTRAPOLATED * f["measured_batch"])})
+                               "by_memory": by_memory, "measured_batch": f["measured_batch"],
+                               "extrapolated": bool(batch and batch > EXTRAPOLATED * f["measured_batch"]),
+                               "extrapolated_by_memory": any(b > EXTRAPOLATED * f["measured_batch"]
+                                                             for _, b in by_memory)})
     return out
 
 

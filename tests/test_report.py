@@ -9,9 +9,11 @@ import re
 import shutil
 from datetime import datetime, timedelta, timezone
 
+import pandas as pd
 import pytest
 
 from orchestrator.store import Store
+from tests.conftest import ROOT
 from reports import charts, fit, tables
 from reports.build import render
 from reports.data import colors, frontier, headline_cell, pareto, read_results, with_axes
@@ -127,6 +129,37 @@ def test_fit_arithmetic_by_hand():
     assert fit.largest_batch(p, context, 4e9) == 0  # the weights alone do not fit
     assert fit.parse_size("16GiB") == 16 * 2 ** 30 and fit.parse_size("24GB") == 24e9
     assert fit.budget_label(16 * 2 ** 30) == "16 GiB"
+
+
+def test_fit_workspace_and_activations_from_a_line():
+    """A 4-bit method needs ~300 MB whatever the run's size (a layer's dequantized weights) plus ~0.094 MB per token:
+    the model must find both, not read 300 MB over a 160-token cell as 1.9 MB per token (which predicted 1 sequence
+    of a 7B at 4k context on a 16 GiB GPU where 4 fit)."""
+    tokens = [160, 1056, 1280, 4096, 5120, 8448, 32768, 131072]
+    extra = [300e6 + 94_000 * t + (5e6 if i % 2 else 0) for i, t in enumerate(tokens)]  # a little scatter above
+    workspace, slope = fit.upper_line(tokens, extra)
+    assert slope == pytest.approx(94_000, rel=0.01) and workspace == pytest.approx(305e6, rel=0.02)
+    assert all(workspace + slope * t >= e - 1 for t, e in zip(tokens, extra))  # no measured cell above the line
+    assert fit.upper_line([4096, 4096], [4e8, 5e8]) == (0.0, pytest.approx(5e8 / 4096))  # one size: per token
+    p = {"weights": 4.19e9, "kv_per_token": 524_288, "workspace": workspace, "activation_per_token": slope}
+    by_hand = math.floor((16 * 2 ** 30 - 2 ** 30 - 4.19e9 - workspace) / (4096 * (524_288 + slope)))
+    assert fit.largest_batch(p, 4096, 16 * fit.GiB) == by_hand == 4
+
+
+def test_fit_golden_h200_7b_cells():
+    """Golden: the 7B architecture's cells measured on an H200 (docs/results/h200-2026-11-30/operating): the model
+    predicts every measured peak within 10%, never below it, and what fits 16 GiB at 4k context."""
+    df = pd.read_parquet(ROOT / "docs" / "results" / "h200-2026-11-30" / "operating" / "cells")
+    fits_16 = {}
+    for name in ("fp16", "nf4", "int8", "hqq", "torchao-int4wo"):
+        cells = df[df.precision == name]
+        p = fit.parameters(cells)
+        ok = cells[cells.status == "ok"]
+        ratios = [fit.peak(p, int(r.batch_size), int(r.prompt_tokens + r.new_tokens)) / r.peak_bytes
+                  for r in ok.itertuples()]
+        assert 1 - 1e-9 <= min(ratios) and max(ratios) < 1.10, (name, min(ratios), max(ratios))
+        fits_16[name] = fit.largest_batch(p, 4096, 16 * fit.GiB)
+    assert fits_16 == {"fp16": 1, "nf4": 4, "int8": 3, "hqq": 4, "torchao-int4wo": 4}
 
 
 def test_fit_model_from_measured_cells(results):
