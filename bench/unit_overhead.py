@@ -5,10 +5,12 @@ seconds outside loading and measuring, and latency_s against the timed work.
 
 Runs `python -m orchestrator sweep` as a user would (an embedded Ray) and prints JSON:
 - command_to_report_s: wall time of the whole command (Ray's start, every unit, the report);
-- per unit: unit_s (the driver's span from the unit's start to its end), inside_s (preparing the source, loading,
-  quantizing, perplexity, every cell's latency_s), outside_s = unit_s - inside_s, and the parts of it that are
-  timed (the unit process's setup with its CUDA context, the fork, the reference's save, hand-over and load, the
-  process's exit after its last row) with what is left unaccounted;
+- per unit: unit_s (the driver's span from the unit's start event to its end), inside_s (the unit's setup, its
+  whole load step, its whole quality step, every cell's latency_s; their parts in inside_parts), outside_s =
+  unit_s - inside_s, and the parts of it that are timed (from the start event to the unit's entry, the reference's
+  hand-over, the process's exit after its last row, from there to the driver's end of the unit) with what is left
+  unaccounted; before_start: the fork (with the fork server's start for a worker's first unit), which precedes the
+  start event;
 - per cell: latency_s against timed_work_s = (warm-up + timed runs) x new_tokens x decode ms/token, and the parts
   the rows record (warmup_s, timed_s, energy_prefill_s, memory_run_s).
 Goals: outside_s <= 1 s; latency_s <= 1.15 x timed work; the notebook's case <= 60 s on one H200.
@@ -48,17 +50,33 @@ def main() -> int:
     for uid, g in df.groupby("unit_id"):
         unit_s = next((v for k, v in manifest.get("per_unit_s", {}).items() if k.startswith(uid)), None)
         first = g.iloc[0]
-        inside = sum(float(first[k]) for k in ("prepare_s", "load_s", "quantize_s", "ppl_s", "calibration_s")
-                     if k in first and first[k] == first[k] and not (k == "calibration_s" and first.get(
-                         "calibration_cached")))
+        if first.get("load_wall_s") == first.get("load_wall_s") and first.get("load_wall_s") is not None:
+            # the unit's own walls: its setup, the whole load step, the whole quality step, every cell
+            inside = sum(float(first[k]) for k in ("unit_setup_s", "load_wall_s", "quality_wall_s"))
+        else:  # rows from before those columns: the timed parts of loading and perplexity
+            inside = sum(float(first[k]) for k in ("prepare_s", "load_s", "quantize_s", "ppl_s", "calibration_s")
+                         if k in first and first[k] == first[k] and not (k == "calibration_s" and first.get(
+                             "calibration_cached")))
         inside += float(g.latency_s.sum())
-        parts = next((v for k, v in manifest.get("per_unit_parts", {}).items() if k.startswith(uid)), {})
-        parts.update({k: float(first[k]) for k in ("unit_setup_s", "reference_save_s", "reference_load_s")
-                      if k in first and first[k] == first[k]})
+        parts = dict(next((v for k, v in manifest.get("per_unit_parts", {}).items() if k.startswith(uid)), {}))
+        t_start, t_end = parts.pop("driver_started_at", None), parts.pop("driver_ended_at", None)
+        before_start = {"fork_s": parts.pop("fork_s")} if "fork_s" in parts else {}  # before the unit's span
+        if t_start and "unit_started_at" in first and first.unit_started_at is not None:
+            # the driver's clock against the unit's: from the start event to the unit's entry, and from its last
+            # row to the driver's end of the unit (the same host's wall clock)
+            parts["before_entry_s"] = pd.Timestamp(first.unit_started_at).timestamp() - t_start
+            parts["after_last_row_s"] = t_end - pd.Timestamp(g.ended_at.max()).timestamp() - parts.get("exit_s", 0)
+        if first.get("load_wall_s") is None or first.get("load_wall_s") != first.get("load_wall_s"):
+            parts.update({k: float(first[k]) for k in ("unit_setup_s", "reference_save_s", "reference_load_s")
+                          if k in first and first[k] == first[k]})
+        loading = {k: float(first[k]) for k in ("import_s", "prepare_s", "load_s", "quantize_s", "tokenizer_s",
+                                               "load_wall_s", "ppl_s", "reference_save_s", "reference_load_s",
+                                               "quality_wall_s") if k in first and first[k] == first[k]}
         units.append({"unit": f"{first.model} x {first.precision}", "unit_s": unit_s, "inside_s": inside,
-                      "outside_s": unit_s - inside if unit_s else None, "outside_parts": parts,
+                      "before_start": before_start, "outside_s": unit_s - inside if unit_s else None,
+                      "outside_parts": parts,
                       "outside_unaccounted_s": unit_s - inside - sum(parts.values()) if unit_s else None,
-                      "load_s": first.load_s,
+                      "inside_parts": loading, "load_s": first.load_s,
                       "ppl_s": first.get("ppl_s"), "perplexity": first.get("perplexity"),
                       "kl_mean": first.get("kl_mean")})
     cells = []

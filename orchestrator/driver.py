@@ -35,6 +35,7 @@ class Running:
     task: UnitSpec
     remaining: dict[str, CellSpec]
     started: float | None = None
+    started_wall: float | None = None  # time.time() at the start: sweep.json's per_unit_parts, against the rows' clocks
     where: str = "queued"
 
 
@@ -88,7 +89,10 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
         active.pop(gen, None)
         progress.unit_ended(state.unit.label)
         if state.started is not None:
-            result.per_unit_s[f"{state.unit.unit_id}#{state.unit.attempt}"] = time.monotonic() - state.started
+            key = f"{state.unit.unit_id}#{state.unit.attempt}"
+            result.per_unit_s[key] = time.monotonic() - state.started
+            result.per_unit_parts.setdefault(key, {}).update(driver_started_at=state.started_wall,
+                                                             driver_ended_at=time.time())
 
     def crashed(state: Running, e: BaseException) -> None:
         unit = state.unit
@@ -143,15 +147,15 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                             emit(row)
                     continue
                 if item.get("_event") == "start":
-                    state.started = time.monotonic()
+                    state.started, state.started_wall = time.monotonic(), time.time()
                     result.attempts += 1
                     gpu = item.get("cuda_visible_devices")
                     state.where = f"{item['host']} GPU {gpu}" if gpu not in (None, "") else f"{item['host']} CPU"
                     progress.unit_started(state.unit.label, state.where)
                     continue
                 if item.get("_event") == "end":
-                    result.per_unit_parts[f"{state.unit.unit_id}#{state.unit.attempt}"] = {
-                        k: v for k, v in item.items() if k != "_event"}
+                    result.per_unit_parts.setdefault(f"{state.unit.unit_id}#{state.unit.attempt}", {}).update(
+                        {k: v for k, v in item.items() if k != "_event"})
                     continue
                 if item.get("_event") == "reference":  # the baseline's: its model's other units start now
                     release(item["key"], holder=item["holder"])

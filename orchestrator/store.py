@@ -17,8 +17,11 @@ import pyarrow.parquet as pq
 from spec.schema import NAMES, QUALITY_COLUMNS, SCHEMA
 
 
+_TIMES = {f.name for f in SCHEMA if pa.types.is_timestamp(f.type)}
+
+
 def _value(name: str, v):
-    if v is not None and name in ("started_at", "ended_at") and isinstance(v, str):
+    if v is not None and name in _TIMES and isinstance(v, str):
         return datetime.fromisoformat(v)
     return v
 

@@ -50,6 +50,14 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ended_at", T, "cell end (UTC)"),
     ("prepare_s", F, "seconds to materialise the source (GGUF conversion, synthetic weights; 0 when cached)"),
     ("load_s", F, "seconds to load the model at its precision (quantization included)"),
+    ("import_s", F, "seconds to import the loading code (transformers' modeling_utils, and with it torchao/hqq where "
+                    "installed: never preloaded, since they touch the GPU), the unit's first model load only"),
+    ("tokenizer_s", F, "seconds to load the tokenizer"),
+    ("load_wall_s", F, "seconds of the whole load step of the unit (imports, source, calibration, loading, "
+                       "quantizing, tokenizer, counting the weights)"),
+    ("quality_wall_s", F, "seconds of the whole quality step (perplexity, the reference's load or save, distances)"),
+    ("unit_started_at", T, "when the unit's process entered the unit (UTC): against sweep.json's per_unit_parts, "
+                           "what the time before it went to"),
     ("unit_setup_s", F, "seconds from the unit's process entering the unit to the start of loading (on a GPU: its "
                         "CUDA context, the environment's fingerprint)"),
     ("reference_save_s", F, "baseline unit: seconds to write the reference for distances to the node's cache"),

@@ -62,6 +62,7 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
 
     started, t_setup = now(), time.perf_counter()
     base = unit_rows_base(unit)
+    base["unit_started_at"] = started  # the driver's timeline of the unit (sweep.json) is read against it
     device = pick_device(unit.gpus)
     env = fingerprint(device)  # on a GPU this makes the process's CUDA context
     base.update(env)
@@ -95,9 +96,10 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
     except Exception as exc:
         yield from rows_for_remaining(unit.cells, {**_failure(exc), "load_s": time.perf_counter() - t_load})
         return
-    base.update(facts)
+    base.update(facts, load_wall_s=time.perf_counter() - t_load)
+    t_quality = time.perf_counter()
     quality, reference = measure_quality(unit, model, wikitext, device)
-    base.update(quality)
+    base.update(quality, quality_wall_s=time.perf_counter() - t_quality)
     if reference:  # the baseline's reference for the model's other units: the driver hands it to them
         yield {"_event": "reference", "key": unit.reference.key, "path": reference}
     bw_gbs, bw_source = peak_bandwidth(device)

@@ -32,6 +32,8 @@ def test_ray_start_status_address_and_job_submit(tmp_path):
     token = subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
                            timeout=60)
     assert token.returncode == 0 and token.stdout.strip(), token.stderr
+    # ports of its own: another Ray on the machine (a user's sweep) holds the defaults, and the job agent's HTTP port
+    # (52365) taken by one left `ray job submit` with "No available agent" for good (seen)
     port, dash = free_port(), free_port()
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"name: cli\nmodels:\n  - synthetic: {json.dumps(TINY_LLAMA)}\nprecisions: [fp32]\n"
@@ -39,7 +41,8 @@ def test_ray_start_status_address_and_job_submit(tmp_path):
                     "perplexity: false\nresources: {gpus_per_task: 1, cpus_per_task: 1}\n")
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
     start = subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2",
-                            f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"], env=env,
+                            f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+                            "--disable-usage-stats", f"--temp-dir={temp}"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr
     try:

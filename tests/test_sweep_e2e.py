@@ -50,6 +50,16 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert (df.host_load_1m >= 0).all() and df.host_load_1m.notna().all()  # what else ran on the host's CPUs
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["model_loads"] == 4 and manifest["cells"] == 16
+    # where each unit's time went: its own walls in the rows, the worker's and the driver's in sweep.json
+    parts = manifest["per_unit_parts"]
+    assert len(parts) == 4 and all(p["fork_s"] >= 0 and p["exit_s"] >= 0 and p["reference_put_s"] == 0
+                                   and p["driver_started_at"] < p["driver_ended_at"] for p in parts.values())
+    assert (df.load_wall_s >= df.load_s).all() and (df.import_s >= 0).all() and df.quality_wall_s.notna().all()
+    assert (df.unit_started_at <= df.started_at).all()
+    for key, p in parts.items():
+        unit = df[df.unit_id == key.split("#")[0]]
+        assert p["driver_started_at"] - 60 < unit.unit_started_at.iloc[0].timestamp() < p["driver_ended_at"]
+        assert unit.ended_at.max().timestamp() <= p["driver_ended_at"]
     html = (out / "report.html").read_text()
     assert "tiny-llama" in html and "<svg" in html
     r = sweep(tmp_path)

@@ -174,11 +174,13 @@ class HFModel:
 def load(model: ModelSpec, precision, options, device: str, calibration: dict | None = None) -> HFModel:
     """Load a model at a precision onto `device`. `calibration`: {"text": bytes or None, "name": str} for calibrated
     precisions (gptq, awq)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t0 = time.perf_counter()
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # modeling_utils, with torchao/hqq: never preloaded
 
+    import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     where, facts = source_folder(model, device)
-    facts["prepare_s"] = time.perf_counter() - t0
+    facts.update(prepare_s=time.perf_counter() - t0, import_s=import_s)
     common = {"revision": model.revision} if model.revision else {}
     common["trust_remote_code"] = model.trust_remote_code
     source = where
@@ -205,5 +207,7 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
             torch.cuda.synchronize()
         facts["quantize_s"] = time.perf_counter() - t0
     facts["linear_class"] = linear_class(m)
+    t0 = time.perf_counter()
     tokenizer = None if model.synthetic else AutoTokenizer.from_pretrained(source, **common)
+    facts["tokenizer_s"] = time.perf_counter() - t0
     return HFModel(m, tokenizer, device, loading.storage, facts)
