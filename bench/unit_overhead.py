@@ -50,7 +50,8 @@ def main() -> int:
     for uid, g in df.groupby("unit_id"):
         unit_s = next((v for k, v in manifest.get("per_unit_s", {}).items() if k.startswith(uid)), None)
         first = g.iloc[0]
-        if first.get("load_wall_s") == first.get("load_wall_s") and first.get("load_wall_s") is not None:
+        walls = pd.notna(first.get("load_wall_s"))  # rows with the unit's own walls (from the seventh session on)
+        if walls:
             # the unit's own walls: its setup, the whole load step, the whole quality step, every cell
             inside = sum(float(first[k]) for k in ("unit_setup_s", "load_wall_s", "quality_wall_s"))
         else:  # rows from before those columns: the timed parts of loading and perplexity
@@ -61,12 +62,12 @@ def main() -> int:
         parts = dict(next((v for k, v in manifest.get("per_unit_parts", {}).items() if k.startswith(uid)), {}))
         t_start, t_end = parts.pop("driver_started_at", None), parts.pop("driver_ended_at", None)
         before_start = {"fork_s": parts.pop("fork_s")} if "fork_s" in parts else {}  # before the unit's span
-        if t_start and "unit_started_at" in first and first.unit_started_at is not None:
+        if t_start and pd.notna(first.get("unit_started_at")):
             # the driver's clock against the unit's: from the start event to the unit's entry, and from its last
             # row to the driver's end of the unit (the same host's wall clock)
             parts["before_entry_s"] = pd.Timestamp(first.unit_started_at).timestamp() - t_start
             parts["after_last_row_s"] = t_end - pd.Timestamp(g.ended_at.max()).timestamp() - parts.get("exit_s", 0)
-        if first.get("load_wall_s") is None or first.get("load_wall_s") != first.get("load_wall_s"):
+        if not walls:
             parts.update({k: float(first[k]) for k in ("unit_setup_s", "reference_save_s", "reference_load_s")
                           if k in first and first[k] == first[k]})
         loading = {k: float(first[k]) for k in ("import_s", "prepare_s", "load_s", "quantize_s", "tokenizer_s",

@@ -38,6 +38,11 @@ class Running:
     started_wall: float | None = None  # time.time() at the start: sweep.json's per_unit_parts, against the rows' clocks
     where: str = "queued"
 
+    @property
+    def attempt_key(self) -> str:
+        """This attempt of the unit, as sweep.json's per-unit figures name it."""
+        return f"{self.unit.unit_id}#{self.unit.attempt}"
+
 
 @dataclass
 class DriverResult:
@@ -89,10 +94,9 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
         active.pop(gen, None)
         progress.unit_ended(state.unit.label)
         if state.started is not None:
-            key = f"{state.unit.unit_id}#{state.unit.attempt}"
-            result.per_unit_s[key] = time.monotonic() - state.started
-            result.per_unit_parts.setdefault(key, {}).update(driver_started_at=state.started_wall,
-                                                             driver_ended_at=time.time())
+            result.per_unit_s[state.attempt_key] = time.monotonic() - state.started
+            result.per_unit_parts.setdefault(state.attempt_key, {}).update(
+                driver_started_at=state.started_wall, driver_ended_at=time.time())
 
     def crashed(state: Running, e: BaseException) -> None:
         unit = state.unit
@@ -154,7 +158,7 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                     progress.unit_started(state.unit.label, state.where)
                     continue
                 if item.get("_event") == "end":
-                    result.per_unit_parts.setdefault(f"{state.unit.unit_id}#{state.unit.attempt}", {}).update(
+                    result.per_unit_parts.setdefault(state.attempt_key, {}).update(
                         {k: v for k, v in item.items() if k != "_event"})
                     continue
                 if item.get("_event") == "reference":  # the baseline's: its model's other units start now

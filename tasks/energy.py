@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from tasks.hardware import nvml_handle
+
 MIN_PREFILL_LOOP_S = 1.0
 CPU_REASON = "no energy counter on CPU (NVML's counter is an NVIDIA GPU's)"
 
@@ -23,9 +25,7 @@ class EnergyMeter:
         try:
             import pynvml
 
-            pynvml.nvmlInit()
-            uuid = str(torch.cuda.get_device_properties(device).uuid)
-            self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+            self.handle = nvml_handle(device)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
         except Exception as e:  # an older GPU, no NVML: the columns stay empty with the reason
             self.handle, self.missing = None, f"NVML energy counter unavailable ({type(e).__name__}: {e})"

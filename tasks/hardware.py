@@ -66,6 +66,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def nvml_handle(device: str):
+    """NVML's handle of the torch device's GPU, found by its UUID (CUDA_VISIBLE_DEVICES renumbers torch's devices,
+    not NVML's). Raises where NVML cannot tell (no driver, no pynvml)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+
+
 def nvml_driver() -> str | None:
     try:
         import pynvml

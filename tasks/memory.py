@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from tasks.hardware import nvml_handle
+
 
 def _cuda(device: str) -> bool:
     return device.startswith("cuda")
@@ -57,9 +59,7 @@ def _nvml_processes(device: str) -> tuple[list[tuple[int, int | None]], int] | N
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+        handle = nvml_handle(device)
         procs = {}
         for p in (pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
                   + pynvml.nvmlDeviceGetGraphicsRunningProcesses(handle)):
