@@ -48,6 +48,9 @@ def load(path: Path) -> dict:
 
 def seed(campaign: dict, results: Path) -> None:
     for folder in campaign.get("seed") or []:
+        if not (ROOT / folder).is_dir():  # not silently: every cell it holds would be measured again
+            print(f"seed {folder}: not found under {ROOT}; its cells will be measured again", file=sys.stderr)
+            continue
         for s in campaign["sweeps"]:
             src = ROOT / folder / s["name"] / "cells"
             if src.is_dir():

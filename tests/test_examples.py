@@ -47,9 +47,29 @@ def test_campaigns_name_grids_that_exist():
     for f in files:
         c = load(f)
         assert yaml.safe_load(f.read_text())["about"]
+        for folder in c.get("seed") or []:  # cells not measured again: a folder that is not there is a mistake
+            assert (ROOT / folder).is_dir(), (f.name, folder)
+        for step in c.get("before") or []:
+            scripts = [w for w in step["run"].split() if w.startswith("bench/") and w.endswith(".py")]
+            assert scripts and all((ROOT / w).is_file() for w in scripts), (f.name, step["run"])
         for s in c["sweeps"]:
             if "grid" in s:
                 assert (ROOT / s["grid"]).is_file(), (f.name, s["grid"])
             else:
                 scripts = [w for w in s["run"].split() if w.startswith("bench/") and w.endswith(".py")]
                 assert scripts and all((ROOT / w).is_file() for w in scripts), (f.name, s["run"])
+
+
+def test_campaign_seed_copies_cells_and_names_a_missing_folder(tmp_path, capsys, monkeypatch):
+    """The eighth session's first campaign found its seed folders missing on the GPU host (bench/gpu.sh did not copy
+    docs/) and measured 5 published cells again without a word: seeding now says so."""
+    import bench.campaign as campaign
+
+    root = tmp_path / "root"
+    (root / "published" / "quality" / "cells").mkdir(parents=True)
+    (root / "published" / "quality" / "cells" / "abc.parquet").write_bytes(b"x")
+    monkeypatch.setattr(campaign, "ROOT", root)
+    results = tmp_path / "results"
+    campaign.seed({"seed": ["missing", "published"], "sweeps": [{"name": "quality", "grid": "g.yaml"}]}, results)
+    assert (results / "quality" / "cells" / "abc.parquet").read_bytes() == b"x"
+    assert "seed missing: not found" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""What a unit's `import_s` is made of (issue 14, item 9): the fork server has preloaded tasks.unit.PRELOAD (torch,
+transformers, accelerate, numpy); each unit then imports transformers' modeling code, which imports the quantization
+libraries installed (torchao, hqq, ...), which may initialise CUDA (why it is never preloaded). In a fresh process
+that has imported PRELOAD, as the fork server has:
+- the seconds of `from transformers import AutoModelForCausalLM, AutoTokenizer` (what a row's import_s times) and of
+  `import transformers.modeling_utils` after it (what from_pretrained imports first, inside load_s), with Python's
+  -X importtime: the modules that cost most (cumulative, and their own);
+- for each candidate module (the heavy parts of that import), its seconds and whether importing it alone (after
+  PRELOAD) initialises CUDA: those that do not could be preloaded by the fork server.
+
+  python bench/import_cost.py [--top 25] [--candidates MODULE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# what transformers.modeling_utils pulls in beyond PRELOAD, heaviest first on the CPU machine (torch's own compiler and
+# distributed-tensor code, their pure-Python dependencies, then the quantization libraries themselves)
+CANDIDATES = ["torch.distributed.tensor", "torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.lowering",
+              "sympy", "networkx", "hqq.core.quantize", "torchao", "bitsandbytes", "optimum.quanto", "gptqmodel",
+              "transformers.cache_utils", "transformers.modeling_utils"]
+PRELOAD = "import importlib, tasks.unit as U\nfor m in U.PRELOAD: importlib.import_module(m)\n"
+
+
+def importtime(top: int) -> dict:
+    code = PRELOAD + ("import time, sys; before = set(sys.modules); sys.stderr.write('MARK\\n'); sys.stderr.flush()\n"
+                      "t = time.perf_counter()\n"
+                      "from transformers import AutoModelForCausalLM, AutoTokenizer\n"  # what import_s times
+                      "t1 = time.perf_counter()\n"
+                      "import transformers.modeling_utils\n"  # what from_pretrained imports next (in load_s)
+                      "import torch; print('IMPORT', t1 - t, time.perf_counter() - t1, torch.cuda.is_initialized(), "
+                      "sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("IMPORT")), None)
+    if line is None:
+        return {"error": r.stderr[-1500:]}
+    _, secs, secs_modeling, cuda, pkgs = line.split(" ", 4)
+    rows = []
+    for ln in r.stderr.partition("MARK\n")[2].splitlines():
+        if ln.startswith("import time:") and "|" in ln and "self [us]" not in ln:
+            own, cum, name = ln[len("import time:"):].split("|")
+            rows.append((int(cum), int(own), name.strip()))
+    new = set(eval(pkgs))  # noqa: S307 - our own print of a sorted list of names
+    return {"import_s": float(secs), "modeling_utils_s": float(secs_modeling), "cuda_initialized": cuda == "True",
+            "new_packages": sorted(new),
+            "top_cumulative_ms": [(n, round(c / 1e3)) for c, _, n in sorted(rows, reverse=True)[:top]],
+            "top_own_ms": [(n, round(o / 1e3)) for _, o, n in sorted(rows, key=lambda x: -x[1])[:top]]}
+
+
+def initialises_cuda(package: str) -> dict:
+    code = PRELOAD + (f"import time, torch; t = time.perf_counter(); import {package}\n"
+                      "print('R', time.perf_counter() - t, torch.cuda.is_initialized())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("R ")), None)
+    if line is None:
+        return {"package": package, "error": r.stderr.strip().splitlines()[-1:]}
+    _, secs, cuda = line.split()
+    return {"package": package, "import_s": round(float(secs), 2), "cuda_initialized": cuda == "True"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    a = ap.parse_args()
+    out = importtime(a.top)
+    out["candidates"] = [initialises_cuda(m) for m in a.candidates]
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
