@@ -98,7 +98,7 @@ def fingerprint(device: str) -> dict:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "driver_version": nvml_driver() if cuda else None,
         "cuda_version": torch.version.cuda,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a TorchVersion: unpickling it would import torch in the driver
         "transformers_version": _version("transformers"),
         "bitsandbytes_version": _version("bitsandbytes"),
         "accelerate_version": _version("accelerate"),

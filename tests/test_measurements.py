@@ -58,6 +58,18 @@ def test_every_precision_runs_on_cpu(rows_by_precision, precision, tmp_path):
     assert 0 < r["bandwidth_fraction"] < 1.5 and r["peak_bandwidth_source"] == "measured-copy"
     assert r["device"] == "cpu" and r["torch_version"] and r["transformers_version"] and r["bitsandbytes_version"]
     assert json.loads(r["precision_options"]) == make_unit(precision).precision.options
+    assert not_plain(r) == []  # the driver unpickles rows: a torch type (TorchVersion) made it import torch, 2-2.5 s
+
+
+def not_plain(value, where="row") -> list[str]:
+    """Values that are not plain Python builtins, by where they are (rows cross from the unit to the driver)."""
+    if isinstance(value, dict):
+        return [w for k, v in value.items() for w in not_plain(v, f"{where}[{k!r}]")]
+    if isinstance(value, (list, tuple)):
+        return [w for i, v in enumerate(value) for w in not_plain(v, f"{where}[{i}]")]
+    if value is None or type(value) in (str, int, float, bool, bytes):
+        return []
+    return [f"{where}: {type(value).__module__}.{type(value).__qualname__}"]
 
 
 def test_quantization_shrinks_weights(rows_by_precision):
