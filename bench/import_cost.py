@@ -5,10 +5,14 @@ that has imported PRELOAD, as the fork server has:
 - the seconds of `from transformers import AutoModelForCausalLM, AutoTokenizer` (what a row's import_s times) and of
   `import transformers.modeling_utils` after it (what from_pretrained imports first, inside load_s), with Python's
   -X importtime: the modules that cost most (cumulative, and their own);
-- for each candidate module (the heavy parts of that import), its seconds and whether importing it alone (after
-  PRELOAD) initialises CUDA: those that do not could be preloaded by the fork server.
+- for each candidate module (the heavy parts of that import), its seconds, whether importing it alone (after
+  PRELOAD) initialises torch's CUDA state, and (where there is a GPU) whether a child forked after it can still use
+  the GPU: those that pass both could be preloaded by the fork server.
 
   python bench/import_cost.py [--top 25] [--candidates MODULE ...]
+  QSWEEP_PRELOAD=$(python bench/import_cost.py --safe import-cost.json) python bench/unit_overhead.py ...
+                                                            (the fork server preloads them too; tasks/unit.py leaves
+                                                            out the quantization libraries whatever the probe said)
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # what transformers.modeling_utils pulls in beyond PRELOAD, heaviest first on the CPU machine (torch's own compiler and
 # distributed-tensor code, their pure-Python dependencies, then the quantization libraries themselves)
-CANDIDATES = ["torch.distributed.tensor", "torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.lowering",
+CANDIDATES = ["os",  # the control: PRELOAD alone
+              "torch.distributed.tensor", "torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.lowering",
               "sympy", "networkx", "hqq.core.quantize", "torchao", "bitsandbytes", "optimum.quanto", "gptqmodel",
               "transformers.cache_utils", "transformers.modeling_utils"]
 PRELOAD = "import importlib, tasks.unit as U\nfor m in U.PRELOAD: importlib.import_module(m)\n"
@@ -52,22 +57,49 @@ def importtime(top: int) -> dict:
             "top_own_ms": [(n, round(o / 1e3)) for _, o, n in sorted(rows, key=lambda x: -x[1])[:top]]}
 
 
+FORKED_CHILD_USES_GPU = """
+import os, torch
+pid = os.fork()
+if pid == 0:
+    try:
+        torch.zeros(1, device="cuda:0").add_(1); torch.cuda.synchronize(); os._exit(0)
+    except Exception as exc:
+        print("CHILD", type(exc).__name__, str(exc)[:200], flush=True); os._exit(3)
+_, status = os.waitpid(pid, 0)
+print("FORK", os.waitstatus_to_exitcode(status) == 0)
+"""
+
+
 def initialises_cuda(package: str) -> dict:
+    """Import the module after PRELOAD, then fork as the fork server does: can the child still use the GPU? (torch's
+    is_initialized() does not see the driver's cuInit, which a CUDA availability check makes and fork cannot survive.)"""
     code = PRELOAD + (f"import time, torch; t = time.perf_counter(); import {package}\n"
-                      "print('R', time.perf_counter() - t, torch.cuda.is_initialized())")
+                      "print('R', time.perf_counter() - t, torch.cuda.is_initialized())\n"
+                      "if __import__('shutil').which('nvidia-smi'):\n"
+                      + "".join("    " + ln + "\n" for ln in FORKED_CHILD_USES_GPU.strip().splitlines()))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("R ")), None)
     if line is None:
         return {"package": package, "error": r.stderr.strip().splitlines()[-1:]}
     _, secs, cuda = line.split()
-    return {"package": package, "import_s": round(float(secs), 2), "cuda_initialized": cuda == "True"}
+    fork = next((ln.split()[1] == "True" for ln in r.stdout.splitlines() if ln.startswith("FORK ")), None)
+    child = next((ln[6:] for ln in r.stdout.splitlines() if ln.startswith("CHILD ")), None)
+    return {"package": package, "import_s": round(float(secs), 2), "cuda_initialized": cuda == "True",
+            "forked_child_uses_gpu": fork, **({"child_error": child} if child else {})}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    ap.add_argument("--safe", metavar="JSON", help="print the candidates of an earlier run that a forked child "
+                    "survived, comma-separated (for QSWEEP_PRELOAD), and exit")
     a = ap.parse_args()
+    if a.safe:
+        found = json.loads(Path(a.safe).read_text()).get("candidates", [])
+        print(",".join(c["package"] for c in found if c.get("forked_child_uses_gpu") and not c.get("cuda_initialized")
+                       and c["package"] != "os"))
+        return 0
     out = importtime(a.top)
     out["candidates"] = [initialises_cuda(m) for m in a.candidates]
     print(json.dumps(out, indent=1))

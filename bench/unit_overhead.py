@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,8 @@ def main() -> int:
                       is not None else None,
                       **{k: c.get(k) for k in ("warmup_s", "timed_s", "energy_prefill_s", "memory_run_s",
                                                "decode_ms_per_token", "repeats_done")}})
-    print(json.dumps({"command": " ".join(cmd[1:]), "exit": r.returncode, "command_to_report_s": wall,
+    print(json.dumps({"command": " ".join(cmd[1:]), "exit": r.returncode,
+                      "preload_extra": os.environ.get("QSWEEP_PRELOAD", ""), "command_to_report_s": wall,
                       "sweep_wall_s": manifest.get("wall_s"), "units": units, "cells": cells,
                       "stdout_tail": r.stdout[-1500:], "stderr_tail": r.stderr[-1500:]}, indent=1, default=float))
     return r.returncode

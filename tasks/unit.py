@@ -29,8 +29,17 @@ from tasks.precisions import REGISTRY, library_imports
 # the quantization libraries the backends import, and not transformers.modeling_utils, which imports torchao and hqq
 # when installed (torchao's import queries the GPU's compute capability; found on the GPU host; tests/test_methods.py
 # checks that none of them is preloaded)
-PRELOAD = ("torch", "transformers", "accelerate", "numpy")
 NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils",)
+
+
+def extra_preload(names: str) -> tuple[str, ...]:
+    """QSWEEP_PRELOAD: more modules for the fork server, comma-separated (a GPU campaign passes those that
+    bench/import_cost.py found a forked child survives); the ones in NEVER_PRELOAD are left out."""
+    wanted = [m.strip() for m in names.split(",") if m.strip()]
+    return tuple(m for m in wanted if not any(m == n or m.startswith(n + ".") for n in NEVER_PRELOAD))
+
+
+PRELOAD = ("torch", "transformers", "accelerate", "numpy") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
 
 OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA; CPU allocator; errno ENOMEM

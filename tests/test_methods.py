@@ -317,3 +317,11 @@ def test_fork_server_preload_leaves_cuda_alone():
     found = subprocess.run([sys.executable, "-c", "import sys, transformers.modeling_utils; "
                             "print('torchao' in sys.modules)"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert found.stdout.strip().splitlines()[-1] == "True"  # why modeling_utils is not preloaded
+
+
+def test_extra_preload_leaves_out_what_touches_the_gpu():
+    from tasks.unit import extra_preload
+
+    assert extra_preload("") == ()
+    assert extra_preload(" sympy, torch._dynamo ,,torchao, torchao.quantization, transformers.modeling_utils") == (
+        "sympy", "torch._dynamo")
