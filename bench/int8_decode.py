@@ -4,6 +4,7 @@ GPU, SmolLM2-135M: each precision's decode ms/token measured
 - by a plain prefill / decode_one_token loop timed with the host clock around a synchronised run,
 - by transformers' generate (greedy, exactly new_tokens),
 - and by the project's loop again after a perplexity pass over 8-window batches (what a unit does first),
+- with one intra-op thread, as a unit has under Ray (OMP_NUM_THREADS = its CPUs; the rows say torch_threads 1),
 - and with other processes busy on the host's CPUs (a unit beside other units).
 
   python bench/int8_decode.py [--precisions int8 fp16] [--new-tokens 64] [--runs 3] [--busy-cpus 0]
@@ -89,6 +90,12 @@ def main() -> None:
         ids = latency.prompt_ids(model.tokenizer, model.vocab_size, 32, 1, "cuda:0")
         r = {"ours": ours(model, ids, args.new_tokens, args.runs), "plain": plain(model, ids, args.new_tokens, args.runs),
              "generate": generate(model, ids, args.new_tokens, args.runs)}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a sweep: Ray sets OMP_NUM_THREADS to the unit's CPUs (rows: torch_threads 1)
+        r["ours_one_thread"] = ours(model, ids, args.new_tokens, args.runs)
+        r["plain_one_thread"] = plain(model, ids, args.new_tokens, args.runs)
+        torch.set_num_threads(threads)
+        r["torch_threads"] = threads
         if rows is not None:
             perplexity.perplexity(model, model.tokenizer, rows, protocol="gptq", seqlen=2048, stride=512,
                                   max_windows=32, batch_size=8, device="cuda:0")
