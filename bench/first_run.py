@@ -20,10 +20,12 @@ Prints one JSON object per variant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 T_START = time.perf_counter()
@@ -44,26 +46,14 @@ def sm_clock_mhz(device: str):
         return repr(exc)[:80]
 
 
-class _NoProfile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-profiled_none = _NoProfile()
-
-
 def profiler(variant: str, step: int):
+    """torch.profiler around steps 100-102 in the profile variant; else None."""
     if variant != "profile" or step not in (100, 101, 102):
-        return profiled_none
+        return None
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import torch
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    return profile(activities=acts)
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
 
 def top_ops(prof, n: int = 8) -> list:
@@ -76,6 +66,7 @@ def child(variant: str, new_tokens: int, runs: int, device: str) -> dict:
     out = {"variant": variant, "env": VARIANTS[variant]}
     t = time.perf_counter()
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out["import_torch_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -101,8 +92,6 @@ def child(variant: str, new_tokens: int, runs: int, device: str) -> dict:
             model.window_logits(ids)
             sync()
         out["forward_8x2048_s"] = time.perf_counter() - t
-    import threading
-
     out["threads_after_load"] = sorted(t.name for t in threading.enumerate())
     if variant == "sleep-first":
         t = time.perf_counter()
@@ -110,10 +99,6 @@ def child(variant: str, new_tokens: int, runs: int, device: str) -> dict:
         time.sleep(12)
         out["sleep_cpu_s"] = sum(os.times()[:2]) - cpu0  # CPU this process spent while its main thread slept
         out["threads_after_sleep"] = sorted(t.name for t in threading.enumerate())
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     out["sdpa_priority"] = [str(b) for b in torch._C._get_sdp_priority_order()] if hasattr(
         torch._C, "_get_sdp_priority_order") else None
     out["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
@@ -134,7 +119,7 @@ def child(variant: str, new_tokens: int, runs: int, device: str) -> dict:
             for i in range(new_tokens - 1):
                 prof = profiler(variant, i)
                 t = time.perf_counter()
-                with prof:
+                with prof or contextlib.nullcontext():
                     if events:
                         events[0].record()
                     token = model.decode_one_token(token, cache)
@@ -144,7 +129,7 @@ def child(variant: str, new_tokens: int, runs: int, device: str) -> dict:
                 steps.append((time.perf_counter() - t) * 1e3)
                 if events:
                     device_ms.append(events[0].elapsed_time(events[1]))
-                if prof is not profiled_none:
+                if prof is not None:
                     profiles.append(top_ops(prof))
         del cache
         steps_sorted = sorted(steps)
