@@ -62,7 +62,7 @@ def peak(p: dict, batch: int, context: int) -> float:
 
 def largest_batch(p: dict, context: int, budget: float, reserve: float = RESERVE) -> int:
     """The largest batch whose predicted peak fits `budget` less `reserve` at `context` tokens (0: not even one)."""
-    room = budget - reserve - p["weights"] - p.get("workspace", 0.0)
+    room = budget - reserve - peak(p, 0, context)  # what a batch has once the weights and workspace are held
     per = context * (p["kv_per_token"] + p["activation_per_token"])
     return max(0, math.floor(room / per)) if per > 0 and room > 0 else 0
 

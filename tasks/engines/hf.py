@@ -175,9 +175,10 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     """Load a model at a precision onto `device`. `calibration`: {"text": bytes or None, "name": str} for calibrated
     precisions (gptq, awq)."""
     t0 = time.perf_counter()
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # modeling_utils, with torchao/hqq: never preloaded
+    import transformers.modeling_utils  # noqa: F401 - what from_pretrained needs, with torchao/hqq: never preloaded
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import_s = time.perf_counter() - t0
+    import_s = time.perf_counter() - t0  # named here: transformers 5.17 imports it with the auto classes, 5.24 later
     t0 = time.perf_counter()
     where, facts = source_folder(model, device)
     facts.update(prepare_s=time.perf_counter() - t0, import_s=import_s)
