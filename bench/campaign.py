@@ -20,11 +20,15 @@ A campaign file:
                                    # a command in place of a grid: run in its turn ({results}, {address} filled in)
   sequential: true                 # optional: one entry after another, in the listed order (on one GPU, the order
                                    # decides what a cut-short campaign has measured); else all at once
+  gpu: 1                           # optional: this campaign has that GPU alone (CUDA_VISIBLE_DEVICES for all it
+                                   # runs) and its sweeps start an embedded Ray each, no head: two campaigns with
+                                   # gpu 0 and gpu 1 share a 2-GPU host side by side (bench/gpu.sh campaign A B)
 Each sweep's log is DIR/<name>.log; DIR/exits.txt gets "<name> exit <code> after <s> s"; DIR/all.done when all end.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -81,6 +85,9 @@ def ray_head(gpus: int) -> None:
 
 def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> int:
     results.mkdir(parents=True, exist_ok=True)
+    if campaign.get("gpu") is not None:  # one GPU of the host, an embedded Ray per sweep (a head would hold them all)
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(campaign["gpu"])
+        address, gpus = "", 0
     seed(campaign, results)
     before(campaign, results)
     if address == "auto" and gpus:

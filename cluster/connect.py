@@ -69,7 +69,8 @@ def _token_mode() -> None:
 
 def init_embedded(**kwargs) -> None:
     """ray.init of a new local Ray on loopback only, with token authentication unless RAY_AUTH_MODE says otherwise,
-    and no dashboard."""
+    and no dashboard. New even when a `ray start` cluster runs on this machine: without address="local", ray.init
+    joins the latest one (its ray_current_cluster file) and then refuses num_cpus/num_gpus."""
     import ray
     from ray._private import ray_constants
 
@@ -77,7 +78,7 @@ def init_embedded(**kwargs) -> None:
         _token_mode()  # Ray's default, said out loud (no warning on every run)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts: node address 127.0.0.1
     ray_constants.ENABLE_RAY_CLUSTER = False                # and for this one, whose ray is imported already
-    ray.init(include_dashboard=False, **kwargs)
+    ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterInfo:

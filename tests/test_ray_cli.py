@@ -42,7 +42,7 @@ def test_ray_start_status_address_and_job_submit(tmp_path):
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
     start = subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2",
                             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
-                            "--disable-usage-stats", f"--temp-dir={temp}"], env=env,
+                            "--disable-usage-stats", f"--temp-dir={temp}/ray"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr
     try:
@@ -61,6 +61,11 @@ def test_ray_start_status_address_and_job_submit(tmp_path):
         assert f"Ray at 127.0.0.1:{port}" in r.stdout
         row = pd.read_parquet(tmp_path / "a" / "cells").iloc[0]
         assert row.status == "ok" and row.cuda_visible_devices in ("0", "1") and row.gpus_per_task == 1
+        # a sweep without --address beside a `ray start` cluster: its own embedded Ray, not the cluster's (ray.init
+        # with no address joins the one in ray_current_cluster, here under RAY_TMPDIR, and refused num_gpus)
+        r = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(grid), "--output", str(tmp_path / "c")],
+                           cwd=ROOT, env={**plain, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "embedded local Ray" in r.stdout, r.stdout + r.stderr
         job = submit_when_the_agent_is_up(env, dash, grid, tmp_path / "b")
         assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, job.stdout[-2000:] + job.stderr[-1500:]
         assert "Ray job" in job.stdout  # the sweep joined the job's cluster
