@@ -5,8 +5,9 @@ the host, each sweep joining it with --address auto, so that Ray hands GPUs to u
 
 A campaign file:
   about: one line on what it measures
-  seed: docs/results/...           # optional: copy these folders' cells first (cells already measured on this
-                                   # GPU type are not measured again)
+  seed: [docs/results/...]         # optional: copy these folders' cells first (cells already measured on this
+                                   # GPU type are not measured again); newest first: a cell in two folders is
+                                   # taken from the first that has it
   before:                          # optional: commands run one after another before the Ray head starts (benches
     - {name: overhead, run: "python3 bench/unit_overhead.py --output {results}/o"}  # that start Ray themselves);
                                    # their output in DIR/<name>.out; {results} is DIR
@@ -61,7 +62,8 @@ def seed(campaign: dict, results: Path) -> None:
                 dst = results / s["name"] / "cells"
                 dst.mkdir(parents=True, exist_ok=True)
                 for f in src.glob("*.parquet"):
-                    shutil.copy2(f, dst / f.name)
+                    if not (dst / f.name).exists():  # the first folder listed wins (the ninth session's seed
+                        shutil.copy2(f, dst / f.name)  # order let 2026-11-29's rows replace 11-30b's repeats)
 
 
 def before(campaign: dict, results: Path) -> None:

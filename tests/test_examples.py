@@ -68,8 +68,13 @@ def test_campaign_seed_copies_cells_and_names_a_missing_folder(tmp_path, capsys,
     root = tmp_path / "root"
     (root / "published" / "quality" / "cells").mkdir(parents=True)
     (root / "published" / "quality" / "cells" / "abc.parquet").write_bytes(b"x")
+    (root / "older" / "quality" / "cells").mkdir(parents=True)
+    (root / "older" / "quality" / "cells" / "abc.parquet").write_bytes(b"old")  # the same cell, measured earlier
+    (root / "older" / "quality" / "cells" / "def.parquet").write_bytes(b"y")
     monkeypatch.setattr(campaign, "ROOT", root)
     results = tmp_path / "results"
-    campaign.seed({"seed": ["missing", "published"], "sweeps": [{"name": "quality", "grid": "g.yaml"}]}, results)
-    assert (results / "quality" / "cells" / "abc.parquet").read_bytes() == b"x"
+    campaign.seed({"seed": ["missing", "published", "older"], "sweeps": [{"name": "quality", "grid": "g.yaml"}]},
+                  results)
+    assert (results / "quality" / "cells" / "abc.parquet").read_bytes() == b"x"  # newest first: the first one wins
+    assert (results / "quality" / "cells" / "def.parquet").read_bytes() == b"y"
     assert "seed missing: not found" in capsys.readouterr().err
