@@ -48,17 +48,17 @@ def main() -> int:
         batch = fit.largest_batch(p, context, budget)
         folder = out / name
         cmd = [sys.executable, "-m", "orchestrator", "sweep", args.grid, "--output", str(folder),
-               "--set", f"precisions=[{name}]", "--set", f"generation.batch_sizes=[{batch}, {batch + 1}]",
+               "--set", f"precisions=[{name}]", "--set", f"baseline={name}",
+               "--set", f"generation.batch_sizes=[{batch}, {batch + 1}]",
                "--set", f"generation.prompt_tokens={args.prompt}", "--set", f"generation.new_tokens=[{new_tokens}]",
                "--set", "generation.repeats=1", "--set", "generation.warmup=1"]
         if args.address:
             cmd += ["--address", args.address]
-        code = subprocess.call(cmd, cwd=ROOT)
+        code = subprocess.call(cmd, cwd=ROOT, stdout=sys.stderr)  # stdout is this script's JSON alone
         rows = pd.read_parquet(folder / "cells") if (folder / "cells").is_dir() else pd.DataFrame()
         measured = []
-        for r in rows.itertuples():
-            predicted = fit.peak(p, int(r.batch_size), context)
-            peak = getattr(r, "peak_bytes", None)
+        for r, peak in zip(rows.itertuples(), fit.held(rows) if len(rows) else []):
+            predicted = fit.peak(p, int(r.batch_size), context)  # against what the cell held (reserved peak)
             measured.append({"batch": int(r.batch_size), "status": r.status,
                              "predicted_peak_gb": predicted / 1e9,
                              "measured_peak_gb": peak / 1e9 if peak == peak and peak is not None else None,

@@ -6,12 +6,17 @@ that fits a memory budget.
 - weights: GPU memory allocated once the model is loaded (weights_allocated_bytes);
 - kv_per_token: the KV cache's bytes per cached token of one sequence, measured from the cache's own tensors
   (kv_bytes_per_token: a quantized cache's scales and residual included);
-- workspace and activation_per_token: a line through what each measured cell used beyond its weights and its KV
-  cache (peak allocated − weights − the KV cache at its end) against the tokens it held (batch ×
-  context): the least-squares slope, and the intercept raised until no measured cell lies above the line. The
+- workspace and activation_per_token: a line through what each measured cell held beyond its weights and its KV
+  cache (peak held − weights − the KV cache at its end) against the tokens it held (batch × context): the
+  least-squares slope, and the intercept raised until no measured cell lies above the line. The
   workspace is what a run needs whatever its size (a layer's dequantized weights, kernels' scratch); the slope is
   the prefill's activations per token. (A model of activations per token alone, fitted to the largest ratio, read a
   4-bit layer's dequantized weights at a 160-token cell as 2 MB per token and under-predicted what fits by 2-3x.)
+"Held" is what PyTorch's caching allocator reserved from the GPU (peak_reserved_bytes), not what tensors allocated
+(peak_bytes): the difference is fragmentation, and it is what runs out. On an H200 the 7B in fp16 at 4064 + 32
+tokens x 32 sequences allocated 88 GiB and reserved 137 GiB; a model of allocated bytes predicted 53 sequences fit the
+card's 139.8 GiB, and batch 53 ran out of memory with 29 GiB reserved but unallocated (bench/fit_edge.py,
+docs/results/h200-2026-11-30c). Where no reserved figure was measured (CPU), the allocated peak stands in.
 A budget is a GPU's memory less a reserve for the CUDA context and the allocator's slack (RESERVE: 1 GiB). The model
 is checked against every measured cell (predicted against measured peak) and on a GPU by running the predicted
 largest batch and one beyond it (bench/fit_edge.py).
@@ -38,10 +43,16 @@ def parameters(cells: pd.DataFrame) -> dict | None:
     if weights is None or kv is None:
         return None
     tokens = (ok.batch_size * (ok.prompt_tokens + ok.new_tokens)).astype(float).to_numpy()
-    extra = (ok.peak_bytes - weights - col(ok, "kv_cache_bytes").fillna(0)).clip(lower=0)  # what else was held
+    extra = (held(ok) - weights - col(ok, "kv_cache_bytes").fillna(0)).clip(lower=0)  # what else was held
     workspace, slope = upper_line(tokens, extra.astype(float).to_numpy())
     return {"weights": float(weights), "kv_per_token": float(kv), "workspace": workspace,
             "activation_per_token": slope, "cells": len(ok)}
+
+
+def held(cells: pd.DataFrame) -> pd.Series:
+    """What each cell held on the GPU: the allocator's reserved peak, or the allocated one where that is missing."""
+    return pd.concat([cells.peak_bytes.astype(float), col(cells, "peak_reserved_bytes").astype(float)],
+                     axis=1).max(axis=1)
 
 
 def upper_line(x, y) -> tuple[float, float]:
@@ -68,10 +79,10 @@ def largest_batch(p: dict, context: int, budget: float, reserve: float = RESERVE
 
 
 def check(p: dict, cells: pd.DataFrame) -> float | None:
-    """The model's largest relative error against the cells it was made from (predicted peak vs measured)."""
+    """The model's largest relative error against the cells it was made from (predicted peak vs what each held)."""
     ok = cells[(cells.status == "ok") & col(cells, "peak_bytes").notna()]
-    errors = [abs(peak(p, int(r.batch_size), int(r.prompt_tokens + r.new_tokens)) / r.peak_bytes - 1)
-              for r in ok.itertuples() if r.peak_bytes]
+    errors = [abs(peak(p, int(r.batch_size), int(r.prompt_tokens + r.new_tokens)) / h - 1)
+              for r, h in zip(ok.itertuples(), held(ok)) if h]
     return max(errors) if errors else None
 
 

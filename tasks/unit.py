@@ -29,7 +29,10 @@ from tasks.precisions import REGISTRY, library_imports
 # the quantization libraries the backends import, and not transformers.modeling_utils, which imports torchao and hqq
 # when installed (torchao's import queries the GPU's compute capability; found on the GPU host; tests/test_methods.py
 # checks that none of them is preloaded)
-NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils",)
+# torch's inductor compiler (compile_fx, lowering) and transformers.cache_utils neither: after importing them, a forked child could not use the GPU on
+# the H200 host although torch.cuda.is_initialized() said no (bench/import_cost.py, docs/results/h200-2026-11-30c)
+NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils", "transformers.cache_utils",
+                                     "torch._inductor.compile_fx", "torch._inductor.lowering")
 
 
 def extra_preload(names: str) -> tuple[str, ...]:
@@ -39,7 +42,10 @@ def extra_preload(names: str) -> tuple[str, ...]:
     return tuple(m for m in wanted if not any(m == n or m.startswith(n + ".") for n in NEVER_PRELOAD))
 
 
-PRELOAD = ("torch", "transformers", "accelerate", "numpy") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
+# torch._dynamo, torch.distributed.tensor, sympy and networkx: ~6 of a unit's 11-12 s of import_s on the H200 host,
+# moved into the fork server's start (paid once); a forked child still uses the GPU after each (import_cost.py there)
+PRELOAD = ("torch", "transformers", "accelerate", "numpy", "torch.distributed.tensor", "torch._dynamo", "sympy",
+           "networkx") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
 
 OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA; CPU allocator; errno ENOMEM

@@ -325,3 +325,5 @@ def test_extra_preload_leaves_out_what_touches_the_gpu():
     assert extra_preload("") == ()
     assert extra_preload(" sympy, torch._dynamo ,,torchao, torchao.quantization, transformers.modeling_utils") == (
         "sympy", "torch._dynamo")
+    # found on the H200 host: a child forked after these could not use the GPU (bench/import_cost.py)
+    assert extra_preload("torch._inductor.compile_fx,torch._inductor.lowering,transformers.cache_utils") == ()

@@ -147,19 +147,28 @@ def test_fit_workspace_and_activations_from_a_line():
 
 
 def test_fit_golden_h200_7b_cells():
-    """Golden: the 7B architecture's cells measured on an H200 (docs/results/h200-2026-11-30/operating): the model
-    predicts every measured peak within 10%, never below it, and what fits 16 GiB at 4k context."""
-    df = pd.read_parquet(ROOT / "docs" / "results" / "h200-2026-11-30" / "operating" / "cells")
-    fits_16 = {}
+    """Golden: the 7B architecture's cells measured on an H200 (docs/results/h200-2026-11-30c/operating). The model
+    never predicts less than a cell held (the allocator's reserved peak, fragmentation included), and it does not
+    predict that fp16's batch 53 fits the card at 4096 tokens: bench/fit_edge.py ran batch 53 and 54 there and both
+    ran out of memory (fit-edge/fp16), where a model of allocated bytes had said 53 fits."""
+    folder = ROOT / "docs" / "results" / "h200-2026-11-30c"
+    df = pd.read_parquet(folder / "operating" / "cells")
+    fits_16, card = {}, {}
     for name in ("fp16", "nf4", "int8", "hqq", "torchao-int4wo"):
         cells = df[df.precision == name]
         p = fit.parameters(cells)
         ok = cells[cells.status == "ok"]
-        ratios = [fit.peak(p, int(r.batch_size), int(r.prompt_tokens + r.new_tokens)) / r.peak_bytes
-                  for r in ok.itertuples()]
-        assert 1 - 1e-9 <= min(ratios) and max(ratios) < 1.10, (name, min(ratios), max(ratios))
+        ratios = [fit.peak(p, int(r.batch_size), int(r.prompt_tokens + r.new_tokens)) / h
+                  for r, h in zip(ok.itertuples(), fit.held(ok))]
+        assert len(ratios) == 9 and 1 - 1e-9 <= min(ratios) and max(ratios) < 1.7, (name, min(ratios), max(ratios))
         fits_16[name] = fit.largest_batch(p, 4096, 16 * fit.GiB)
-    assert fits_16 == {"fp16": 1, "nf4": 4, "int8": 3, "hqq": 4, "torchao-int4wo": 4}
+        card[name] = fit.largest_batch(p, 4096, float(cells.gpu_memory_bytes.max()))
+    assert fits_16 == {"fp16": 0, "nf4": 2, "int8": 2, "hqq": 0, "torchao-int4wo": 3}
+    edge = pd.read_parquet(folder / "fit-edge" / "fp16" / "cells")
+    assert set(edge.status) == {"oom"} and min(edge.batch_size) == 53
+    assert card["fp16"] < 53
+    held = fit.held(df[(df.precision == "fp16") & (df.batch_size == 32) & (df.prompt_tokens == 4064)])
+    assert card["fp16"] >= 32 and held.iloc[0] < float(df.gpu_memory_bytes.max())  # batch 32 ran there
 
 
 def test_fit_model_from_measured_cells(results):
