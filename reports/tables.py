@@ -348,6 +348,12 @@ def _human_versions(df: pd.DataFrame) -> str:
              ("Python", "python_version"), ("CUDA", "cuda_version"), ("driver", "driver_version")]
     parts = [f"{label} {', '.join(sorted(map(str, set(col(df, k).dropna()))))}" for label, k in names
              if len(col(df, k).dropna())]
+    attention = sorted(set(col(df, "sdpa_backends").dropna()))
+    if attention:
+        parts.append(f"attention backends allowed {' / '.join(attention)}")
+    alloc = sorted(set(col(df, "cuda_alloc_conf").dropna()))
+    if alloc:
+        parts.append("allocator " + ", ".join(a or "PyTorch's default" for a in alloc))
     libs = df.dropna(subset=["quant_library"]) if "quant_library" in df else df.iloc[0:0]
     for lib, versions in libs.groupby("quant_library")["quant_library_version"] if len(libs) else []:
         if lib not in ("torch", "bitsandbytes") and len(versions.dropna()):

@@ -235,6 +235,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("torch_version", S, ""), ("transformers_version", S, ""), ("bitsandbytes_version", S, ""),
     ("accelerate_version", S, ""), ("python_version", S, ""),
     ("cpu_model", S, ""), ("cpu_count", I, ""), ("torch_threads", I, "intra-op threads of the worker"),
+    ("sdpa_backends", S, "attention backends torch may pick from, in its order (which runs depends on the shapes; "
+                         "cudnn builds a plan per sequence length: a process's first generation is slower)"),
+    ("cuda_alloc_conf", S, "PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF of the worker ('' = PyTorch's default); "
+                           "expandable segments change how much memory fragmentation holds"),
     ("gpu_other_processes", I, "other processes NVML saw on the unit's GPU when the cell started or ended (0: the "
                                "GPU was the unit's alone; null on CPU or where NVML cannot see this process)"),
     ("gpu_other_process_bytes", I, "GPU memory those processes held"),

@@ -106,9 +106,24 @@ def fingerprint(device: str) -> dict:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "sdpa_backends": sdpa_backends(),
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "",
         "host": socket.gethostname(),
         "worker_pid": os.getpid(),
     }
+
+
+def sdpa_backends() -> str:
+    """The attention backends torch may pick from, in its order of preference (which one runs depends on the
+    shapes): cuDNN attention decodes ~20% faster on an H200 once it has built a plan for each sequence length, and
+    building them makes a process's first generation 3-4x slower (docs/results/h200-2026-11-30c)."""
+    from torch.nn.attention import SDPBackend
+
+    enabled = {"FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled(),
+               "EFFICIENT_ATTENTION": torch.backends.cuda.mem_efficient_sdp_enabled(),
+               "MATH": torch.backends.cuda.math_sdp_enabled(), "CUDNN_ATTENTION": torch.backends.cuda.cudnn_sdp_enabled()}
+    order = [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()]
+    return ",".join(b.removesuffix("_ATTENTION").lower() for b in order if enabled.get(b))
 
 
 def roofline(weights_bytes: int, embedding_unread_bytes: int, geometry: dict, prompt: int, new_tokens: int,

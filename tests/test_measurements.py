@@ -57,8 +57,26 @@ def test_every_precision_runs_on_cpu(rows_by_precision, precision, tmp_path):
     assert r["decode_bytes_per_step"] > r["weights_bytes"] - r["embedding_unread_bytes"]
     assert 0 < r["bandwidth_fraction"] < 1.5 and r["peak_bandwidth_source"] == "measured-copy"
     assert r["device"] == "cpu" and r["torch_version"] and r["transformers_version"] and r["bitsandbytes_version"]
+    assert "math" in r["sdpa_backends"].split(",") and r["cuda_alloc_conf"] == ""  # options that move the numbers
     assert json.loads(r["precision_options"]) == make_unit(precision).precision.options
     assert not_plain(r) == []  # the driver unpickles rows: a torch type (TorchVersion) made it import torch, 2-2.5 s
+
+
+def test_fingerprint_records_the_attention_backends_and_the_allocator(monkeypatch):
+    """The attention backends torch may use (cuDNN's per-length plans made a first generation 3-4x slower on an
+    H200) and the allocator's configuration (expandable segments change what fragmentation holds) move the numbers."""
+    import torch
+
+    from tasks.hardware import fingerprint
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert fingerprint("cpu")["cuda_alloc_conf"] == "expandable_segments:True"
+    assert set(fingerprint("cpu")["sdpa_backends"].split(",")) == {"flash", "efficient", "math", "cudnn"}
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        assert "cudnn" not in fingerprint("cpu")["sdpa_backends"].split(",")
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def not_plain(value, where="row") -> list[str]:
