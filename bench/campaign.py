@@ -15,6 +15,7 @@ A campaign file:
     - name: methods                # results in DIR/<name>
       grid: examples/gpu-methods.yaml
       set: ["generation.new_tokens=[128]"]   # optional --set overrides
+      env: {PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}   # optional: its environment (a run entry too)
       after_s: 0                   # optional: start this many seconds after the campaign (Ray does not serve
                                    # concurrent drivers first come, first served: the longest start first)
     - {name: edge, run: "python3 bench/fit_edge.py --cells {results}/methods --address {address} ..."}
@@ -118,7 +119,8 @@ def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> 
             for item in s.get("set") or []:
                 cmd += ["--set", item]
         log = open(results / f"{s['name']}.log", "a")
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, shell=isinstance(cmd, str))
+        env = {**os.environ, **{k: str(v) for k, v in (s.get("env") or {}).items()}}
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, shell=isinstance(cmd, str), env=env)
         if campaign.get("sequential"):
             worst = max(worst, finish(s["name"], proc, log))
         else:

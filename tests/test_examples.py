@@ -78,3 +78,18 @@ def test_campaign_seed_copies_cells_and_names_a_missing_folder(tmp_path, capsys,
     assert (results / "quality" / "cells" / "abc.parquet").read_bytes() == b"x"  # newest first: the first one wins
     assert (results / "quality" / "cells" / "def.parquet").read_bytes() == b"y"
     assert "seed missing: not found" in capsys.readouterr().err
+
+
+def test_campaign_entries_run_with_their_environment_and_gpu(tmp_path, monkeypatch):
+    """A campaign with `gpu:` gives everything it runs that GPU alone and no Ray address; an entry's `env:` reaches
+    its process (the allocator's configuration is an entry's setting, not the host's)."""
+    import bench.campaign as campaign
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # recorded, so that teardown undoes what run() sets
+    c = {"gpu": 1, "sequential": True, "sweeps": [
+        {"name": "a", "run": "echo $CUDA_VISIBLE_DEVICES $ALLOC addr={address}. > {results}/a.txt", "env": {"ALLOC": "x:1"}},
+        {"name": "b", "run": "(printenv ALLOC || echo none) > {results}/b.txt"}]}
+    assert campaign.run(c, tmp_path / "r") == 0
+    assert (tmp_path / "r" / "a.txt").read_text().split() == ["1", "x:1", "addr=."]
+    assert (tmp_path / "r" / "b.txt").read_text().strip() == "none"
+    assert (tmp_path / "r" / "all.done").exists()
