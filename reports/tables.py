@@ -40,6 +40,14 @@ def _noisy(row) -> bool:
     return (half is not None and half > NOISY_HALFWIDTH) or (cv is not None and cv > 0.05)
 
 
+def machine(r) -> str | None:
+    """Where a cell's timing was taken: its GPU (uuid), or its host on CPU. Speeds compare only on one machine:
+    hosts of the same GPU type decoded the same model 17.6 and 25.4 ms/token apart (docs/results/h200-2026-11-30c)."""
+    if r is None:
+        return None
+    return _get(r, "gpu_uuid") or _get(r, "host")
+
+
 def _row(d: pd.DataFrame):
     return d.iloc[0] if len(d) else None
 
@@ -228,9 +236,12 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
     if same:
         out.append(f"Indistinguishable from {baseline} in perplexity (the paired 95% interval of the difference "
                    f"holds 0): {', '.join(same)}.")
-    speed = []
+    speed, elsewhere = [], []
     for e in entries:
         if e is base or base is None or e["noisy"] or base["noisy"] or e["broken"]:
+            continue
+        if e["eager_row"] is not None and machine(e["eager_row"]) != machine(base["eager_row"]):
+            elsewhere.append(e["precision"])
             continue
         iv = _ratio_interval(per_run_decode(e["eager_row"]), per_run_decode(base["eager_row"]))
         if iv and (iv[1] > 1 or iv[2] < 1):  # a claim only where the interval excludes "as fast"
@@ -239,6 +250,9 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
             speed.append((abs(math.log(iv[0])), f"{e['precision']} decodes {r:.2f}× {word} than {baseline} "
                                                  f"(95% interval {lo:.2f}–{hi:.2f}×, eager, {where})."))
     out += [s for _, s in sorted(speed, reverse=True)[:3]]
+    if elsewhere:
+        out.append(f"No speed claim for {', '.join(elsewhere)} against {baseline}: measured on another GPU or host "
+                   f"than {baseline}'s cell.")
     noisy = [e["precision"] for e in entries if e["noisy"] and e["decode_ms"]]
     if noisy:
         out.append(f"No speed claim for {', '.join(noisy)}: their timing is noisy (interval wider than "
@@ -265,10 +279,11 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
             if p == baseline:
                 continue
             mine = ok[(ok.precision == p) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
-            grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k]
-                    for k in mine.index.intersection(base.index)}
+            keys = mine.index.intersection(base.index)
+            grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k] for k in keys}
+            apart = {k for k in keys if machine(mine.loc[k]) != machine(base.loc[k])}  # not comparable as speeds
             if len(grid) >= 1:
-                out.append({"precision": p, "decode": path, "new_tokens": n, "ratios": grid,
+                out.append({"precision": p, "decode": path, "new_tokens": n, "ratios": grid, "other_machine": apart,
                             "batches": sorted({b for b, _ in grid}), "prompts": sorted({q for _, q in grid})})
     return out
 

@@ -372,3 +372,34 @@ def test_report_in_headless_chromium(tmp_path):
     assert "CUDA out of memory &lt;b&gt;x&lt;/b&gt;" in html  # user and error text stays text
     per_model = len(html) / 3
     assert per_model < 1_000_000, per_model
+
+
+def test_no_speed_claim_across_machines(tmp_path):
+    """Two hosts of one GPU type decoded the same model 17.6 and 25.4 ms/token apart (docs/results/h200-2026-11-30c):
+    a speed ratio between cells of different GPUs is not a claim, and the crossover marks it."""
+    rows = model_rows(prompts=(128, 1024), batches=(1,))
+    for r in rows:
+        if r["precision"] == "nf4" and r["prompt_tokens"] == 1024:
+            r.update(gpu_uuid="GPU-b", host="h2")
+    store = Store(tmp_path, "r1")
+    for r in rows:
+        store.write(r)
+    df, cell, by = entries_of(tmp_path)
+    dec = tables.decision(list(by.values()), [])
+    found = tables.findings(list(by.values()), "fp16", "m", cell, dec)
+    assert any(f.startswith("nf4 decodes") for f in found)  # the headline cells (128 tokens) share a GPU
+    maps = {(m["precision"], m["decode"]): m for m in tables.crossover(df, "fp16")}
+    assert maps[("nf4", "eager")]["other_machine"] == {(1, 1024)} and not maps[("int8", "eager")]["other_machine"]
+    for r in rows:
+        if r["precision"] == "nf4":
+            r.update(gpu_uuid="GPU-b", host="h2")
+    store = Store(tmp_path / "b", "r1")
+    for r in rows:
+        store.write(r)
+    df, cell, by = entries_of(tmp_path / "b")
+    found = tables.findings(list(by.values()), "fp16", "m", cell, tables.decision(list(by.values()), []))
+    assert not any(f.startswith("nf4 decodes") for f in found)
+    assert any(f.startswith("No speed claim for nf4 against fp16: measured on another GPU") for f in found)
+    assert any(f.startswith("int8 decodes") for f in found)  # same GPU as fp16: still claimed
+    html = render([tmp_path / "b"], tmp_path / "r.html")[0].read_text()
+    assert "not a speed comparison" in html
