@@ -240,7 +240,9 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
     for e in entries:
         if e is base or base is None or e["noisy"] or base["noisy"] or e["broken"]:
             continue
-        if e["eager_row"] is not None and machine(e["eager_row"]) != machine(base["eager_row"]):
+        if e["eager_row"] is None or base["eager_row"] is None:  # failed or skipped at the headline cell
+            continue
+        if machine(e["eager_row"]) != machine(base["eager_row"]):
             elsewhere.append(e["precision"])
             continue
         iv = _ratio_interval(per_run_decode(e["eager_row"]), per_run_decode(base["eager_row"]))

@@ -231,6 +231,22 @@ def test_no_speed_claim_from_a_noisy_cell(tmp_path):
     assert any(f.startswith("No speed claim for nf4") for f in found)
 
 
+def test_findings_with_a_precision_that_failed_at_the_headline_cell(tmp_path):
+    """A precision with no ok cell where the table looks (an error row there) gets no speed sentence, and the
+    findings are still written (they raised AttributeError when the baseline's timing was steady)."""
+    rows = model_rows(prompts=(128,), batches=(1,))
+    for r in rows:
+        if r["precision"] == "nf4":
+            r.update(status="error", error_message="boom")
+    store = Store(tmp_path, "r1")
+    for r in rows:
+        store.write(r)
+    df, cell, by = entries_of(tmp_path)
+    assert by["nf4"]["eager_row"] is None and not by["fp16"]["noisy"]
+    found = tables.findings(list(by.values()), "fp16", "m", cell, tables.decision(list(by.values()), []))
+    assert not any(f.startswith("nf4 decodes") for f in found) and any(f.startswith("int8 decodes") for f in found)
+
+
 def test_crossover_over_batch_and_prompt(results):
     df = with_axes(read_results([results]))
     maps = {(m["precision"], m["decode"]): m for m in tables.crossover(df, "fp16")}
