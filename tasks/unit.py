@@ -29,8 +29,9 @@ from tasks.precisions import REGISTRY, library_imports
 # the quantization libraries the backends import, and not transformers.modeling_utils, which imports torchao and hqq
 # when installed (torchao's import queries the GPU's compute capability; found on the GPU host; tests/test_methods.py
 # checks that none of them is preloaded)
-# torch's inductor compiler (compile_fx, lowering) and transformers.cache_utils neither: after importing them, a forked child could not use the GPU on
-# the H200 host although torch.cuda.is_initialized() said no (bench/import_cost.py, docs/results/h200-2026-11-30c)
+# torch's inductor compiler (compile_fx, lowering) and transformers.cache_utils neither: after importing them, a
+# forked child could not use the GPU on the H200 host although torch.cuda.is_initialized() said no
+# (bench/import_cost.py, docs/results/h200-2026-11-30c)
 NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils", "transformers.cache_utils",
                                      "torch._inductor.compile_fx", "torch._inductor.lowering")
 
