@@ -68,12 +68,12 @@ def main() -> int:
         results.append({"precision": name, "context": context, "budget_gib": budget / fit.GiB,
                         "reserve_gib": fit.RESERVE / fit.GiB, "model": p, "predicted_largest_batch": batch,
                         "sweep_exit": code, "cells": sorted(measured, key=lambda m: m["batch"]),
-                        "verdict": verdict(batch, measured, beyond)})
+                        "verdict": verdict(batch, measured, beyond, budget)})
     print(json.dumps({"cells_from": str(args.cells), "results": results}, indent=1, default=float))
     return 0
 
 
-def verdict(batch: int, measured: list[dict], beyond: dict | None) -> str:
+def verdict(batch: int, measured: list[dict], beyond: dict | None, budget: float) -> str:
     edge = next((m for m in measured if m["batch"] == batch), None)
     if edge is None or edge["status"] != "ok":
         return f"the predicted largest batch {batch} did NOT run ({edge and edge['status']}): the model is wrong"
@@ -81,9 +81,13 @@ def verdict(batch: int, measured: list[dict], beyond: dict | None) -> str:
         return f"batch {batch} fits; batch {batch + 1} has no row"
     if beyond["status"] == "oom":
         return f"batch {batch} fits and batch {batch + 1} is out of memory, as predicted"
-    return (f"batch {batch} fits; batch {batch + 1} also ran ({beyond['status']}, peak "
-            f"{beyond['measured_peak_gb']:.1f} GB): it fitted inside the {fit.RESERVE / fit.GiB:g} GiB the model "
-            f"keeps for the CUDA context and the allocator")
+    held, room = beyond["measured_peak_gb"], (budget - fit.RESERVE) / 1e9
+    if held > room:
+        return (f"batch {batch} fits; batch {batch + 1} also ran ({beyond['status']}, held {held:.1f} GB): it fitted "
+                f"inside the {fit.RESERVE / fit.GiB:g} GiB the model keeps for the CUDA context and the allocator")
+    return (f"batch {batch} fits; batch {batch + 1} also ran ({beyond['status']}) holding {held:.1f} GB of the "
+            f"{room:.1f} GB the model allows: the model over-predicted it by "
+            f"{beyond['predicted_peak_gb'] / held - 1:.0%} (safe: its edge is at least one batch low here)")
 
 
 if __name__ == "__main__":

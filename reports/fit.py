@@ -16,7 +16,10 @@ that fits a memory budget.
 (peak_bytes): the difference is fragmentation, and it is what runs out. On an H200 the 7B in fp16 at 4064 + 32
 tokens x 32 sequences allocated 88 GiB and reserved 137 GiB; a model of allocated bytes predicted 53 sequences fit the
 card's 139.8 GiB, and batch 53 ran out of memory with 29 GiB reserved but unallocated (bench/fit_edge.py,
-docs/results/h200-2026-11-30c). Where no reserved figure was measured (CPU), the allocated peak stands in.
+docs/results/h200-2026-11-30c). Fragmentation is the default allocator's: with PYTORCH_CUDA_ALLOC_CONF=
+expandable_segments:True (rows record it, cuda_alloc_conf) it reserved within 1.5% of what it allocated, and fp16's
+batch 53 ran (docs/results/h200-2026-11-30d); the model, fitted to the rows it is given, follows the setting they ran
+with. Where no reserved figure was measured (CPU), the allocated peak stands in.
 A budget is a GPU's memory less a reserve for the CUDA context and the allocator's slack (RESERVE: 1 GiB). The model
 is checked against every measured cell (predicted against measured peak) and on a GPU by running the predicted
 largest batch and one beyond it (bench/fit_edge.py).

@@ -171,6 +171,49 @@ def test_fit_golden_h200_7b_cells():
     assert card["fp16"] >= 32 and held.iloc[0] < float(df.gpu_memory_bytes.max())  # batch 32 ran there
 
 
+def test_fit_edge_checked_on_h200():
+    """Golden: the model of reserved bytes (fitted to 11-30c's 63 cells) predicted fp16 32 and nf4 34 sequences of
+    4096 tokens fit the H200; bench/fit_edge.py ran each and one beyond on another H200 (docs/results/h200-2026-11-30d):
+    all four ran, each holding less than predicted (batch 33 in fp16 by 2%, 35 in nf4 by 28%). With expandable segments the allocator reserved within 1.5% of what
+    it allocated, and fp16's batch 53, out of memory under the default allocator (11-30c), ran."""
+    import json
+
+    from bench.fit_edge import verdict
+
+    cells = pd.read_parquet(ROOT / "docs" / "results" / "h200-2026-11-30c" / "operating" / "cells")
+    folder = ROOT / "docs" / "results" / "h200-2026-11-30d"
+    run = {r["precision"]: r for r in json.loads((folder / "fit-edge.json").read_text())["results"]}
+    for name, predicted, over in (("fp16", 32, "2%"), ("nf4", 34, "28%")):
+        p = fit.parameters(cells[cells.precision == name])
+        budget = float(cells.gpu_memory_bytes.max())
+        assert fit.largest_batch(p, 4096, budget) == predicted == run[name]["predicted_largest_batch"]
+        edge = pd.read_parquet(folder / "fit-edge" / name / "cells")
+        assert sorted(edge.batch_size) == [predicted, predicted + 1] and set(edge.status) == {"ok"}
+        for r, h in zip(edge.itertuples(), fit.held(edge)):
+            assert fit.peak(p, int(r.batch_size), 4096) >= h  # never below what a cell held
+        measured = [{"batch": int(r.batch_size), "status": r.status, "measured_peak_gb": h / 1e9,
+                     "predicted_peak_gb": fit.peak(p, int(r.batch_size), 4096) / 1e9}
+                    for r, h in zip(edge.itertuples(), fit.held(edge))]
+        said = verdict(predicted, measured, measured[-1] if measured[-1]["batch"] > predicted else measured[0], budget)
+        assert f"over-predicted it by {over} " in said, said
+    expandable = pd.read_parquet(folder / "operating-expandable" / "cells")
+    assert set(expandable.cuda_alloc_conf) == {"expandable_segments:True"} and set(expandable.status) == {"ok"}
+    assert (expandable.peak_reserved_bytes / expandable.peak_bytes).max() < 1.015
+    assert 53 in set(expandable[expandable.precision == "fp16"].batch_size)
+
+
+def test_fit_edge_verdicts():
+    from bench.fit_edge import verdict
+
+    gb = 1e9
+    ok = {"batch": 4, "status": "ok", "measured_peak_gb": 10.0, "predicted_peak_gb": 11.0}
+    assert "out of memory, as predicted" in verdict(4, [ok], {"batch": 5, "status": "oom"}, 20 * gb)
+    assert "did NOT run" in verdict(4, [{**ok, "status": "oom"}], None, 20 * gb)
+    beyond = {"batch": 5, "status": "ok", "measured_peak_gb": 12.0, "predicted_peak_gb": 13.2}
+    assert "over-predicted it by 10%" in verdict(4, [ok, beyond], beyond, 20 * gb)
+    assert "inside the 1 GiB" in verdict(4, [ok, beyond], beyond, 12.5 * gb)
+
+
 def test_fit_model_from_measured_cells(results):
     df = with_axes(read_results([results]))
     cells = df[(df.precision == "nf4") & (df.decode == "eager")]
