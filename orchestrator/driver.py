@@ -26,7 +26,7 @@ from spec.units import CellSpec, UnitSpec
 
 CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)
-DEFAULT_RUNNER = "tasks.unit:run_unit"
+DEFAULT_RUNNER = "tasks.unit:run_unit_alone"
 
 
 @dataclass

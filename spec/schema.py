@@ -51,7 +51,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prepare_s", F, "seconds to materialise the source (GGUF conversion, synthetic weights; 0 when cached)"),
     ("load_s", F, "seconds to load the model at its precision (quantization included)"),
     ("import_s", F, "seconds to import the loading code (transformers' modeling_utils, and with it torchao/hqq where "
-                    "installed: never preloaded, since they touch the GPU), the unit's first model load only"),
+                    "installed and the unit uses them: never preloaded, since they touch the GPU), the unit's first "
+                    "model load only"),
     ("tokenizer_s", F, "seconds to load the tokenizer"),
     ("load_wall_s", F, "seconds of the whole load step of the unit (imports, source, calibration, loading, "
                        "quantizing, tokenizer, counting the weights)"),

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from spec.cache import reference_path
-from spec.catalog import kv_decode_reason
+from spec.catalog import KV_CACHES, kv_decode_reason
 from spec.rows import cell_fields, now, unit_rows_base
 from spec.units import CellSpec, UnitSpec
 from tasks import distance, engines, kv_cache, latency, memory, perplexity
@@ -69,6 +69,15 @@ def _failure(exc: BaseException) -> dict:
         "error_message": str(exc)[:2000],
         "traceback": traceback.format_exc()[-8000:],
     }
+
+
+def run_unit_alone(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
+    """run_unit in a process of its own (the driver's fork-server child): the engine is told which quantization
+    libraries the unit uses (its precision's, its KV caches' backends), so that it may leave the others unimported."""
+    libraries = set(REGISTRY[unit.precision.name].method.imports)
+    libraries |= {KV_CACHES[c.kv.name][0] for c in unit.cells if KV_CACHES.get(c.kv.name)}
+    engines.own_process(unit.engine, libraries)
+    yield from run_unit(unit, wikitext)
 
 
 def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:

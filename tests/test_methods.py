@@ -327,3 +327,39 @@ def test_extra_preload_leaves_out_what_touches_the_gpu():
         "sympy", "torch._dynamo")
     # found on the H200 host: a child forked after these could not use the GPU (bench/import_cost.py)
     assert extra_preload("torch._inductor.compile_fx,torch._inductor.lowering,transformers.cache_utils") == ()
+
+
+def _modules_after_unit(unit):
+    """Run a unit as a sweep does (tasks.unit:run_unit_alone in a child of the fork server) and return its rows and
+    which quantization libraries the child had imported by the end (a stand-in runner wraps the real one)."""
+    from orchestrator import forkserver
+
+    proc, recv = forkserver.start("tests.test_methods:_run_and_report_modules", unit, None)
+    rows = list(forkserver.rows(proc, recv))
+    return [r for r in rows if "_modules" not in r], next(r["_modules"] for r in rows if "_modules" in r)
+
+
+def _run_and_report_modules(unit, wikitext=None):
+    import sys
+
+    yield from U.run_unit_alone(unit, wikitext)
+    yield {"_modules": sorted(m for m in ("torchao", "hqq", "bitsandbytes") if m in sys.modules)}
+
+
+@pytest.mark.slow
+def test_a_unit_alone_imports_only_the_libraries_it_uses():
+    """transformers imports torchao and hqq with modeling_utils whenever they are installed (2.2 of a unit's import
+    seconds on this CPU, more on a GPU host): a unit in a process of its own leaves out those it does not use, and
+    one that uses them (a torchao precision, an hqq KV cache) still measures."""
+    rows, modules = _modules_after_unit(make_unit("fp16", model=ModelSpec("synthetic", TINY64, "tiny64"),
+                                                          cells=((4, 1),)))
+    assert [r["status"] for r in rows] == ["ok"] and modules == []
+    rows, modules = _modules_after_unit(make_unit("nf4", model=ModelSpec("synthetic", TINY64, "tiny64"),
+                                                          cells=((4, 1),)))
+    assert [r["status"] for r in rows] == ["ok"] and modules == ["bitsandbytes"]
+    u = make_unit("torchao-int8wo", model=ModelSpec("synthetic", TINY64, "tiny64"))
+    u.cells = [CellSpec("hqq", 8, 1, kv=KvSpec("hqq-int4", {"q_group_size": 64, "residual_length": 16}, "hqq-int4"),
+                        prompt_tokens=8)]
+    rows, modules = _modules_after_unit(u)
+    assert [r["status"] for r in rows] == ["ok"], rows[0].get("traceback")
+    assert modules == ["hqq", "torchao"]

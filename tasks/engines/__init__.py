@@ -46,5 +46,13 @@ class Model(Protocol):
     def weight_stats(self) -> dict: ...         # params, weights_bytes, bits_per_param, embedding_unread_bytes
 
 
+def own_process(engine: str, libraries: set[str]) -> None:
+    """This process runs one unit alone, which imports only `libraries` (quantization libraries, by import name): the
+    engine may leave the others unimported (hf.py: transformers imports torchao and hqq whenever installed)."""
+    hook = getattr(importlib.import_module(f"tasks.engines.{engine}"), "own_process", None)
+    if hook is not None:
+        hook(libraries)
+
+
 def load(engine: str, model: ModelSpec, precision, options, device: str, calibration: dict | None = None) -> Model:
     return importlib.import_module(f"tasks.engines.{engine}").load(model, precision, options, device, calibration)

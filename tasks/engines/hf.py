@@ -9,6 +9,7 @@ steps; the prompt is quantized at prefill already).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -171,11 +172,38 @@ class HFModel:
         return weight_stats(self.module, self.storage)
 
 
+# quantization libraries transformers imports with modeling_utils whenever they are installed, and the availability
+# check it asks first (transformers 5.17: quantizer_torchao, integrations.torchao and cache_utils, at module level).
+# torchao's import alone was most of a unit's 4.4-5.2 s of import_s on an H200 host; on CPU here 2.2 s -> 1.0 s.
+EAGER_IMPORTS = {"torchao": "is_torchao_available", "hqq": "is_hqq_available"}
+
+
+def own_process(libraries: set[str]) -> None:
+    """Before this process imports transformers.modeling_utils: make transformers see the eagerly imported libraries
+    the unit does not use as absent, so that it does not import them. For a process of one unit only: a later unit in
+    the same process that needs one would find transformers' support for it missing (its module-level imports were
+    skipped). Nothing if modeling_utils is already imported."""
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    import transformers.utils as utils
+    import transformers.utils.import_utils as import_utils
+
+    for library, check in EAGER_IMPORTS.items():
+        if library not in libraries:
+            for module in (utils, import_utils):
+                if hasattr(module, check):
+                    setattr(module, check, _absent)
+
+
+def _absent(*args, **kwargs) -> bool:
+    return False
+
+
 def load(model: ModelSpec, precision, options, device: str, calibration: dict | None = None) -> HFModel:
     """Load a model at a precision onto `device`. `calibration`: {"text": bytes or None, "name": str} for calibrated
     precisions (gptq, awq)."""
     t0 = time.perf_counter()
-    import transformers.modeling_utils  # noqa: F401 - what from_pretrained needs, with torchao/hqq: never preloaded
+    import transformers.modeling_utils  # noqa: F401 - from_pretrained's code (with torchao/hqq unless own_process hid them)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import_s = time.perf_counter() - t0  # named here: transformers 5.17 imports it with the auto classes, 5.24 later
