@@ -449,6 +449,10 @@ def test_no_speed_claim_across_machines(tmp_path):
     assert any(f.startswith("nf4 decodes") for f in found)  # the headline cells (128 tokens) share a GPU
     maps = {(m["precision"], m["decode"]): m for m in tables.crossover(df, "fp16")}
     assert maps[("nf4", "eager")]["other_machine"] == {(1, 1024)} and not maps[("int8", "eager")]["other_machine"]
+    heatmaps = charts.crossover(list(maps.values()))  # the heatmap marks the same cell, and only it
+    marked = sum(len(m["other_machine"]) for m in maps.values())  # nf4's batch 1 × 1024, eager and compiled
+    assert marked == 2 and len(re.findall(r">\d+\.\d\d†</text>", heatmaps)) == marked
+    assert "not a speed comparison" in heatmaps and "†" not in charts.crossover([maps[("int8", "eager")]])
     for r in rows:
         if r["precision"] == "nf4":
             r.update(gpu_uuid="GPU-b", host="h2")
