@@ -73,6 +73,7 @@ def context(dirs, every_row: bool = False) -> dict:
             "note": first(d.weights_note) if "weights_note" in d else None,
             "findings": tables.findings(entries, baseline, model, cell, decision),
             "fits": fits, "fit_errors": tables.fit_errors(d, entries), "crossover": cross,
+            "fit_allocators": tables.fit_allocators(d),
             "cells": tables.every_cell(d),
             "charts": [c for c in (charts.quality(entries, palette, cell, baseline),
                                    charts.decode_vs_length(d, baseline, palette, broken),

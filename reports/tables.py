@@ -200,6 +200,13 @@ def fits(df: pd.DataFrame, entries: list[dict], budgets: list[tuple[str, float]]
     return out
 
 
+def fit_allocators(df: pd.DataFrame) -> list[str]:
+    """The allocator settings of the rows the memory model is fitted to (eager, native KV cache, ok): one model covers
+    them all, so where there are several it is the most conservative of them."""
+    d = df[(df.decode == "eager") & (df.kv_cache == "native") & (df.status == "ok")]
+    return [a or "PyTorch's default" for a in sorted(set(col(d, "cuda_alloc_conf").dropna()))]
+
+
 def fit_errors(df: pd.DataFrame, entries: list[dict]) -> dict[str, float]:
     d = df[(df.decode == "eager") & (df.kv_cache == "native")]
     out = {}

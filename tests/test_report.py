@@ -466,3 +466,25 @@ def test_no_speed_claim_across_machines(tmp_path):
     assert any(f.startswith("int8 decodes") for f in found)  # same GPU as fp16: still claimed
     html = render([tmp_path / "b"], tmp_path / "r.html")[0].read_text()
     assert "not a speed comparison" in html
+
+
+def test_fit_names_mixed_allocator_settings(tmp_path):
+    """One memory model over rows of two allocator settings covers both (the default's fragmentation dominates): the
+    report says so, and says nothing where the rows share one setting."""
+    rows = model_rows(prompts=(128, 1024), batches=(1, 8))
+    for r in rows:
+        r["cuda_alloc_conf"] = "expandable_segments:True" if r["batch_size"] == 8 else ""
+    store = Store(tmp_path / "mixed", "r1")
+    for r in rows:
+        store.write(r)
+    df, _, _ = entries_of(tmp_path / "mixed")
+    assert tables.fit_allocators(df) == ["PyTorch's default", "expandable_segments:True"]
+    html = render([tmp_path / "mixed"], tmp_path / "m.html")[0].read_text()
+    assert "What fits a GPU" in html and "several allocator settings (PyTorch&#39;s default, expandable" in html
+    for r in rows:
+        r["cuda_alloc_conf"] = ""
+    store = Store(tmp_path / "one", "r1")
+    for r in rows:
+        store.write(r)
+    html = render([tmp_path / "one"], tmp_path / "o.html")[0].read_text()
+    assert "What fits a GPU" in html and "several allocator settings" not in html
