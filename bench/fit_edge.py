@@ -34,7 +34,7 @@ def main() -> int:
     args = ap.parse_args()
     out = args.output or args.cells.parent / "fit-edge"
     df = pd.read_parquet(args.cells / "cells")
-    df = df[(df.get("decode", "eager") == "eager") & (df.get("kv_cache", "native") == "native")]
+    df = fit.fitted_rows(df)
     results = []
     for name in args.precisions:
         cells = df[df.precision == name]

@@ -270,7 +270,7 @@ def crossover(maps: list[dict]) -> str | None:
         for i, r in enumerate(grid):
             for j, v in enumerate(r):
                 if v == v:
-                    apart = (m["batches"][i], m["prompts"][j]) in m.get("other_machine", ())
+                    apart = (m["batches"][i], m["prompts"][j]) in m["other_machine"]
                     t = ax.text(j, i, f"{v:.2f}" + ("†" if apart else ""), ha="center", va="center", fontsize=7)
                     hover(t, f"{m['precision']} ({m['decode']}), batch {m['batches'][i]}, prompt "
                              f"{m['prompts'][j]}: {v:.2f}× the baseline's ms/token"
@@ -282,7 +282,7 @@ def crossover(maps: list[dict]) -> str | None:
         ax.set_title(f"{m['precision']}, {m['decode']}", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.6, label="ms/token ÷ baseline's (log scale)",
                  ticks=[-1, 0, 1]).ax.set_yticklabels(["0.5", "1", "2"])
-    apart = any(m.get("other_machine") for m in maps)
+    apart = any(m["other_machine"] for m in maps)
     fig.suptitle("Where quantization pays: decode time against the baseline's (below 1: faster)"
                  + ("; † on different GPUs or hosts: not a speed comparison" if apart else ""), fontsize=9)
     return hover.svg(fig)

@@ -36,6 +36,12 @@ GiB = 1 << 30
 RESERVE = 1 * GiB
 
 
+def fitted_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows a memory model is made from: eager decode, native KV cache (a compiled static cache and a quantized
+    cache hold memory their own way)."""
+    return df[(df.get("decode", "eager") == "eager") & (df.get("kv_cache", "native") == "native")]
+
+
 def parameters(cells: pd.DataFrame) -> dict | None:
     """The memory model's parameters from one (model, precision, KV cache, decode path)'s ok GPU cells."""
     ok = cells[(cells.status == "ok") & col(cells, "peak_bytes").notna() & col(cells, "memory_before_bytes").notna()]

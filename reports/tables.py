@@ -185,7 +185,7 @@ def decision(entries: list[dict], fits: list[dict]) -> dict:
 def fits(df: pd.DataFrame, entries: list[dict], budgets: list[tuple[str, float]]) -> list[dict]:
     """Per budget and context length, the largest batch of each precision (eager, native KV cache) by the memory
     model of reports.fit, at the contexts the sweep measured."""
-    d = df[(df.decode == "eager") & (df.kv_cache == "native")]
+    d = fit.fitted_rows(df)
     params = {e["precision"]: fit.parameters(d[d.precision == e["precision"]]) for e in entries}
     params = {p: v for p, v in params.items() if v}
     if not params:
@@ -203,12 +203,17 @@ def fits(df: pd.DataFrame, entries: list[dict], budgets: list[tuple[str, float]]
 def fit_allocators(df: pd.DataFrame) -> list[str]:
     """The allocator settings of the rows the memory model is fitted to (eager, native KV cache, ok): one model covers
     them all, so where there are several it is the most conservative of them."""
-    d = df[(df.decode == "eager") & (df.kv_cache == "native") & (df.status == "ok")]
-    return [a or "PyTorch's default" for a in sorted(set(col(d, "cuda_alloc_conf").dropna()))]
+    d = fit.fitted_rows(df)
+    return allocators(d[d.status == "ok"])
+
+
+def allocators(df: pd.DataFrame) -> list[str]:
+    """The allocator settings (cuda_alloc_conf) the rows ran with, PyTorch's default named."""
+    return [a or "PyTorch's default" for a in sorted(set(col(df, "cuda_alloc_conf").dropna()))]
 
 
 def fit_errors(df: pd.DataFrame, entries: list[dict]) -> dict[str, float]:
-    d = df[(df.decode == "eager") & (df.kv_cache == "native")]
+    d = fit.fitted_rows(df)
     out = {}
     for e in entries:
         cells = d[d.precision == e["precision"]]
@@ -375,9 +380,9 @@ def _human_versions(df: pd.DataFrame) -> str:
     attention = sorted(set(col(df, "sdpa_backends").dropna()))
     if attention:
         parts.append(f"attention backends allowed {' / '.join(attention)}")
-    alloc = sorted(set(col(df, "cuda_alloc_conf").dropna()))
+    alloc = allocators(df)
     if alloc:
-        parts.append("allocator " + ", ".join(a or "PyTorch's default" for a in alloc))
+        parts.append("allocator " + ", ".join(alloc))
     libs = df.dropna(subset=["quant_library"]) if "quant_library" in df else df.iloc[0:0]
     for lib, versions in libs.groupby("quant_library")["quant_library_version"] if len(libs) else []:
         if lib not in ("torch", "bitsandbytes") and len(versions.dropna()):
