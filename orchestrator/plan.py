@@ -19,7 +19,7 @@ from pathlib import Path
 from orchestrator import wikitext
 from orchestrator.grid import Grid
 from orchestrator.model_info import model_shape, model_widths
-from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_decode_reason
+from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_decode_reason, measurement_version
 from spec.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
                         ReferenceSpec, UnitSpec)
 from tasks.precisions import REGISTRY
@@ -119,7 +119,7 @@ def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid,
         "perplexity": grid.perplexity.model_dump(exclude={"path"} | (set() if quantized_kv else KV_PPL))
         if grid.perplexity else False,
         "gpus_per_task": gpus_per_task,
-        "measurement_version": MEASUREMENT_VERSION,
+        "measurement_version": measurement_version(cell["decode"]),
     }
     kv = cell["kv"]
     if kv.name != "native":

@@ -11,6 +11,7 @@ import pandas as pd
 from reports import fit
 from reports.data import (BROKEN_RATIO, FAILED, at, col, first, frontier, headline_cell, method_group,
                           per_run_decode, precision_order, val)
+from spec.catalog import measurement_version
 from spec.stats import mean_interval, paired_log_ratio, t975
 
 NOISY_HALFWIDTH = 0.05  # a speed whose 95% interval is wider than ±5% of it makes no claim
@@ -364,11 +365,39 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    f"MB): their timings and memory may be off: "
                    + "; ".join(f"{r.model} × {r.precision} n={r.new_tokens} b={r.batch_size}"
                                for r in shared.head(6).itertuples()) + ("; …" if len(shared) > 6 else ""))
+    rerecorded = rerecorded_compiled(df)
+    if len(rerecorded):
+        excess = (rerecorded.decode_ms_per_token / rerecorded.apply(replays_ms, axis=1) - 1) * 100
+        out.append(f"{len(rerecorded)} compiled cell(s) on a GPU were measured before compiled decode's version "
+                   f"{measurement_version('compiled')}: each run made a new static cache, and CUDA graphs were "
+                   "recorded again at a run's first step wherever its tensors moved, inside the timed runs. Their "
+                   f"decode ms/token are {excess.min():.0f}–{excess.max():.0f}% over the mean of the graph's replays "
+                   "alone (bench/compiled_replays.py); the ratios between them are not to be trusted to that "
+                   "extent. Measure them again.")
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "
                    "measured CPU copy. No energy is measured on CPU.")
     return out
+
+
+def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:
+    """ok compiled cells on a GPU of an older compiled-decode measurement (a new static cache per run)."""
+    return df[(col(df, "decode") == "compiled") & (col(df, "status") == "ok") & (col(df, "device") == "cuda")
+              & (col(df, "measurement_version").fillna(0) < measurement_version("compiled"))]
+
+
+def decode_runs(row) -> list[list[float]]:
+    """A cell's decode steps (ms), run by run (the samples are the runs' steps one after another)."""
+    steps, n = [float(s) for s in row["decode_ms_samples"]], int(row["repeats_done"] or 0)
+    size = len(steps) // n if n else 0
+    return [steps[i * size:(i + 1) * size] for i in range(n)] if size and size * n == len(steps) else []
+
+
+def replays_ms(row) -> float | None:
+    """The mean decode step with every run's first step left out: under CUDA graphs, the replays alone."""
+    rest = [s for r in decode_runs(row) for s in r[1:]]
+    return sum(rest) / len(rest) if rest else None
 
 
 def _human_versions(df: pd.DataFrame) -> str:

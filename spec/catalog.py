@@ -5,6 +5,14 @@ from __future__ import annotations
 # 2: the memory run no longer counts the last timed run's KV cache (v1 peaks were one KV cache too high);
 #    no_grad instead of inference_mode
 MEASUREMENT_VERSION = 2  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
+# a cell's version by its decode, where one changed alone. compiled 3: every run of a cell in one static cache (v2 made
+#    a new one per run, whose new addresses made CUDA graph trees record the decode step again at a run's first step,
+#    inside the timed runs: 40-1200 ms on an H200, 11-30e). Eager cells keep 2, and stay reusable.
+DECODE_VERSIONS = {"compiled": 3}
+
+
+def measurement_version(decode: str) -> int:
+    return DECODE_VERSIONS.get(decode, MEASUREMENT_VERSION)
 
 # --------------------------------------------------------------------------------------------------------- datasets
 WIKITEXT2_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"

@@ -40,7 +40,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("warmup", I, "untimed runs before the timed ones"),
     ("repeats", I, "timed runs asked for (0 = auto: see repeats_done)"),
     ("gpus_per_task", F, "GPUs the unit asked Ray for (0 = CPU)"),
-    ("measurement_version", I, "version of the measurement code; part of the cell key"),
+    ("measurement_version", I, "version of the measurement code, by decode (spec.catalog); part of the cell key"),
     # outcome
     ("status", S, "ok | error | oom | timeout | skipped"),
     ("error_type", S, "exception class, Unsupported, WorkerCrashedError, Timeout ..."),

@@ -67,16 +67,20 @@ class Clock:
 
 
 def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None,
-             step=None, kv: KvSpec | None = None):
+             step=None, kv: KvSpec | None = None, cache=None):
     """Greedy generation of exactly `new_tokens` tokens with a loaded model (tasks.engines.Model); returns (tokens
     [batch, new_tokens], cache). `step`: a compiled decode step (`model.compiled_decode()`): then the cache is static
-    and positions are explicit. `kv`: the cell's KV cache (None or native: the engine's dynamic cache)."""
+    and positions are explicit. `kv`: the cell's KV cache (None or native: the engine's dynamic cache). `cache`: one to
+    empty and reuse (a compiled cell's static cache, whose addresses its CUDA graphs were recorded over); else a new one."""
     import contextlib
 
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
     prompt = input_ids.shape[1]
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
-        cache = model.new_cache(kv, prompt + new_tokens if step else None)
+        if cache is None:
+            cache = model.new_cache(kv, prompt + new_tokens if step else None)
+        else:
+            model.reset_cache(cache)
         positions = (lambda start, n: torch.arange(start, start + n, device=input_ids.device)) if step else \
             (lambda start, n: None)
         if clock:
@@ -239,11 +243,13 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     profiler."""
     walls = {}
     ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
-    step, compile_s = None, None
+    step, compile_s, static = None, None, None
     if decode == "compiled":
-        step = model.compiled_decode()
+        # one static cache for every run of the cell: a new one per run moved its tensors, and CUDA graph trees
+        # recorded the decode step again at each run's first step (40-1200 ms in the timed runs on an H200, 11-30e)
+        step, static = model.compiled_decode(), model.new_cache(kv, prompt_tokens + new_tokens)
         t0 = time.perf_counter()
-        generate(model, ids, new_tokens, step=step, kv=kv)
+        generate(model, ids, new_tokens, step=step, kv=kv, cache=static)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         compile_s = time.perf_counter() - t0
@@ -251,9 +257,9 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     for i in range(warmup):
         t0 = time.perf_counter()
         if i == warmup - 1:
-            phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv)
+            phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv, static)
         else:
-            generate(model, ids, new_tokens, step=step, kv=kv)
+            generate(model, ids, new_tokens, step=step, kv=kv, cache=static)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         runs_s.append(time.perf_counter() - t0)
@@ -262,9 +268,9 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
 
     def run_once() -> list[float]:
         clock = Clock(device)
-        tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv)
+        tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv, cache=static)
         assert tokens.shape == (batch_size, new_tokens)
-        del tokens, cache  # a run's KV cache must not outlive it: the next run (and the memory run) would count it
+        del tokens, cache  # a run's own KV cache must not outlive it: the next run (and the memory run) would count it
         return clock.intervals_ms()
 
     meter = energy.EnergyMeter(device)
@@ -285,7 +291,7 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         used = {"energy_missing": meter.missing}
     if phases is None:
         t0 = time.perf_counter()
-        phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv)
+        phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv, static)
         walls["memory_run_s"] = time.perf_counter() - t0
     kernels = None
     if profile:
@@ -295,16 +301,18 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     return CellMeasurement(record, phases, cache_bytes, element_size, compile_s, kernels, used, walls)
 
 
-def memory_run(model, ids, new_tokens: int, device: str, step, kv: KvSpec | None):
+def memory_run(model, ids, new_tokens: int, device: str, step, kv: KvSpec | None, static=None):
     """One generation with memory read phase by phase, from an emptied allocator cache: (phases, the KV cache's
     bytes, its bytes per element). The cache is dropped here: it must not outlive the run (the timed runs that follow
-    would count it, and at the edge of the GPU's memory it would not fit twice)."""
+    would count it, and at the edge of the GPU's memory it would not fit twice). A compiled cell's `static` cache,
+    held from its first run, is reused and counted as if this run had allocated it (out of `before`), as a new one was."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     phases = memory.PhaseMemory(device)
-    phases.before = memory.allocated(device)
-    _, cache = generate(model, ids, new_tokens, phases=phases, step=step, kv=kv)
+    phases.before = memory.allocated(device) - (model.cache_bytes(static) if static is not None and
+                                                device.startswith("cuda") else 0)
+    _, cache = generate(model, ids, new_tokens, phases=phases, step=step, kv=kv, cache=static)
     nbytes, element_size = model.cache_bytes(cache), model.cache_element_size(cache)
     del cache
     return phases, nbytes, element_size

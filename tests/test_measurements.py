@@ -267,6 +267,40 @@ def test_synthetic_architectures_have_their_published_size(name, billions):
     assert sum(p.numel() for p in m.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
+    """CUDA graphs are recorded over the static cache's addresses: a compiled cell (compile run, warm-ups, memory run,
+    timed runs) generates in one StaticCache, emptied between runs, never a new one per run (on an H200 each new one
+    cost a re-recording at its run's first step, 40-1200 ms, inside the timed runs). Here the step is the plain eager
+    one (no compiler on the path): what is checked is which cache every run gets, and that the tokens do not change."""
+    import torch
+
+    model = tiny()
+    made, seen = [], []
+    new_cache, decode = model.new_cache, model.decode_one_token
+
+    def spy_new_cache(kv=None, static_len=None):
+        made.append(static_len)
+        return new_cache(kv, static_len)
+
+    def step(token, cache, positions):
+        seen.append((id(cache), cache.layers[0].keys.data_ptr()))
+        return decode(token, cache, positions)
+
+    model.new_cache, model.compiled_decode = spy_new_cache, lambda: step
+    m = latency.measure_cell(model, "cpu", new_tokens=4, batch_size=2, prompt_tokens=8, warmup=2, repeats=3,
+                             decode="compiled")
+    assert made == [8 + 4]                         # one static cache for the cell
+    assert len(seen) == (1 + 2 + 3) * 3 and len(set(seen)) == 1  # compile run, 2 warm-ups, 3 timed: 3 steps each
+    assert m.cache_bytes == 2 * 2 * 2 * 16 * (8 + 4) * 2 * 4 and len(m.record.decode_ms) == 3
+    model.new_cache = new_cache
+    ids = latency.prompt_ids(None, model.vocab_size, 8, 2, "cpu")
+    eager, _ = latency.generate(model, ids, 4)
+    static = model.new_cache(None, 12)
+    for _ in range(2):  # emptied in place between generations: the same tokens each time
+        tokens, cache = latency.generate(model, ids, 4, step=step, cache=static)
+        assert cache is static and torch.equal(tokens, eager)
+
+
 @pytest.mark.slow
 def test_local_folder_source(smollm2, model_cache):
     """A `path:` source is a plain Hugging Face folder (here: the converted GGUF in the cache)."""
@@ -284,8 +318,11 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
     model = tiny()
     ids = latency.prompt_ids(None, 1000, 8, 2, "cpu")
     eager, _ = latency.generate(model, ids, 6)
-    compiled, cache = latency.generate(model, ids, 6, step=model.compiled_decode())
+    step = model.compiled_decode()
+    compiled, cache = latency.generate(model, ids, 6, step=step)
     assert torch.equal(eager, compiled) and type(cache).__name__ == "StaticCache"
+    again, same = latency.generate(model, ids, 6, step=step, cache=cache)  # emptied and reused, as a cell's runs do
+    assert same is cache and torch.equal(eager, again)
 
     unit = make_unit(cells=((5, 2),))
     unit.cells[0] = dataclasses.replace(unit.cells[0], decode="compiled")

@@ -161,3 +161,24 @@ perplexity: false
     g2.write_text(g.read_text().replace(", decode: [eager, compiled]", ""))
     eager = {c.key for c in make_plan(load_grid(str(g2), []), "r", None).cells}
     assert eager == {c.key for c in plan.cells if c.decode == "eager"}
+
+
+def test_a_decode_mode_s_own_measurement_version_keys_its_cells_alone(tmp_path, monkeypatch):
+    """Compiled decode's measurement changed alone (one static cache per cell, version 3): its cells get new keys, so
+    a results folder's compiled rows of version 2 are measured again, while eager cells keep their keys and reuse."""
+    from spec import catalog
+    from spec.rows import cell_fields
+
+    g = tmp_path / "g.yaml"
+    g.write_text("""
+name: dec
+models: [{synthetic: opt-125m}]
+precisions: [fp16]
+generation: {new_tokens: [4], batch_sizes: [1], decode: [eager, compiled]}
+perplexity: false
+""")
+    now = {c.decode: c for c in make_plan(load_grid(str(g), []), "r", None).cells}
+    assert {d: cell_fields(c)["measurement_version"] for d, c in now.items()} == {"eager": 2, "compiled": 3}
+    monkeypatch.setattr(catalog, "DECODE_VERSIONS", {})  # as before: one version for both
+    before = {c.decode: c.key for c in make_plan(load_grid(str(g), []), "r", None).cells}
+    assert before["eager"] == now["eager"].key and before["compiled"] != now["compiled"].key

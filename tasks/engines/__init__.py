@@ -39,6 +39,8 @@ class Model(Protocol):
 
     def new_cache(self, kv: KvSpec | None = None, static_len: int | None = None) -> Any: ...
 
+    def reset_cache(self, cache) -> None: ...   # empty it for a new generation, in place (its tensors stay put)
+
     def cache_bytes(self, cache) -> int: ...    # bytes the cache's tensors hold
 
     def cache_element_size(self, cache) -> int | None: ...  # bytes of a full-precision cached element

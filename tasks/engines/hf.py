@@ -66,6 +66,13 @@ def _hqq_meta_tensors(meta: dict):
             yield from _hqq_meta_tensors(v)
 
 
+def reset_cache(cache) -> None:
+    """Empty a cache in place: a StaticCache keeps its tensors (zeroed, length 0), so CUDA graphs recorded over them
+    replay; a new StaticCache's tensors land wherever the allocator puts them, and every graph over other addresses is
+    recorded again (CUDA graph trees check the addresses of `mark_static_address` inputs, as transformers marks them)."""
+    cache.reset()
+
+
 def cache_bytes(cache) -> int:
     """Bytes the cache holds: full-precision keys/values (the residual, for a quantized cache) plus the quantized
     states (quanto's packed tensor subclass flattened; HQQ's packed tensor plus the scale/zero in its meta)."""
@@ -161,6 +168,9 @@ class HFModel:
 
     def new_cache(self, kv: KvSpec | None = None, static_len: int | None = None):
         return new_cache(self.module, kv, static_len)
+
+    def reset_cache(self, cache) -> None:
+        reset_cache(cache)
 
     def cache_bytes(self, cache) -> int:
         return cache_bytes(cache)
