@@ -389,7 +389,11 @@ def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:
 
 def decode_runs(row) -> list[list[float]]:
     """A cell's decode steps (ms), run by run (the samples are the runs' steps one after another)."""
-    steps, n = [float(s) for s in row["decode_ms_samples"]], int(row["repeats_done"] or 0)
+    samples, n = row.get("decode_ms_samples"), row.get("repeats_done")
+    n = row.get("repeats") if n is None or n != n else n  # rows before repeats_done: a fixed number of runs
+    if samples is None or n is None or n != n:
+        return []
+    steps, n = [float(s) for s in samples], int(n)
     size = len(steps) // n if n else 0
     return [steps[i * size:(i + 1) * size] for i in range(n)] if size and size * n == len(steps) else []
 

@@ -230,6 +230,7 @@ class CellMeasurement:
     cache_bytes: int                  # the memory run's KV cache: its bytes and bytes per element
     cache_element_size: int | None
     compile_s: float | None           # compiled decode: the first run, compilation included (not in the latency)
+    graph_skips: int | None           # compiled decode on a GPU: runs of the step without CUDA graphs (inductor's count)
     kernels: list[dict] | None        # with profile: the top kernels of one decode step
     energy: dict                      # tasks.energy.columns, or {"energy_missing": why}
     walls: dict                       # seconds of each part of the cell's work (warm-up, timed runs, ...)
@@ -243,11 +244,12 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     profiler."""
     walls = {}
     ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
-    step, compile_s, static = None, None, None
+    step, compile_s, static, skips = None, None, None, None
     if decode == "compiled":
         # one static cache for every run of the cell: a new one per run moved its tensors, and CUDA graph trees
         # recorded the decode step again at each run's first step (40-1200 ms in the timed runs on an H200, 11-30e)
         step, static = model.compiled_decode(), model.new_cache(kv, prompt_tokens + new_tokens)
+        skips = graph_skips() if device.startswith("cuda") else None
         t0 = time.perf_counter()
         generate(model, ids, new_tokens, step=step, kv=kv, cache=static)
         if device.startswith("cuda"):
@@ -293,12 +295,20 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         t0 = time.perf_counter()
         phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv, static)
         walls["memory_run_s"] = time.perf_counter() - t0
+    skips = graph_skips() - skips if skips is not None else None  # (the profiled step below: its own cache)
     kernels = None
     if profile:
         t0 = time.perf_counter()
         kernels = profile_decode_step(model, ids, new_tokens, device, step, kv=kv)
         walls["profile_s"] = time.perf_counter() - t0
-    return CellMeasurement(record, phases, cache_bytes, element_size, compile_s, kernels, used, walls)
+    return CellMeasurement(record, phases, cache_bytes, element_size, compile_s, skips, kernels, used, walls)
+
+
+def graph_skips() -> int:
+    """Inductor's count of calls it ran without CUDA graphs (it logs why: TORCH_LOGS=cudagraphs)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def memory_run(model, ids, new_tokens: int, device: str, step, kv: KvSpec | None, static=None):

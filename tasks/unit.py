@@ -263,7 +263,7 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
         warmup=g.warmup, repeats=g.repeats, decode=cell.decode, profile=g.profile, kv=kv, max_repeats=g.max_repeats,
         max_seconds=g.max_seconds, target_halfwidth=g.target_halfwidth)
     out = {**m.record.summary(), **m.energy, **m.walls}
-    phases, compile_s, kernels = m.phases, m.compile_s, m.kernels
+    phases, compile_s, kernels, skips = m.phases, m.compile_s, m.kernels, m.graph_skips
     geometry = model.geometry
     out.update(kv_cache.accounting(geometry, m.cache_bytes, m.cache_element_size,
                                    cell.prompt_tokens, cell.new_tokens, cell.batch_size, cell.decode, kv))
@@ -272,6 +272,7 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
     cuda = device.startswith("cuda")
     out.update({
         "compile_s": compile_s,
+        "cudagraph_skips": skips,
         "top_kernels": kernels,
         "kv_cache_growth_bytes": (phases.after_decode - phases.before) if cuda else None,
         "memory_before_bytes": phases.before if cuda else None,

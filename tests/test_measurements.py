@@ -185,10 +185,11 @@ def test_memory_run_starts_without_earlier_runs_caches(monkeypatch, warmup):
 
     real, earlier, alive, memory_runs = latency.generate, [], [], []
 
-    def watched(model, ids, new_tokens, clock=None, phases=None, step=None, kv=None):
+    def watched(model, ids, new_tokens, clock=None, phases=None, step=None, kv=None, cache=None):
         alive.extend(r() is not None for r in earlier)
         if phases is not None:
             memory_runs.append(len(earlier))
+        assert cache is None  # eager: every run makes its own
         tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases, step=step, kv=kv)
         earlier.append(weakref.ref(cache))
         return tokens, cache
@@ -292,6 +293,7 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
     assert made == [8 + 4]                         # one static cache for the cell
     assert len(seen) == (1 + 2 + 3) * 3 and len(set(seen)) == 1  # compile run, 2 warm-ups, 3 timed: 3 steps each
     assert m.cache_bytes == 2 * 2 * 2 * 16 * (8 + 4) * 2 * 4 and len(m.record.decode_ms) == 3
+    assert m.graph_skips is None  # CUDA graphs are asked for on GPUs only
     model.new_cache = new_cache
     ids = latency.prompt_ids(None, model.vocab_size, 8, 2, "cpu")
     eager, _ = latency.generate(model, ids, 4)
@@ -328,7 +330,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
     unit.cells[0] = dataclasses.replace(unit.cells[0], decode="compiled")
     r = list(U.run_unit(unit))[0]
     assert r["status"] == "ok", r.get("traceback")
-    assert r["decode"] == "compiled" and r["compile_s"] > 0
+    assert r["decode"] == "compiled" and r["compile_s"] > 0 and r["cudagraph_skips"] is None and r["measurement_version"] == 3
     assert r["compile_s"] > 20 * max(r["decode_ms_samples"]) / 1e3  # compilation is not in the samples
     assert len(r["decode_ms_samples"]) == 2 * (5 - 1)
     # a static cache holds prompt + new_tokens positions from the start
