@@ -289,9 +289,10 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
 
     model.new_cache, model.compiled_decode = spy_new_cache, lambda: step
     m = latency.measure_cell(model, "cpu", new_tokens=4, batch_size=2, prompt_tokens=8, warmup=2, repeats=3,
-                             decode="compiled")
-    assert made == [8 + 4]                         # one static cache for the cell
-    assert len(seen) == (1 + 2 + 3) * 3 and len(set(seen)) == 1  # compile run, 2 warm-ups, 3 timed: 3 steps each
+                             decode="compiled", profile=True)
+    assert made == [8 + 4]  # one static cache for the cell: at the edge of memory a second would not fit
+    # compile run, 2 warm-ups, 3 timed runs (3 steps each), then the profiled step's 3
+    assert len(seen) == (1 + 2 + 3) * 3 + 3 and len(set(seen)) == 1 and m.kernels
     assert m.cache_bytes == 2 * 2 * 2 * 16 * (8 + 4) * 2 * 4 and len(m.record.decode_ms) == 3
     assert m.graph_skips is None  # CUDA graphs are asked for on GPUs only
     model.new_cache = new_cache
@@ -301,6 +302,9 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
     for _ in range(2):  # emptied in place between generations: the same tokens each time
         tokens, cache = latency.generate(model, ids, 4, step=step, cache=static)
         assert cache is static and torch.equal(tokens, eager)
+    keys = static.layers[0].keys.data_ptr()
+    latency.prefill_only(model, ids, None, static)  # the energy loop's prefills, into the same cache
+    assert static.layers[0].keys.data_ptr() == keys and static.get_seq_length() == 8
 
 
 @pytest.mark.slow
