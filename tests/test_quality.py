@@ -200,6 +200,7 @@ MODELS = (f"  - {{gguf: '{SMOLLM2}', label: fine}}\n"
           f"  - {{path: ./folder, label: baseline-fails}}")
 
 
+@pytest.mark.slow  # 10 s (Ray and three real units): the fast lane keeps under 2 minutes
 def test_the_baseline_goes_first_and_its_failure_leaves_the_rest_complete(cpu_ray, tmp_path, model_cache):
     out = tmp_path / "out"
     code = sweep.run(str(quality_grid(tmp_path, MODELS)), [], output=str(out), runner=RUNNER, live=False)
