@@ -58,8 +58,8 @@ def main() -> int:
           f"{'ratio pub':>9} {'ratio rep':>9}  verdict (†: baseline on another GPU)")
     for c in cells:
         rp, rr = c.get("ratio_published"), c.get("ratio_replays")
-        print(f"{c['model']:14} {c['precision']:34} {c['prompt_tokens']:6} {c['batch_size']:5} {c['published_ms']:9.2f} "
-              f"{c['replays_ms']:8.2f} {c['rerecorded_runs']:>3}/{c['runs']:<2} "
+        print(f"{c['model']:14} {c['precision']:34} {c['prompt_tokens']:6} {c['batch_size']:5} "
+              f"{c['published_ms']:9.2f} {c['replays_ms']:8.2f} {c['rerecorded_runs']:>3}/{c['runs']:<2} "
               f"{'' if rp is None else f'{rp:9.2f}':>9} {'' if rr is None else f'{rr:9.2f}':>9}  "
               f"{c.get('verdict', '')}{' †' if c.get('other_gpu') else ''}")
     if args.json:

@@ -59,7 +59,8 @@ def unit_rows_base(unit: UnitSpec) -> dict:
 
 def cell_fields(cell: CellSpec) -> dict:
     return {"cell_key": cell.key, "prompt_tokens": cell.prompt_tokens, "new_tokens": cell.new_tokens,
-            "batch_size": cell.batch_size, "decode": cell.decode, "measurement_version": measurement_version(cell.decode),
+            "batch_size": cell.batch_size, "decode": cell.decode,
+            "measurement_version": measurement_version(cell.decode),
             "kv_cache": cell.kv.label, "kv_cache_options": json.dumps(cell.kv.options, sort_keys=True)}
 
 

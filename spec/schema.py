@@ -197,8 +197,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                           "tokens x batch x bytes; quantized: bits/8 + a scale and a zero point per group in "
                           "the activation dtype, the residual tokens at full precision"),
     ("compile_s", F, "compiled decode: seconds of the first run, compilation included (not in any latency column)"),
-    ("cudagraph_skips", I, "compiled decode on a GPU: times inductor ran the step without CUDA graphs over the cell "
-                           "(its cudagraph_skips counter; 0: graphs throughout); empty on CPU, where none are asked for"),
+    ("cudagraph_skips", I, "compiled decode on a GPU: times inductor ran the step without CUDA graphs over the "
+                           "cell (its cudagraph_skips counter; 0: graphs throughout); empty on CPU, where none are "
+                           "asked for"),
     ("kv_cache_tensor_bytes", I, "measured: bytes the cache's tensors hold at the end of generation (quantized "
                                  "states, scales and zero points, residual)"),
     ("kv_bytes_per_token", F, "kv_cache_tensor_bytes / (cached tokens x batch)"),

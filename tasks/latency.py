@@ -71,7 +71,8 @@ def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phas
     """Greedy generation of exactly `new_tokens` tokens with a loaded model (tasks.engines.Model); returns (tokens
     [batch, new_tokens], cache). `step`: a compiled decode step (`model.compiled_decode()`): then the cache is static
     and positions are explicit. `kv`: the cell's KV cache (None or native: the engine's dynamic cache). `cache`: one to
-    empty and reuse (a compiled cell's static cache, whose addresses its CUDA graphs were recorded over); else a new one."""
+    empty and reuse (a compiled cell's static cache, whose addresses its CUDA graphs were recorded over), else a new
+    one."""
     import contextlib
 
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
@@ -233,7 +234,7 @@ class CellMeasurement:
     cache_bytes: int                  # the memory run's KV cache: its bytes and bytes per element
     cache_element_size: int | None
     compile_s: float | None           # compiled decode: the first run, compilation included (not in the latency)
-    graph_skips: int | None           # compiled decode on a GPU: runs of the step without CUDA graphs (inductor's count)
+    graph_skips: int | None           # compiled decode on a GPU: calls of the step without CUDA graphs (inductor)
     kernels: list[dict] | None        # with profile: the top kernels of one decode step
     energy: dict                      # tasks.energy.columns, or {"energy_missing": why}
     walls: dict                       # seconds of each part of the cell's work (warm-up, timed runs, ...)
@@ -319,7 +320,8 @@ def memory_run(model, ids, new_tokens: int, device: str, step, kv: KvSpec | None
     """One generation with memory read phase by phase, from an emptied allocator cache: (phases, the KV cache's
     bytes, its bytes per element). The cache is dropped here: it must not outlive the run (the timed runs that follow
     would count it, and at the edge of the GPU's memory it would not fit twice). A compiled cell's `static` cache,
-    held from its first run, is reused and counted as if this run had allocated it (out of `before`), as a new one was."""
+    held from its first run, is reused and counted as if this run had allocated it (out of `before`), as a new one
+    was."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -334,7 +334,8 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
     unit.cells[0] = dataclasses.replace(unit.cells[0], decode="compiled")
     r = list(U.run_unit(unit))[0]
     assert r["status"] == "ok", r.get("traceback")
-    assert r["decode"] == "compiled" and r["compile_s"] > 0 and r["cudagraph_skips"] is None and r["measurement_version"] == 3
+    assert r["decode"] == "compiled" and r["compile_s"] > 0 and r["measurement_version"] == 3
+    assert r["cudagraph_skips"] is None  # CUDA graphs are asked for on GPUs only
     assert r["compile_s"] > 20 * max(r["decode_ms_samples"]) / 1e3  # compilation is not in the samples
     assert len(r["decode_ms_samples"]) == 2 * (5 - 1)
     # a static cache holds prompt + new_tokens positions from the start

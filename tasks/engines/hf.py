@@ -69,7 +69,7 @@ def _hqq_meta_tensors(meta: dict):
 def reset_cache(cache) -> None:
     """Empty a cache in place: a StaticCache keeps its tensors (zeroed, length 0), so CUDA graphs recorded over them
     replay; a new StaticCache's tensors land wherever the allocator puts them, and every graph over other addresses is
-    recorded again (CUDA graph trees check the addresses of `mark_static_address` inputs, as transformers marks them)."""
+    recorded again (CUDA graph trees check the addresses of `mark_static_address` inputs; transformers marks them)."""
     cache.reset()
 
 
