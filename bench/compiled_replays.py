@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.tables import decode_runs, replays_ms, rerecorded_compiled
+from reports.data import decode_runs
+from reports.tables import replays_ms, rerecorded_compiled
 
 
 def cell_figures(row) -> dict:

@@ -159,11 +159,15 @@ def method_rank(d: pd.DataFrame) -> tuple:
     return SCHEMES.get(scheme, 3), -(bits or 0)
 
 
-def per_run_decode(row) -> list[float]:
-    """Each timed run's mean decode gap (ms), from the raw samples (new_tokens - 1 gaps a run)."""
+def decode_runs(row) -> list[list[float]]:
+    """Each timed run's decode gaps (ms), from the raw samples (new_tokens - 1 gaps a run, one run after another)."""
     samples, n = val(row.get("decode_ms_samples")), val(row.get("new_tokens"))
     if samples is None or not n or n < 2:
         return []
-    samples = list(samples)
-    k = int(n) - 1
-    return [sum(samples[i:i + k]) / k for i in range(0, len(samples) - k + 1, k)]
+    samples, k = [float(s) for s in samples], int(n) - 1
+    return [samples[i:i + k] for i in range(0, len(samples) - k + 1, k)]
+
+
+def per_run_decode(row) -> list[float]:
+    """Each timed run's mean decode gap (ms)."""
+    return [sum(r) / len(r) for r in decode_runs(row)]

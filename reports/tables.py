@@ -9,8 +9,8 @@ import math
 import pandas as pd
 
 from reports import fit
-from reports.data import (BROKEN_RATIO, FAILED, at, col, first, frontier, headline_cell, method_group,
-                          per_run_decode, precision_order, val)
+from reports.data import (BROKEN_RATIO, FAILED, at, col, decode_runs, first, frontier, headline_cell,
+                          method_group, per_run_decode, precision_order, val)
 from spec.catalog import measurement_version
 from spec.stats import mean_interval, paired_log_ratio, t975
 
@@ -385,17 +385,6 @@ def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:
     """ok compiled cells on a GPU of an older compiled-decode measurement (a new static cache per run)."""
     return df[(col(df, "decode") == "compiled") & (col(df, "status") == "ok") & (col(df, "device") == "cuda")
               & (col(df, "measurement_version").fillna(0) < measurement_version("compiled"))]
-
-
-def decode_runs(row) -> list[list[float]]:
-    """A cell's decode steps (ms), run by run (the samples are the runs' steps one after another)."""
-    samples, n = row.get("decode_ms_samples"), row.get("repeats_done")
-    n = row.get("repeats") if n is None or n != n else n  # rows before repeats_done: a fixed number of runs
-    if samples is None or n is None or n != n:
-        return []
-    steps, n = [float(s) for s in samples], int(n)
-    size = len(steps) // n if n else 0
-    return [steps[i * size:(i + 1) * size] for i in range(n)] if size and size * n == len(steps) else []
 
 
 def replays_ms(row) -> float | None:

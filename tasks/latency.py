@@ -66,6 +66,15 @@ class Clock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
+def empty_cache(model, kv: KvSpec | None, static_len: int | None, reuse=None):
+    """`reuse` emptied in place (a compiled cell's static cache, whose addresses its CUDA graphs were recorded over),
+    or a new cache: the engine's dynamic one, a static one of `static_len` tokens, or the cell's quantized `kv`."""
+    if reuse is None:
+        return model.new_cache(kv, static_len)
+    model.reset_cache(reuse)
+    return reuse
+
+
 def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phases: memory.PhaseMemory | None = None,
              step=None, kv: KvSpec | None = None, cache=None):
     """Greedy generation of exactly `new_tokens` tokens with a loaded model (tasks.engines.Model); returns (tokens
@@ -78,10 +87,7 @@ def generate(model, input_ids, new_tokens: int, clock: Clock | None = None, phas
     phase = phases.phase if phases else (lambda name: contextlib.nullcontext())
     prompt = input_ids.shape[1]
     with torch.no_grad():  # not inference_mode: quanto's packed int4/int2 weights fail under it; one mode for all
-        if cache is None:
-            cache = model.new_cache(kv, prompt + new_tokens if step else None)
-        else:
-            model.reset_cache(cache)
+        cache = empty_cache(model, kv, prompt + new_tokens if step else None, cache)
         positions = (lambda start, n: torch.arange(start, start + n, device=input_ids.device)) if step else \
             (lambda start, n: None)
         if clock:
@@ -203,10 +209,7 @@ def profile_decode_step(model, ids, new_tokens: int, device: str, step=None, top
     static_len = ids.shape[1] + max(new_tokens, 4) if step else None
     decode = step or model.decode_one_token
     with torch.no_grad():
-        if cache is None:
-            cache = model.new_cache(kv, static_len)
-        else:
-            model.reset_cache(cache)
+        cache = empty_cache(model, kv, static_len, cache)
         pos = (lambda p: torch.tensor([p], device=ids.device)) if step else (lambda p: None)
         token = model.prefill(ids, cache, torch.arange(ids.shape[1], device=ids.device) if step else None)
         for i in range(2):
@@ -337,8 +340,5 @@ def memory_run(model, ids, new_tokens: int, device: str, step, kv: KvSpec | None
 def prefill_only(model, ids, kv: KvSpec | None, static=None):
     """A prefill as the cell's runs make it: into a new cache, or into the compiled cell's static one (emptied)."""
     with torch.no_grad():
-        if static is None:
-            model.prefill(ids, model.new_cache(kv))
-        else:
-            model.reset_cache(static)
-            model.prefill(ids, static, torch.arange(ids.shape[1], device=ids.device))
+        model.prefill(ids, empty_cache(model, kv, None, static),
+                      None if static is None else torch.arange(ids.shape[1], device=ids.device))

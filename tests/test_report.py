@@ -493,15 +493,16 @@ def test_fit_names_mixed_allocator_settings(tmp_path):
 def test_compiled_cells_of_the_old_measurement_are_flagged_with_their_excess_over_the_replays():
     """Compiled cells measured before version 3 (a new static cache per run: CUDA graphs recorded again at a run's
     first step) get a caveat saying by how much their decode figure exceeds the replays alone; version 3 and CPU
-    cells do not. The runs' steps are split by repeats_done."""
+    cells do not. The runs' steps are split as the per-run intervals split them (new_tokens - 1 a run)."""
     from reports import tables
+    from reports.data import decode_runs
 
     steps = [41.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]  # 2 runs of 4 steps, the first re-recorded
     row = {"model": "m", "precision": "fp16", "decode": "compiled", "status": "ok", "device": "cuda",
-           "decode_ms_samples": steps, "repeats_done": 2, "decode_ms_per_token": sum(steps) / 8,
+           "decode_ms_samples": steps, "new_tokens": 5, "repeats_done": 2, "decode_ms_per_token": sum(steps) / 8,
            "measurement_version": 2}
     df = pd.DataFrame([row, {**row, "measurement_version": 3}, {**row, "device": "cpu"}])
-    assert tables.decode_runs(df.iloc[0]) == [steps[:4], steps[4:]]
+    assert decode_runs(df.iloc[0]) == [steps[:4], steps[4:]]
     assert tables.replays_ms(df.iloc[0]) == 5.0
     flagged = [c for c in tables.caveats(df) if "version 3" in c]
     assert len(flagged) == 1 and flagged[0].startswith("1 compiled cell(s)") and "90–90% over" in flagged[0]
