@@ -374,11 +374,29 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    f"decode ms/token are {excess.min():.0f}–{excess.max():.0f}% over the mean of the graph's replays "
                    "alone (bench/compiled_replays.py); the ratios between them are not to be trusted to that "
                    "extent. Measure them again.")
+    waited = host_bound(df)
+    if len(waited):
+        out.append(f"{len(waited)} cell(s) on a GPU decoded host-bound: the host took {HOST_BOUND:.0%} or more of each "
+                   "decode step's time to issue it (decode_host_ms_per_token), so the GPU waited for Python and "
+                   "kernel launches. Their decode ms/token are this host's CPU, not the GPU, and move with it: "
+                   + "; ".join(f"{r.model} × {r.precision} {r.decode} p={r.prompt_tokens} b={r.batch_size} "
+                               f"({r.decode_host_ms_per_token:.2f} of {r.decode_ms_per_token:.2f} ms)"
+                               for r in waited.head(8).itertuples()) + ("; …" if len(waited) > 8 else ""))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "
                    "measured CPU copy. No energy is measured on CPU.")
     return out
+
+
+HOST_BOUND = 0.9  # host time to issue a decode step, as a share of the step's device time, from which the GPU waited
+
+
+def host_bound(df: pd.DataFrame) -> pd.DataFrame:
+    """ok GPU cells whose decode steps took the host nearly as long to issue as the GPU took between them."""
+    num = lambda name: pd.to_numeric(col(df, name), errors="coerce")  # noqa: E731
+    share = num("decode_host_ms_per_token") / num("decode_ms_per_token")
+    return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (share >= HOST_BOUND)]
 
 
 def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:

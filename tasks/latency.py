@@ -44,20 +44,28 @@ def prompt_ids(tokenizer, vocab_size: int, prompt_tokens: int, batch: int, devic
 
 
 class Clock:
-    """Marks on the device timeline: CUDA events on a GPU, the host clock on CPU. Read after the run."""
+    """Marks on the device timeline (CUDA events on a GPU, the host clock on CPU), read after the run, and the host
+    clock at each mark: how long the host took to issue each step. Where the host's gaps come close to the device's,
+    the GPU waited for the host (Python, launches): the step is host-bound, and its time is the host's."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
         self.marks: list = []
+        self.host: list[float] = []
         self._event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
 
     def mark(self) -> None:
+        now = time.perf_counter()
         if self.cuda:
             e = self._event()
             e.record()
             self.marks.append(e)
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append(now)
+        self.host.append(now)
+
+    def host_intervals_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.host, self.host[1:])]
 
     def intervals_ms(self) -> list[float]:
         if self.cuda:
@@ -116,6 +124,7 @@ class LatencyRecord:
     new_tokens: int
     ttft_ms: list[float] = field(default_factory=list)          # one per repeat
     decode_ms: list[list[float]] = field(default_factory=list)  # per repeat, the gaps between consecutive tokens
+    decode_host_ms: list[list[float]] = field(default_factory=list)  # per repeat, the host's gaps (issuing the steps)
     stop: str = "fixed"                                          # why the timed runs stopped (see timed_runs)
     prompt_tokens: int = 0
 
@@ -134,6 +143,7 @@ class LatencyRecord:
         cv_decode = _cv(per_run_decode)
         cv_ttft = _cv(self.ttft_ms)
         mean_gap = float(gaps.mean()) if gaps.size else None
+        host = [g for run in self.decode_host_ms for g in run]
         return {
             "ttft_ms": statistics.median(self.ttft_ms),
             "prefill_tokens_per_s": (self.batch_size * self.prompt_tokens * 1e3 / statistics.median(self.ttft_ms)
@@ -144,6 +154,7 @@ class LatencyRecord:
             "decode_ms_p90": float(np.percentile(gaps, 90)) if gaps.size else None,
             "decode_ms_p99": float(np.percentile(gaps, 99)) if gaps.size else None,
             "decode_tokens_per_s": self.batch_size * 1e3 / mean_gap if mean_gap else None,
+            "decode_host_ms_per_token": statistics.fmean(host) if host else None,
             "e2e_s": statistics.fmean(e2e_s),
             "e2e_tokens_per_s": self.batch_size * self.new_tokens / statistics.fmean(e2e_s),
             "cv_ttft": cv_ttft,
@@ -275,11 +286,14 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     walls.update(warmup_s=sum(runs_s), warmup_runs_s=runs_s,
                  memory_measured_in="the last warm-up run" if warmup else "a run after the timed runs")
 
+    host_ms = []
+
     def run_once() -> list[float]:
         clock = Clock(device)
         tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv, cache=static)
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's own KV cache must not outlive it: the next run (and the memory run) would count it
+        host_ms.append(clock.host_intervals_ms())
         return clock.intervals_ms()
 
     meter = energy.EnergyMeter(device)
@@ -287,6 +301,7 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     t0 = time.perf_counter()
     record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
     record.stop, record.prompt_tokens = stop, prompt_tokens
+    record.decode_host_ms = [h[1:] for h in host_ms]
     if meter.handle:
         timed_j, timed_s = meter.joules() - e0, time.perf_counter() - t0
         walls["timed_s"] = timed_s

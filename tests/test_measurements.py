@@ -226,6 +226,9 @@ def test_latency_record_summary_by_hand():
     assert s["cv_decode"] == 0.0 and s["cv_ttft"] == pytest.approx(1.41421356 / 11, rel=1e-6)
     assert s["noisy_timing"] is True  # ttft varies by 13%
     assert len(s["decode_ms_samples"]) == 6
+    assert s["decode_host_ms_per_token"] is None  # no host gaps recorded
+    rec.decode_host_ms = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]  # the host issued each step well ahead of the GPU
+    assert rec.summary()["decode_host_ms_per_token"] == 0.75
 
 
 def test_bandwidth_table():
@@ -295,6 +298,8 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
     assert len(seen) == (1 + 2 + 3) * 3 + 3 and len(set(seen)) == 1 and m.kernels
     assert m.cache_bytes == 2 * 2 * 2 * 16 * (8 + 4) * 2 * 4 and len(m.record.decode_ms) == 3
     assert m.graph_skips is None  # CUDA graphs are asked for on GPUs only
+    # the host's gaps are read at the same marks: on CPU the host clock is the device clock, gap for gap
+    assert [len(h) for h in m.record.decode_host_ms] == [3, 3, 3] and m.record.decode_host_ms == m.record.decode_ms
     model.new_cache = new_cache
     ids = latency.prompt_ids(None, model.vocab_size, 8, 2, "cpu")
     eager, _ = latency.generate(model, ids, 4)
