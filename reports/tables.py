@@ -376,9 +376,9 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    "extent. Measure them again.")
     waited = host_bound(df)
     if len(waited):
-        out.append(f"{len(waited)} cell(s) on a GPU decoded host-bound: the host took {HOST_BOUND:.0%} or more of each "
-                   "decode step's time to issue it (decode_host_ms_per_token), so the GPU waited for Python and "
-                   "kernel launches. Their decode ms/token are this host's CPU, not the GPU, and move with it: "
+        out.append(f"{len(waited)} compiled cell(s) on a GPU decoded host-bound: the host took {HOST_BOUND:.0%} or "
+                   "more of each decode step's time to issue it (decode_host_ms_per_token), so the GPU waited for "
+                   "the host's Python work. Their decode ms/token are this host's CPU, not the GPU, and move with it: "
                    + "; ".join(f"{r.model} × {r.precision} {r.decode} p={r.prompt_tokens} b={r.batch_size} "
                                f"({r.decode_host_ms_per_token:.2f} of {r.decode_ms_per_token:.2f} ms)"
                                for r in waited.head(8).itertuples()) + ("; …" if len(waited) > 8 else ""))
@@ -393,10 +393,13 @@ HOST_BOUND = 0.9  # host time to issue a decode step, as a share of the step's d
 
 
 def host_bound(df: pd.DataFrame) -> pd.DataFrame:
-    """ok GPU cells whose decode steps took the host nearly as long to issue as the GPU took between them."""
+    """ok compiled GPU cells whose decode steps took the host nearly as long to issue as the GPU took between them.
+    Compiled only: a CUDA-graph step is one launch, so a host that keeps up runs ahead; an eager step is hundreds of
+    launches, which fill CUDA's launch queue, and then a host waits for the GPU as long as a host-bound one would."""
     num = lambda name: pd.to_numeric(col(df, name), errors="coerce")  # noqa: E731
     share = num("decode_host_ms_per_token") / num("decode_ms_per_token")
-    return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (share >= HOST_BOUND)]
+    return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (col(df, "decode") == "compiled")
+              & (share >= HOST_BOUND)]
 
 
 def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:

@@ -154,9 +154,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("decode_ms_p99", F, "99th percentile decode gap"),
     ("decode_tokens_per_s", F, "batch_size x 1000 / decode_ms_per_token"),
     ("decode_host_ms_per_token", F, "mean host time (perf_counter) between consecutive decode marks: how long the "
-                                    "host took to issue a step. On a GPU, near decode_ms_per_token: the GPU waited "
-                                    "for the host (host-bound; the figure is Python and launches on this host's CPU); "
-                                    "well below: the host ran ahead and the figure is the GPU's"),
+                                    "host took to issue a step. Compiled on a GPU (one launch a step), near "
+                                    "decode_ms_per_token: the GPU waited for the host (host-bound; the figure is this "
+                                    "host's CPU); well below: the host ran ahead and the figure is the GPU's. Eager "
+                                    "steps fill CUDA's launch queue, and then the host waits either way"),
     ("e2e_s", F, "prefill + decode seconds, mean of repeats"),
     ("e2e_tokens_per_s", F, "batch_size x new_tokens / e2e_s"),
     ("cv_ttft", F, "coefficient of variation of ttft over repeats"),
