@@ -6,7 +6,8 @@ Python calls that grow with the number of quantized weights (dynamo's metadata g
 `metadata_checker`; AOTAutograd's flattening of a subclass input, `__tensor_flatten__`), and the host's seconds with
 and without the profiler. The counts are exact; the seconds are this machine's.
 
-  python bench/step_host_cost.py [--precisions fp32 torchao-int4wo] [--layers 30] [--steps 50] [--device cpu]
+  python bench/step_host_cost.py [--precisions fp32 torchao-int4wo torchao-int4wo:unwrap=true] [--layers 30]
+                                 [--steps 50] [--device cpu]      (NAME:KEY=VALUE,...: a precision's options)
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 PER_WEIGHT = ("metadata_checker", "__tensor_flatten__")  # Python calls made once or more per subclass weight
 
 
-def measure(name: str, layers: int, steps: int, device: str) -> dict:
+def measure(entry: str, layers: int, steps: int, device: str) -> dict:
     import torch
+    import yaml
 
     from spec.units import ModelSpec
     from tasks.engines import hf
@@ -33,8 +35,10 @@ def measure(name: str, layers: int, steps: int, device: str) -> dict:
 
     shapes = {"family": "llama", "hidden_size": 128, "layers": layers, "heads": 4, "kv_heads": 2, "ffn": 256,
               "vocab": 1000}
+    name, _, given = entry.partition(":")
+    options = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in given.split(",") if kv)}
     p = REGISTRY[name]
-    model = hf.load(ModelSpec("synthetic", shapes, "step-host-cost"), p, p.parse_options({}), device)
+    model = hf.load(ModelSpec("synthetic", shapes, "step-host-cost"), p, p.parse_options(options), device)
     step, prompt = model.compiled_decode(), 16
     cache = model.new_cache(None, prompt + 2 * steps + 8)
     ids = torch.randint(0, 1000, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
@@ -64,7 +68,7 @@ def measure(name: str, layers: int, steps: int, device: str) -> dict:
     calls = {k: sum(v[1] for (f, _, fn), v in stats.items() if fn == k) / n for k in PER_WEIGHT}
     subclass = sum(1 for m in model.module.modules() if isinstance(m, torch.nn.Linear)
                    and hasattr(m.weight, "__tensor_flatten__"))  # a traceable tensor subclass (torchao's)
-    return {"precision": name, "device": device, "layers": layers, "linear_weights_traceable_subclass": subclass,
+    return {"precision": entry, "quant_config": model.facts.get("quant_config"), "device": device, "layers": layers, "linear_weights_traceable_subclass": subclass,
             "linear_type": hf.linear_class(model.module),
             "compile_s": round(compile_s, 2), "step_ms": round(plain_s / n * 1e3, 3),
             "step_ms_profiled": round(profiled_s / n * 1e3, 3),
@@ -73,7 +77,7 @@ def measure(name: str, layers: int, steps: int, device: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "torchao-int4wo"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "torchao-int4wo", "torchao-int4wo:unwrap=true"])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--device", default="cpu")

@@ -78,7 +78,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("quant_scheme", S, "none | weight-only | weight+activation"),
     ("weight_bits_nominal", F, "bits of a quantized weight as the method names it (4 for nf4; bits_per_param is measured)"),
     ("quant_config", S, "what was applied, as the library's call (e.g. torchao's int4 packing for this device)"),
-    ("quantize_s", F, "time to quantize a loaded model through the library's own API (hqq), apart from load_s"),
+    ("quantize_s", F, "time of the backend's own step after loading (hqq quantizes the loaded model; torchao with "
+                      "unwrap: true unwraps its weights), apart from load_s"),
     ("calibration_s", F, "gptq/awq: seconds the calibration took when the calibrated checkpoint was built (also on "
                          "rows that loaded it from the cache)"),
     ("calibration_cached", B, "gptq/awq: the calibrated checkpoint came from the disk cache (no calibration now)"),

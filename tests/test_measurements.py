@@ -321,6 +321,39 @@ def test_local_folder_source(smollm2, model_cache):
 
 
 @pytest.mark.slow
+def test_torchao_unwrap_drops_the_per_weight_python_work_of_a_compiled_step_and_changes_no_number(model_cache):
+    """torchao's weights are tensor subclasses: a compiled step evaluates a Python metadata guard and flattens each one
+    on every call (the host work that made torchao-int4wo's compiled decode host-bound on an H200, 11-30f).
+    `unwrap: true` makes them parametrizations of plain tensors: no guard and no flatten a step, the same tokens (eager
+    and compiled), the same parameters and bytes, and the row says so."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    p = REGISTRY["torchao-int4wo"]
+    spec = ModelSpec("synthetic", TINY_LLAMA, "tiny")
+    wrapped, unwrapped = (hf.load(spec, p, p.parse_options({"group_size": 32, **extra}), "cpu")
+                          for extra in ({}, {"unwrap": True}))
+    assert wrapped.weight_stats() == unwrapped.weight_stats()
+    assert unwrapped.facts["quant_config"].endswith("+ unwrap_tensor_subclass") and "quantize_s" in unwrapped.facts
+    assert "quantize_s" not in wrapped.facts and unwrapped.facts["linear_class"] == "ParametrizedLinear"
+    ids = latency.prompt_ids(None, wrapped.vocab_size, 8, 2, "cpu")
+    eager, _ = latency.generate(wrapped, ids, 5)
+    guards = {}
+    for name, model in (("wrapped", wrapped), ("unwrapped", unwrapped)):
+        assert torch.equal(latency.generate(model, ids, 5)[0], eager)
+        step = model.compiled_decode()
+        assert torch.equal(latency.generate(model, ids, 5, step=step)[0], eager)  # compiles, then 4 steps
+        profiler = cProfile.Profile()
+        profiler.enable()
+        latency.generate(model, ids, 5, step=step)
+        profiler.disable()
+        guards[name] = sum(v[1] for (_, _, fn), v in pstats.Stats(profiler).stats.items() if fn == "metadata_checker")
+    assert guards == {"wrapped": 4 * 14, "unwrapped": 0}  # 4 steps x 14 quantized linear weights (2 layers x 7)
+
+
+@pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache):
     """decode: compiled = StaticCache + torch.compile of decode_one_token: the same greedy tokens as eager, compile
     time in compile_s (never in the latency), a static cache allocated for every position."""

@@ -108,7 +108,8 @@ def linear_class(module) -> str:
     """The module classes that run the first decoder layer's projections (which kernel path a method took), e.g.
     "Linear", "Linear4bit", "TorchAtenLinear", "HQQLinear"."""
     layers = next((m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")), module)
-    names = {type(m).__name__ for n, m in layers.named_modules() if n and not list(m.children())
+    names = {type(m).__name__ for n, m in layers.named_modules()
+             if n and not [c for name, c in m.named_children() if name != "parametrizations"]  # unwrapped torchao
              and (hasattr(m, "weight") or hasattr(m, "qweight") or hasattr(m, "W_q"))
              and "norm" not in type(m).__name__.lower()}
     return ",".join(sorted(names))
@@ -239,12 +240,13 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     facts["load_s"] = time.perf_counter() - t0
-    if loading.after_load is not None:  # libraries that quantize a loaded model through their own API
+    if loading.after_load is not None:  # hqq quantizes the loaded model; torchao may unwrap its weights
         t0 = time.perf_counter()
-        loading.after_load(m, options, device)
+        applied = loading.after_load(m, options, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        facts["quantize_s"] = time.perf_counter() - t0
+        if applied is not False:
+            facts["quantize_s"] = time.perf_counter() - t0
     facts["linear_class"] = linear_class(m)
     t0 = time.perf_counter()
     tokenizer = None if model.synthetic else AutoTokenizer.from_pretrained(source, **common)

@@ -59,8 +59,9 @@ class Loading:
     """How it loads."""
     options: type[Options] = NoOptions
     build: Callable[[Options, str], LoadPlan] = field(default=lambda o, device: LoadPlan())  # (options, device)
-    # libraries that quantize a loaded model in place through their own API (hqq): (model, options, device)
-    after_load: Callable[[Any, Options, str], None] | None = None
+    # a step on the loaded model (hqq quantizes it through its own API, torchao may unwrap its weights): (model,
+    # options, device) -> False where the options ask for nothing (no quantize_s then)
+    after_load: Callable[[Any, Options, str], bool | None] | None = None
     # calibrated methods (gptq, awq): (source folder, options, device, calibration text or None, its name,
     # synthetic?) -> (folder of the calibrated checkpoint to load instead, calibration facts for the row)
     prepare: Callable[..., tuple[str, dict[str, Any]]] | None = None

@@ -5,6 +5,12 @@ int4 weight-only takes the packing that works on the device at hand, recorded in
 `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")` (bf16, tinygemm); on CPU, where every packing of
 Int4WeightOnlyConfig fails in 0.18, `IntxWeightOnlyConfig(int4, PerGroup)`, which stores each 4-bit value in a byte
 (weights_bytes shows it). float8 needs compute capability 8.9 (Ada, Hopper) on a GPU; it runs on CPU.
+
+`unwrap: true` turns each quantized weight into a parametrization over the plain tensors it flattens to
+(`torchao.utils.unwrap_tensor_subclass`): the same tokens, and a compiled decode step no longer evaluates a Python
+metadata guard and two flattens for every weight on every call (bench/step_host_cost.py), the host work that made
+torchao-int4wo's compiled decode host-bound on an H200 (11-30f). Eager, the module rebuilds the subclass at every
+access instead.
 """
 from __future__ import annotations
 
@@ -12,11 +18,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, torch_dtype
+from tasks.precisions.base import DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, Stored, torch_dtype
 
 
 class AoOptions(Options):
     compute_dtype: DTypeName = Field("bf16", description="dtype of activations and unquantized modules")
+    unwrap: bool = Field(False, description="weights as parametrizations of plain tensors (unwrap_tensor_subclass)")
 
 
 class AoInt4Options(AoOptions):
@@ -46,9 +53,27 @@ def _config(kind: str):
         else:  # float8: GPUs below compute capability 8.9 are refused by min_capability before loading
             cfg, text = Float8WeightOnlyConfig(), "Float8WeightOnlyConfig()"
         return LoadPlan({"quantization_config": TorchAoConfig(cfg), "dtype": torch_dtype(opts.compute_dtype)},
-                        f"torchao {text}")
+                        f"torchao {text}" + (" + unwrap_tensor_subclass" if opts.unwrap else ""))
 
     return build
+
+
+def _unwrap(model, opts: AoOptions, device: str) -> bool:
+    if opts.unwrap:
+        from torchao.utils import unwrap_tensor_subclass
+
+        unwrap_tensor_subclass(model)
+    return opts.unwrap
+
+
+def _stored(module):
+    """An unwrapped weight: its logical size (the subclass the parametrization rebuilds) and the plain tensors it
+    keeps; a wrapped one is counted generically (by what it flattens to)."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return Stored(module.weight.numel(), list(module.parametrizations.weight.parameters()))
 
 
 def _int8dq_compile_cuda(opts, batch_size: int) -> str | None:
@@ -64,7 +89,8 @@ def _bf16(opts) -> bool:
 
 
 def _ao(kind: str, options, bits: int, scheme: str = "weight-only", **limits) -> dict:
-    return dict(method=Method("torchao", "torchao", scheme, bits, ("torchao",)), loading=Loading(options, _config(kind)),
+    return dict(method=Method("torchao", "torchao", scheme, bits, ("torchao",)),
+                loading=Loading(options, _config(kind), after_load=_unwrap, storage=_stored),
                 limits=Limits(needs_bf16=_bf16, **limits), launch_cost=lambda o: 1.5 if scheme == "weight-only" else 2.0)
 
 
