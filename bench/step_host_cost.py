@@ -68,7 +68,8 @@ def measure(entry: str, layers: int, steps: int, device: str) -> dict:
     calls = {k: sum(v[1] for (f, _, fn), v in stats.items() if fn == k) / n for k in PER_WEIGHT}
     subclass = sum(1 for m in model.module.modules() if isinstance(m, torch.nn.Linear)
                    and hasattr(m.weight, "__tensor_flatten__"))  # a traceable tensor subclass (torchao's)
-    return {"precision": entry, "quant_config": model.facts.get("quant_config"), "device": device, "layers": layers, "linear_weights_traceable_subclass": subclass,
+    return {"precision": entry, "quant_config": model.facts.get("quant_config"), "device": device, "layers": layers,
+            "linear_weights_traceable_subclass": subclass,
             "linear_type": hf.linear_class(model.module),
             "compile_s": round(compile_s, 2), "step_ms": round(plain_s / n * 1e3, 3),
             "step_ms_profiled": round(profiled_s / n * 1e3, 3),
