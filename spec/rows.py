@@ -7,7 +7,7 @@ import json
 import re
 from datetime import datetime, timezone
 
-from spec.catalog import MEASUREMENT_VERSION, measurement_version
+from spec.catalog import measurement_version
 from spec.units import CellSpec, ModelSpec, UnitSpec
 
 
@@ -53,7 +53,6 @@ def unit_rows_base(unit: UnitSpec) -> dict:
         "ppl_dataset": ppl.dataset if ppl else None,
         "ppl_dataset_sha256": ppl.sha256 if ppl else None,
         "quality_key": unit.quality_key,
-        "measurement_version": MEASUREMENT_VERSION,
     }
 
 

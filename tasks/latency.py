@@ -317,7 +317,7 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         t0 = time.perf_counter()
         phases, cache_bytes, element_size = memory_run(model, ids, new_tokens, device, step, kv, static)
         walls["memory_run_s"] = time.perf_counter() - t0
-    skips = graph_skips() - skips if skips is not None else None  # (the profiled step below: its own cache)
+    skips = graph_skips() - skips if skips is not None else None  # the profiled step below is not counted
     kernels = None
     if profile:  # in the cell's static cache where it is long enough: at the edge of memory two would not fit
         t0 = time.perf_counter()
