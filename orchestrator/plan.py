@@ -106,12 +106,15 @@ def digest(identity, n: int) -> str:
     return hashlib.sha256(json.dumps(canonical(identity), sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
-def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid, gpus_per_task: float) -> str:
-    """`cell`: new_tokens, batch_size, decode and kv (a KvSpec)."""
+def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid, gpus_per_task: float,
+             options: dict | None = None) -> str:
+    """`cell`: new_tokens, batch_size, decode and kv (a KvSpec). `options`: the precision's options as they identify
+    a cell (the backend's `Options.key()`: an option added later is left out at its default); else all of them."""
+    options = precision.options if options is None else options
     quantized_kv = grid.generation.quantized_kv  # kv-continuation perplexity is measured only then
     identity = {
         "model": model.identity(),
-        "precision": {"name": precision.name, "options": precision.options},
+        "precision": {"name": precision.name, "options": options},
         "prompt_tokens": cell["prompt_tokens"], "new_tokens": cell["new_tokens"], "batch_size": cell["batch_size"],
         "decode": cell["decode"],
         "generation": grid.generation.model_dump(exclude={"prompt_tokens", "new_tokens", "batch_sizes", "decode",
@@ -127,7 +130,7 @@ def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid,
     if grid.engine != "hf":
         identity["engine"] = grid.engine
     if precision.calibration:  # calibrated methods: the calibration data by content, not by path
-        identity["precision"]["options"] = {k: v for k, v in precision.options.items() if k != "calib_path"}
+        identity["precision"]["options"] = {k: v for k, v in options.items() if k != "calib_path"}
         identity["calibration"] = precision.calibration.sha256 or precision.calibration.name
     return digest(identity, 20)
 
@@ -163,7 +166,8 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
                             for b in g.batch_sizes:
                                 axes = {"prompt_tokens": pt, "new_tokens": n, "batch_size": b, "decode": d,
                                         "kv": kv.spec()}
-                                cells.append(CellSpec(cell_key(model, precision, axes, grid, gpus), **axes))
+                                key = cell_key(model, precision, axes, grid, gpus, parsed.key())
+                                cells.append(CellSpec(key, **axes))
             size = unit_cost(model, backend, parsed, cells, generation)
             uid = digest([model.identity(), model.label, precision.name, precision.options, precision.label,
                           dataclasses.asdict(calibration) if calibration else None], 12)

@@ -178,7 +178,33 @@ generation: {new_tokens: [4], batch_sizes: [1], decode: [eager, compiled]}
 perplexity: false
 """)
     now = {c.decode: c for c in make_plan(load_grid(str(g), []), "r", None).cells}
-    assert {d: cell_fields(c)["measurement_version"] for d, c in now.items()} == {"eager": 2, "compiled": 3}
+    assert {d: cell_fields(c)["measurement_version"] for d, c in now.items()} == {"eager": 3, "compiled": 4}
     monkeypatch.setattr(catalog, "DECODE_VERSIONS", {})  # as before: one version for both
     before = {c.decode: c.key for c in make_plan(load_grid(str(g), []), "r", None).cells}
     assert before["eager"] == now["eager"].key and before["compiled"] != now["compiled"].key
+
+
+def test_an_option_added_later_keeps_the_cells_measured_before_it(tmp_path, monkeypatch):
+    """torchao's `unwrap` came after torchao cells were measured (11-30f): at its default the cell keys are those of
+    options without it, so a grid that does not set it reuses those rows (11-30g measured 3 cells again before this);
+    set, it keys cells of its own. An option that is not marked added (group_size) stays in the key at its default."""
+    from orchestrator import plan as P
+    from tasks.precisions import REGISTRY
+
+    text = GRID.replace("int8]", "torchao-int4wo, {name: torchao-int4wo, unwrap: true}]")
+    p = plan(tmp_path, text)
+    int4 = [u for u in p.units if u.precision.name == "torchao-int4wo" and u.model.label == "opt-125m"]
+    default, unwrapped = sorted(int4, key=lambda u: u.precision.options["unwrap"])
+    assert default.precision.options["unwrap"] is False  # the row's precision_options still say all of them
+    assert REGISTRY["torchao-int4wo"].parse_options({}).key() == {"compute_dtype": "bf16", "group_size": 128}
+    grid = load_grid(tmp_path / "g.yaml", [])
+    model = default.model
+    before = {k: v for k, v in default.precision.options.items() if k != "unwrap"}  # as a row of 11-30f was keyed
+    for c in default.cells:
+        axes = {"prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens, "batch_size": c.batch_size,
+                "decode": c.decode, "kv": c.kv}
+        assert c.key == P.cell_key(model, default.precision, axes, grid, 1, before)
+        assert c.key != P.cell_key(model, default.precision, axes, grid, 1, {**before, "group_size": 64})
+    assert not {c.key for c in default.cells} & {c.key for c in unwrapped.cells}
+    monkeypatch.setattr(REGISTRY["torchao-int4wo"].loading.options.model_fields["unwrap"], "json_schema_extra", None)
+    assert not {c.key for c in default.cells} & {c.key for c in plan(tmp_path, text).cells}  # unmarked: all new keys

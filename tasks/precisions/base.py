@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 DTypeName = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -17,6 +17,19 @@ class Options(BaseModel):
     """A precision's options as a grid gives them: unknown keys refused, no coercion (true is not 1, "8" is not 8),
     no .inf or .nan."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    def key(self) -> dict:
+        """The options as they identify a cell: every option, less those added after cells were measured
+        (`added_option`) while they keep their default, so that those cells' rows still answer for them."""
+        fields = type(self).model_fields
+        return {k: v for k, v in self.model_dump().items()
+                if not ((fields[k].json_schema_extra or {}).get("key_when_set") and v == fields[k].default)}
+
+
+def added_option(default: Any, description: str) -> Any:
+    """A field for an option added to a backend that already has measured cells: at its default it leaves the
+    cell key as it was (Options.key), so a grid that does not set it reuses the rows measured before it existed."""
+    return Field(default, description=description, json_schema_extra={"key_when_set": True})
 
 
 class NoOptions(Options):

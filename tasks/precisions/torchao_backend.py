@@ -18,12 +18,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, Stored, torch_dtype
+from tasks.precisions.base import (DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, Stored,
+                                   added_option, torch_dtype)
 
 
 class AoOptions(Options):
     compute_dtype: DTypeName = Field("bf16", description="dtype of activations and unquantized modules")
-    unwrap: bool = Field(False, description="weights as parametrizations of plain tensors (unwrap_tensor_subclass)")
+    unwrap: bool = added_option(False, "weights as parametrizations of plain tensors (unwrap_tensor_subclass)")
 
 
 class AoInt4Options(AoOptions):
