@@ -11,7 +11,7 @@ import pandas as pd
 from reports import fit
 from reports.data import (BROKEN_RATIO, FAILED, at, col, decode_runs, first, frontier, headline_cell,
                           method_group, per_run_decode, precision_order, val)
-from spec.catalog import measurement_version
+from spec.catalog import ONE_STATIC_CACHE, measurement_version
 from spec.stats import mean_interval, paired_log_ratio, t975
 
 NOISY_HALFWIDTH = 0.05  # a speed whose 95% interval is wider than ±5% of it makes no claim
@@ -279,12 +279,14 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
 
 def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Per quantized precision and decode path: its decode ms/token over the baseline's at each (batch, prompt),
-    at the longest generation; < 1 is faster."""
+    at the longest generation; < 1 is faster. A cell measured twice (`report --all` over grids whose keys differ,
+    e.g. before and after a measurement changed) counts with its newest run."""
     ok = df[(df.status == "ok") & (df.kv_cache == "native")]
     if baseline is None or ok.empty:
         return []
     n = int(ok.new_tokens.max())
-    ok = ok[ok.new_tokens == n]
+    ok = ok[ok.new_tokens == n].sort_values("run_id", kind="stable").drop_duplicates(
+        ["precision", "decode", "batch_size", "prompt_tokens"], keep="last")
     out = []
     for path in ("eager", "compiled"):
         base = ok[(ok.precision == baseline) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
@@ -369,11 +371,22 @@ def caveats(df: pd.DataFrame) -> list[str]:
     if len(rerecorded):
         excess = (rerecorded.decode_ms_per_token / rerecorded.apply(replays_ms, axis=1) - 1) * 100
         out.append(f"{len(rerecorded)} compiled cell(s) on a GPU were measured before compiled decode's version "
-                   f"{measurement_version('compiled')}: each run made a new static cache, and CUDA graphs were "
+                   f"{ONE_STATIC_CACHE}: each run made a new static cache, and CUDA graphs were "
                    "recorded again at a run's first step wherever its tensors moved, inside the timed runs. Their "
                    f"decode ms/token are {excess.min():.0f}–{excess.max():.0f}% over the mean of the graph's replays "
                    "alone (bench/compiled_replays.py); the ratios between them are not to be trusted to that "
                    "extent. Measure them again.")
+    queued = queued_decode(df)
+    if len(queued):
+        out.append(f"{len(queued)} cell(s) on a GPU took the host longer to issue a decode step than the GPU took "
+                   "between steps, which only happens while the GPU runs steps queued during the prefill: measured "
+                   f"before version {measurement_version('eager')} (eager) / {measurement_version('compiled')} "
+                   "(compiled), decode did not start from an idle GPU. Their decode ms/token are the GPU's alone; a "
+                   "longer generation runs at the slower of the GPU's and the host's pace, which these rows cannot "
+                   "tell (the host's figure includes its waits for the prefill). Measure them again: "
+                   + "; ".join(f"{r.model} × {r.precision} {r.decode} p={r.prompt_tokens} b={r.batch_size} "
+                               f"(host {r.decode_host_ms_per_token:.2f}, GPU {r.decode_ms_per_token:.2f} ms)"
+                               for r in queued.head(8).itertuples()) + ("; …" if len(queued) > 8 else ""))
     waited = host_bound(df)
     if len(waited):
         out.append(f"{len(waited)} compiled cell(s) on a GPU decoded host-bound: the host took {HOST_BOUND:.0%} or "
@@ -395,17 +408,33 @@ HOST_BOUND = 0.9  # host time to issue a decode step, as a share of the step's d
 def host_bound(df: pd.DataFrame) -> pd.DataFrame:
     """ok compiled GPU cells whose decode steps took the host nearly as long to issue as the GPU took between them.
     Compiled only: a CUDA-graph step is one launch, so a host that keeps up runs ahead; an eager step is hundreds of
-    launches, which fill CUDA's launch queue, and then a host waits for the GPU as long as a host-bound one would."""
-    num = lambda name: pd.to_numeric(col(df, name), errors="coerce")  # noqa: E731
-    share = num("decode_host_ms_per_token") / num("decode_ms_per_token")
+    launches, which fill CUDA's launch queue, and then a host waits for the GPU as long as a host-bound one would.
+    A host slower than the GPU is `queued_decode`'s."""
+    share = _host_share(df)
     return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (col(df, "decode") == "compiled")
-              & (share >= HOST_BOUND)]
+              & (share >= HOST_BOUND) & (share <= QUEUED)]
+
+
+QUEUED = 1.02  # a host's time per step over the GPU's by more than the clocks' disagreement: steps ran from a queue
+
+
+def queued_decode(df: pd.DataFrame) -> pd.DataFrame:
+    """ok GPU cells whose host took longer to issue the decode steps than the GPU took between them. The host's and
+    the GPU's sums over a run differ by how far the GPU lagged behind the host at its start less at its end, so this
+    happens only while the GPU works off a lead, the prefill's, and the host's slower pace is hidden for as many steps
+    as that lead covers; from measurement version 3 (compiled 4) decode starts from an idle GPU, and it cannot."""
+    return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (_host_share(df) > QUEUED)]
+
+
+def _host_share(df: pd.DataFrame) -> pd.Series:
+    num = lambda name: pd.to_numeric(col(df, name), errors="coerce")  # noqa: E731
+    return num("decode_host_ms_per_token") / num("decode_ms_per_token")
 
 
 def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:
     """ok compiled cells on a GPU of an older compiled-decode measurement (a new static cache per run)."""
     return df[(col(df, "decode") == "compiled") & (col(df, "status") == "ok") & (col(df, "device") == "cuda")
-              & (col(df, "measurement_version").fillna(0) < measurement_version("compiled"))]
+              & (col(df, "measurement_version").fillna(0) < ONE_STATIC_CACHE)]
 
 
 def replays_ms(row) -> float | None:

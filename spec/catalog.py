@@ -4,11 +4,15 @@ from __future__ import annotations
 
 # 2: the memory run no longer counts the last timed run's KV cache (v1 peaks were one KV cache too high);
 #    no_grad instead of inference_mode
-MEASUREMENT_VERSION = 2  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
+# 3: decode starts from an idle GPU (the host waits for the prefill once; tasks.latency.Clock.decode_starts): before,
+#    a long prefill's queue let the GPU run the first decode steps back to back while a slower host fell behind, and
+#    a host-bound cell's decode ms/token fell with its prompt's length (11-30g)
+MEASUREMENT_VERSION = 3  # bump when a change makes numbers incomparable with earlier rows; part of every cell key
 # a cell's version by its decode, where one changed alone. compiled 3: every run of a cell in one static cache (v2 made
 #    a new one per run, whose new addresses made CUDA graph trees record the decode step again at a run's first step,
-#    inside the timed runs: 40-1200 ms on an H200, 11-30e). Eager cells keep 2, and stay reusable.
-DECODE_VERSIONS = {"compiled": 3}
+#    inside the timed runs: 40-1200 ms on an H200, 11-30e). compiled 4: version 3's idle start.
+DECODE_VERSIONS = {"compiled": 4}
+ONE_STATIC_CACHE = 3  # the compiled version from which a cell's runs share one static cache (reports flag older rows)
 
 
 def measurement_version(decode: str) -> int:

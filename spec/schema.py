@@ -158,7 +158,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                                     "host took to issue a step. Compiled on a GPU (one launch a step), near "
                                     "decode_ms_per_token: the GPU waited for the host (host-bound; the figure is this "
                                     "host's CPU); well below: the host ran ahead and the figure is the GPU's. Eager "
-                                    "steps fill CUDA's launch queue, and then the host waits either way"),
+                                    "steps fill CUDA's launch queue, and then the host waits either way. Above it "
+                                    "(rows before measurement version 3, compiled 4, whose decode did not start from "
+                                    "an idle GPU): the GPU ran steps queued during the prefill"),
     ("e2e_s", F, "prefill + decode seconds, mean of repeats"),
     ("e2e_tokens_per_s", F, "batch_size x new_tokens / e2e_s"),
     ("cv_ttft", F, "coefficient of variation of ttft over repeats"),

@@ -312,6 +312,42 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
     assert static.layers[0].keys.data_ptr() == keys and static.get_seq_length() == 8
 
 
+def test_decode_starts_from_an_idle_gpu_and_the_host_clock_restarts_there(monkeypatch):
+    """A run's decode steps are issued only after the GPU has finished the prefill (one sync after the prefill's
+    event), and the host's first decode gap is counted from there: else the GPU ran the first steps from the
+    prefill's queue while a slower host fell behind (11-30g: torchao-int4wo's host 4.0 ms a step, its GPU 3.1, and
+    the cell's figure the GPU's). The order of a run's calls, and the clock's GPU side with the sync spied."""
+    import torch
+
+    calls = []
+
+    class Spy(latency.Clock):
+        def mark(self):
+            calls.append("mark")
+            super().mark()
+
+        def decode_starts(self):
+            calls.append("decode_starts")
+            super().decode_starts()
+
+    model = tiny()
+    ids = latency.prompt_ids(None, model.vocab_size, 8, 1, "cpu")
+    latency.generate(model, ids, 4, clock=Spy("cpu"))
+    assert calls == ["mark", "mark", "decode_starts", "mark", "mark", "mark"]  # prefill, then 3 decode steps
+
+    synced, now = [], iter([7.0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(True))
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(now))
+    gpu = latency.Clock("cpu")
+    gpu.cuda, gpu.host = True, [1.0, 2.0]  # the host's reads at the run's start and after issuing the prefill
+    gpu.decode_starts()
+    assert synced == [True] and gpu.host == [1.0, 7.0]  # the prefill's interval ends when the GPU is done
+    cpu = latency.Clock("cpu")
+    cpu.host = [1.0, 2.0]
+    cpu.decode_starts()  # nothing is queued on CPU: one clock, left as read
+    assert cpu.host == [1.0, 2.0] and synced == [True]
+
+
 @pytest.mark.slow
 def test_local_folder_source(smollm2, model_cache):
     """A `path:` source is a plain Hugging Face folder (here: the converted GGUF in the cache)."""
@@ -372,7 +408,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
     unit.cells[0] = dataclasses.replace(unit.cells[0], decode="compiled")
     r = list(U.run_unit(unit))[0]
     assert r["status"] == "ok", r.get("traceback")
-    assert r["decode"] == "compiled" and r["compile_s"] > 0 and r["measurement_version"] == 3
+    assert r["decode"] == "compiled" and r["compile_s"] > 0 and r["measurement_version"] == 4
     assert r["cudagraph_skips"] is None  # CUDA graphs are asked for on GPUs only
     assert r["compile_s"] > 20 * max(r["decode_ms_samples"]) / 1e3  # compilation is not in the samples
     assert len(r["decode_ms_samples"]) == 2 * (5 - 1)
