@@ -524,8 +524,9 @@ def test_gpu_cells_whose_host_issued_steps_as_slowly_as_the_gpu_ran_them_are_fla
 def test_gpu_cells_whose_host_was_slower_than_their_gpu_ran_from_the_prefill_s_queue_and_are_flagged():
     """The host's time per decode step over the GPU's is only possible while the GPU works off the prefill's lead
     (rows from before decode started from an idle GPU): 11-30g's torchao-int4wo 7B at 128 × 1, host 4.04 against
-    GPU 3.14 ms. Flagged as understating a longer generation, eager or compiled, and not as host-bound; within
-    the clocks' disagreement (2%) it is host-bound as before; CPU and failed cells never."""
+    GPU 3.14 ms. Flagged, eager or compiled, as the GPU's time alone (a longer generation runs at the slower pace,
+    which such a row cannot tell), and not as host-bound; within the clocks' disagreement (2%) it is host-bound as
+    before; CPU and failed cells never."""
     from reports import tables
 
     row = {"model": "m", "precision": "torchao-int4wo", "decode": "compiled", "status": "ok", "device": "cuda",
