@@ -107,10 +107,9 @@ def digest(identity, n: int) -> str:
 
 
 def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid, gpus_per_task: float,
-             options: dict | None = None) -> str:
+             options: dict) -> str:
     """`cell`: new_tokens, batch_size, decode and kv (a KvSpec). `options`: the precision's options as they identify
-    a cell (the backend's `Options.key()`: an option added later is left out at its default); else all of them."""
-    options = precision.options if options is None else options
+    a cell (the backend's `Options.key()`: an option added later is left out at its default)."""
     quantized_kv = grid.generation.quantized_kv  # kv-continuation perplexity is measured only then
     identity = {
         "model": model.identity(),

@@ -384,22 +384,25 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    "(compiled), decode did not start from an idle GPU. Their decode ms/token are the GPU's alone; a "
                    "longer generation runs at the slower of the GPU's and the host's pace, which these rows cannot "
                    "tell (the host's figure includes its waits for the prefill). Measure them again: "
-                   + "; ".join(f"{r.model} × {r.precision} {r.decode} p={r.prompt_tokens} b={r.batch_size} "
-                               f"(host {r.decode_host_ms_per_token:.2f}, GPU {r.decode_ms_per_token:.2f} ms)"
-                               for r in queued.head(8).itertuples()) + ("; …" if len(queued) > 8 else ""))
+                   + _cells(queued, lambda r: f"host {r.decode_host_ms_per_token:.2f}, "
+                                              f"GPU {r.decode_ms_per_token:.2f} ms"))
     waited = host_bound(df)
     if len(waited):
         out.append(f"{len(waited)} compiled cell(s) on a GPU decoded host-bound: the host took {HOST_BOUND:.0%} or "
                    "more of each decode step's time to issue it (decode_host_ms_per_token), so the GPU waited for "
                    "the host's Python work. Their decode ms/token are this host's CPU, not the GPU, and move with it: "
-                   + "; ".join(f"{r.model} × {r.precision} {r.decode} p={r.prompt_tokens} b={r.batch_size} "
-                               f"({r.decode_host_ms_per_token:.2f} of {r.decode_ms_per_token:.2f} ms)"
-                               for r in waited.head(8).itertuples()) + ("; …" if len(waited) > 8 else ""))
+                   + _cells(waited, lambda r: f"{r.decode_host_ms_per_token:.2f} of {r.decode_ms_per_token:.2f} ms"))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "
                    "measured CPU copy. No energy is measured on CPU.")
     return out
+
+
+def _cells(rows: pd.DataFrame, detail) -> str:
+    """The first 8 cells of `rows` by model, precision, decode, prompt and batch, each with `detail(row)`."""
+    return "; ".join(f"{r.model} × {r.precision} {r.decode} p={r.prompt_tokens} b={r.batch_size} ({detail(r)})"
+                     for r in rows.head(8).itertuples()) + ("; …" if len(rows) > 8 else "")
 
 
 HOST_BOUND = 0.9  # host time to issue a decode step, as a share of the step's device time, from which the GPU waited

@@ -79,13 +79,18 @@ class Clock:
             self.host[-1] = time.perf_counter()
 
     def host_intervals_ms(self) -> list[float]:
-        return [(b - a) * 1e3 for a, b in zip(self.host, self.host[1:])]
+        return _gaps_ms(self.host)
 
     def intervals_ms(self) -> list[float]:
         if self.cuda:
             self.marks[-1].synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return _gaps_ms(self.marks)
+
+
+def _gaps_ms(seconds: list[float]) -> list[float]:
+    """Milliseconds between consecutive host clock readings."""
+    return [(b - a) * 1e3 for a, b in zip(seconds, seconds[1:])]
 
 
 def empty_cache(model, kv: KvSpec | None, static_len: int | None, reuse=None):
