@@ -25,6 +25,10 @@ A campaign file:
   gpu: 1                           # optional: this campaign has that GPU alone (CUDA_VISIBLE_DEVICES for all it
                                    # runs) and its sweeps start an embedded Ray each, no head: two campaigns with
                                    # gpu 0 and gpu 1 share a 2-GPU host side by side (bench/gpu.sh campaign A B)
+  cpus: share                      # optional, with gpu: on a host of --gpus N GPUs, what it runs gets the gpu-th
+                                   # of N equal slices of the host's CPUs (the default: a sweep's torch.compile
+                                   # workers take every CPU they see, and host-paced decode beside them slows:
+                                   # tasks/host_cpu.py); `all` shares them all
 Each sweep's log is DIR/<name>.log; DIR/exits.txt gets "<name> exit <code> after <s> s"; DIR/all.done when all end.
 """
 from __future__ import annotations
@@ -67,12 +71,12 @@ def seed(campaign: dict, results: Path) -> None:
                         shutil.copy2(f, dst / f.name)  # order let 2026-11-29's rows replace 11-30b's repeats)
 
 
-def before(campaign: dict, results: Path) -> None:
+def before(campaign: dict, results: Path, pin=None) -> None:
     for step in campaign.get("before") or []:
         t0 = time.monotonic()
         with open(results / f"{step['name']}.out", "w") as out:
             code = subprocess.call(step["run"].format(results=results), shell=True, cwd=ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, preexec_fn=pin)
         with open(results / "exits.txt", "a") as f:
             f.write(f"{step['name']} exit {code} after {time.monotonic() - t0:.0f} s\n")
 
@@ -86,13 +90,24 @@ def ray_head(gpus: int) -> None:
                           stdout=subprocess.DEVNULL)
 
 
+def cpu_share(gpu: int, gpus: int, cpus: list[int]) -> list[int]:
+    """The gpu-th of `gpus` equal slices of `cpus` (what the campaign on that GPU runs on)."""
+    n = len(cpus)
+    return cpus[gpu * n // gpus:(gpu + 1) * n // gpus] or cpus
+
+
 def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> int:
     results.mkdir(parents=True, exist_ok=True)
+    pin = None
     if campaign.get("gpu") is not None:  # one GPU of the host, an embedded Ray per sweep (a head would hold them all)
         os.environ["CUDA_VISIBLE_DEVICES"] = str(campaign["gpu"])
+        if gpus > 1 and campaign.get("cpus", "share") == "share":
+            mine = cpu_share(int(campaign["gpu"]), gpus, sorted(os.sched_getaffinity(0)))
+            pin = lambda: os.sched_setaffinity(0, mine)  # noqa: E731 (in each child, before it runs)
+            (results / "cpus.txt").write_text(f"GPU {campaign['gpu']} of {gpus}: CPUs {mine[0]}-{mine[-1]}\n")
         address, gpus = "", 0
     seed(campaign, results)
-    before(campaign, results)
+    before(campaign, results, pin)
     if address == "auto" and gpus:
         ray_head(gpus)
     t0 = time.monotonic()
@@ -120,7 +135,8 @@ def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> 
                 cmd += ["--set", item]
         log = open(results / f"{s['name']}.log", "a")
         env = {**os.environ, **{k: str(v) for k, v in (s.get("env") or {}).items()}}
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, shell=isinstance(cmd, str), env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, shell=isinstance(cmd, str),
+                                env=env, preexec_fn=pin)
         if campaign.get("sequential"):
             worst = max(worst, finish(s["name"], proc, log))
         else:

@@ -115,7 +115,8 @@ DETAIL = [("TTFT ms", "ttft_ms", "{:.2f}"), ("decode p99 ms", "decode_ms_p99", "
           ("prefill peak MB", "prefill_peak_bytes", "mb"), ("J / decode token", "energy_j_per_decode_token", "{:.3g}"),
           ("J / prefill token", "energy_j_per_prefill_token", "{:.3g}"), ("mean power W", "power_mean_w", "{:.0f}"),
           ("$ / M tokens", "usd_per_million_tokens", "{:.3f}"), ("repeats", "repeats_done", "{:.0f}"),
-          ("CV decode", "cv_decode", "pct"), ("host load (1 min)", "host_load_1m", "{:.1f}")]
+          ("CV decode", "cv_decode", "pct"), ("host load (1 min)", "host_load_1m", "{:.1f}"),
+          ("CPUs others took, most in a run", "host_other_busy_cpus_max", "{:.1f}")]
 UNIT = [("load s", "load_s", "{:.1f}"), ("quantize s", "quantize_s", "{:.1f}"), ("calibration s", "calibration_s",
                                                                                   "{:.1f}"),
         ("kernel path", "linear_class", "{}"), ("applied", "quant_config", "{}"),
@@ -392,6 +393,13 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    "more of each decode step's time to issue it (decode_host_ms_per_token), so the GPU waited for "
                    "the host's Python work. Their decode ms/token are this host's CPU, not the GPU, and move with it: "
                    + _cells(waited, lambda r: f"{r.decode_host_ms_per_token:.2f} of {r.decode_ms_per_token:.2f} ms"))
+    crowded = crowded_host(df)
+    if len(crowded):
+        out.append(f"{len(crowded)} cell(s) were timed while other processes kept at least {CROWDED:.0%} of the "
+                   "unit's CPUs busy in a run (host_other_busy_cpus_max): decode that the host paces (on CPU, eager "
+                   "on a GPU, compiled cells flagged host-bound) is slower than on a quiet host, by as much as those "
+                   "processes took from it: "
+                   + _cells(crowded, lambda r: f"up to {r.host_other_busy_cpus_max:.1f} of {r.host_cpus:.0f} CPUs"))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "
@@ -427,6 +435,15 @@ def queued_decode(df: pd.DataFrame) -> pd.DataFrame:
     happens only while the GPU works off a lead, the prefill's, and the host's slower pace is hidden for as many steps
     as that lead covers; from measurement version 3 (compiled 4) decode starts from an idle GPU, and it cannot."""
     return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (_host_share(df) > QUEUED)]
+
+
+CROWDED = 0.5  # share of the unit's CPUs that other processes kept busy in a timed run, from which a caveat
+
+
+def crowded_host(df: pd.DataFrame) -> pd.DataFrame:
+    """ok cells in one of whose timed runs other processes kept CROWDED or more of the unit's CPUs busy."""
+    busy = pd.to_numeric(col(df, "host_other_busy_cpus_max"), errors="coerce")
+    return df[(col(df, "status") == "ok") & (busy >= CROWDED * pd.to_numeric(col(df, "host_cpus"), errors="coerce"))]
 
 
 def _host_share(df: pd.DataFrame) -> pd.Series:

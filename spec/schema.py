@@ -258,6 +258,13 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("cpus_per_task", F, "CPUs the unit asked Ray for (on CPU, fewer than a node lets units share cores)"),
     ("host_load_1m", F, "the host's 1-minute load average when the cell's runs ended (launch-bound decode slows "
                         "when other units share the host's CPUs)"),
+    ("host_cpus", I, "CPUs the unit's process may run on (its affinity; a campaign beside another on one host gets "
+                     "its share)"),
+    ("host_other_busy_cpus", F, "how many of those CPUs other processes kept busy over the timed runs, on average "
+                                "(Linux /proc/stat less the unit's own CPU time; null elsewhere). Host-bound decode "
+                                "(eager on a GPU, compiled cells flagged host-bound) slows when they take them all"),
+    ("host_other_busy_cpus_max", F, "the same over the busiest single timed run (counted in 10 ms ticks per CPU: "
+                                    "coarse for runs under a second)"),
     ("host", S, "host name of the worker"),
     ("worker_pid", I, "process id of the worker"),
 ]

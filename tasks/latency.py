@@ -19,7 +19,7 @@ import torch
 
 from spec.stats import mean_interval, relative_halfwidth
 from spec.units import KvSpec
-from tasks import energy, memory
+from tasks import energy, host_cpu, memory
 
 # Prompts for real models are cut from this text (written for this project; deterministic).
 PROMPT_TEXT = (
@@ -271,6 +271,7 @@ class CellMeasurement:
     graph_skips: int | None           # compiled decode on a GPU: calls of the step without CUDA graphs (inductor)
     kernels: list[dict] | None        # with profile: the top kernels of one decode step
     energy: dict                      # tasks.energy.columns, or {"energy_missing": why}
+    host_cpu: dict                    # tasks.host_cpu: what other processes ran on the unit's CPUs meanwhile
     walls: dict                       # seconds of each part of the cell's work (warm-up, timed runs, ...)
 
 
@@ -306,11 +307,12 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     walls.update(warmup_s=sum(runs_s), warmup_runs_s=runs_s,
                  memory_measured_in="the last warm-up run" if warmup else "a run after the timed runs")
 
-    host_ms = []
+    host_ms, others = [], host_cpu.HostCpu()
 
     def run_once() -> list[float]:
         clock = Clock(device)
-        tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv, cache=static)
+        with others.run():
+            tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv, cache=static)
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's own KV cache must not outlive it: the next run (and the memory run) would count it
         host_ms.append(clock.host_intervals_ms())
@@ -344,7 +346,8 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         reuse, static = (static if new_tokens >= 3 else None), None
         kernels = profile_decode_step(model, ids, new_tokens, device, step, kv=kv, cache=reuse)
         walls["profile_s"] = time.perf_counter() - t0
-    return CellMeasurement(record, phases, cache_bytes, element_size, compile_s, skips, kernels, used, walls)
+    return CellMeasurement(record, phases, cache_bytes, element_size, compile_s, skips, kernels, used, others.columns(),
+                           walls)
 
 
 def graph_skips() -> int:

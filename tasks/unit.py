@@ -262,7 +262,7 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
         model, device, new_tokens=cell.new_tokens, batch_size=cell.batch_size, prompt_tokens=cell.prompt_tokens,
         warmup=g.warmup, repeats=g.repeats, decode=cell.decode, profile=g.profile, kv=kv, max_repeats=g.max_repeats,
         max_seconds=g.max_seconds, target_halfwidth=g.target_halfwidth)
-    out = {**m.record.summary(), **m.energy, **m.walls}
+    out = {**m.record.summary(), **m.energy, **m.host_cpu, **m.walls}
     phases, compile_s, kernels, skips = m.phases, m.compile_s, m.kernels, m.graph_skips
     geometry = model.geometry
     out.update(kv_cache.accounting(geometry, m.cache_bytes, m.cache_element_size,

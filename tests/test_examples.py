@@ -93,3 +93,30 @@ def test_campaign_entries_run_with_their_environment_and_gpu(tmp_path, monkeypat
     assert (tmp_path / "r" / "a.txt").read_text().split() == ["1", "x:1", "addr=."]
     assert (tmp_path / "r" / "b.txt").read_text().strip() == "none"
     assert (tmp_path / "r" / "all.done").exists()
+
+
+def test_a_campaign_beside_another_runs_on_its_share_of_the_host_s_cpus(tmp_path, monkeypatch):
+    """On a host of 2 GPUs the campaign with gpu 1 runs everything on the second half of the host's CPUs, so that
+    one sweep's compile workers leave the other's host-paced decode its CPUs (tasks/host_cpu.py); `cpus: all` shares
+    them; the campaign's own process keeps them all."""
+    import os
+
+    import bench.campaign as campaign
+
+    assert campaign.cpu_share(0, 2, list(range(32))) == list(range(16))
+    assert campaign.cpu_share(1, 2, list(range(32))) == list(range(16, 32))
+    assert campaign.cpu_share(1, 2, [5]) == [5]  # one CPU: nothing to split
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    mine = sorted(os.sched_getaffinity(0))
+    show = "grep Cpus_allowed_list /proc/self/status > {results}/%s.txt"
+    for name, extra in (("share", {}), ("all", {"cpus": "all"})):
+        c = {"gpu": 1, "sweeps": [{"name": name, "run": show % name}], **extra}
+        assert campaign.run(c, tmp_path / "r", gpus=2) == 0
+
+    def allowed(name):  # "0-3,8" -> [0, 1, 2, 3, 8]
+        spans = [p.split("-") for p in (tmp_path / "r" / f"{name}.txt").read_text().split()[-1].split(",")]
+        return [c for s in spans for c in range(int(s[0]), int(s[-1]) + 1)]
+
+    assert allowed("share") == campaign.cpu_share(1, 2, mine) and allowed("all") == mine
+    assert (tmp_path / "r" / "cpus.txt").read_text().startswith("GPU 1 of 2: CPUs")
+    assert sorted(os.sched_getaffinity(0)) == mine

@@ -348,6 +348,44 @@ def test_decode_starts_from_an_idle_gpu_and_the_host_clock_restarts_there(monkey
     assert cpu.host == [1.0, 2.0] and synced == [True]
 
 
+def test_other_processes_on_the_unit_s_cpus_are_counted_per_timed_run(monkeypatch):
+    """/proc/stat's busy ticks on the CPUs the process may use, less its own CPU time, over each timed run's wall time
+    (host-paced decode moves with them: tasks/host_cpu.py). By hand: the parsing (only the listed CPUs' lines; idle
+    and iowait are not busy), the arithmetic, the mean over all runs and the busiest run; then a real cell on this
+    machine gives one span per timed run."""
+    from tasks import host_cpu
+
+    stat = ("cpu  900 0 900 9000 0 0 0 0 0 0\n"
+            "cpu0 100 5 50 1000 40 3 2 10 7 0\n"      # busy 100+5+50+3+2+10 = 170 ticks (guest 7 is in user)
+            "cpu1 999 999 999 0 0 0 0 0 0 0\n"       # not the process's
+            "cpu2 30 0 20 500 0 0 0 0\n"              # busy 50 (an older kernel's shorter line)
+            "intr 12345 0 0\nctxt 999\n")
+    assert host_cpu.busy_seconds(stat, {0, 2}, 100) == pytest.approx(2.2)
+    assert host_cpu.other_busy_cpus(busy_s=3.0, own_cpu_s=1.0, wall_s=0.5) == pytest.approx(4.0)
+    assert host_cpu.other_busy_cpus(busy_s=0.9, own_cpu_s=1.0, wall_s=0.5) == 0.0  # rounding, never below 0
+    assert host_cpu.other_busy_cpus(1.0, 0.0, 0.0) is None
+
+    tracker = host_cpu.HostCpu()
+    assert tracker.available  # Linux, as CI
+    reads = iter([(10.0, 5.0, 100.0), (12.0, 5.5, 101.0),    # run 1: 2 s busy, 0.5 own, 1 s: 1.5 CPUs
+                  (20.0, 6.0, 200.0), (29.0, 7.0, 203.0)])   # run 2: 9 s busy, 1 own, 3 s: 2.67 CPUs
+    monkeypatch.setattr(tracker, "_read", lambda: next(reads))
+    for _ in range(2):
+        with tracker.run():
+            pass
+    cols = tracker.columns()
+    assert cols["host_other_busy_cpus"] == pytest.approx((11 - 1.5) / 4)  # both runs together
+    assert cols["host_other_busy_cpus_max"] == pytest.approx(8 / 3) and cols["host_cpus"] == len(tracker.cpus)
+    monkeypatch.undo()
+
+    import os
+
+    m = latency.measure_cell(tiny(), "cpu", new_tokens=3, batch_size=1, prompt_tokens=4, warmup=0, repeats=3)
+    cpus = len(os.sched_getaffinity(0))
+    assert m.host_cpu["host_cpus"] == cpus
+    assert 0 <= m.host_cpu["host_other_busy_cpus"] <= m.host_cpu["host_other_busy_cpus_max"] <= cpus
+
+
 @pytest.mark.slow
 def test_local_folder_source(smollm2, model_cache):
     """A `path:` source is a plain Hugging Face folder (here: the converted GGUF in the cache)."""

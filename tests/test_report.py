@@ -540,6 +540,24 @@ def test_gpu_cells_whose_host_was_slower_than_their_gpu_ran_from_the_prefill_s_q
     assert len(queued) == 1 and queued[0].startswith("2 cell(s) on a GPU") and "(host 4.04, GPU 3.14 ms)" in queued[0]
 
 
+def test_cells_timed_while_other_processes_took_half_the_unit_s_cpus_are_flagged():
+    """Host-paced decode moves with what other processes take of the unit's CPUs (tasks/host_cpu.py). A cell in one of
+    whose timed runs others kept half or more of the unit's CPUs busy gets a caveat with how many; below half, rows
+    without the columns (older rows, off Linux) and failed cells do not."""
+    from reports import tables
+
+    row = {"model": "m", "precision": "hqq", "decode": "eager", "status": "ok", "device": "cuda",
+           "prompt_tokens": 1024, "batch_size": 1, "new_tokens": 32, "decode_ms_per_token": 110.0,
+           "host_cpus": 32, "host_other_busy_cpus": 9.0, "host_other_busy_cpus_max": 29.6}
+    df = pd.DataFrame([row, {**row, "precision": "fp16", "host_other_busy_cpus_max": 15.9},
+                       {**row, "precision": "nf4", "host_cpus": None, "host_other_busy_cpus_max": None},
+                       {**row, "status": "error"}])
+    assert list(tables.crowded_host(df).precision) == ["hqq"]
+    crowded = [c for c in tables.caveats(df) if "other processes kept" in c]
+    assert len(crowded) == 1 and crowded[0].startswith("1 cell(s)") and "(up to 29.6 of 32 CPUs)" in crowded[0]
+    assert not len(tables.crowded_host(df.drop(columns=["host_cpus", "host_other_busy_cpus_max"])))
+
+
 def test_compiled_cells_of_the_old_measurement_are_flagged_with_their_excess_over_the_replays():
     """Compiled cells measured before version 3 (a new static cache per run: CUDA graphs recorded again at a run's
     first step) get a caveat saying by how much their decode figure exceeds the replays alone; version 3 and CPU
