@@ -8,7 +8,8 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from reports import charts, fit, tables
-from reports.data import colors, first, headline_cell, manifest, precision_order, read_results, with_axes
+from reports.data import (colors, first, headline_cell, manifest, newest_per_cell, precision_order, read_results,
+                          with_axes)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -58,7 +59,8 @@ def context(dirs, every_row: bool = False) -> dict:
     palette = colors(precision_order(df, None)) if len(df) else {}
     models = []
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
-        d = df[df.model == model]
+        every = df[df.model == model]
+        d = newest_per_cell(every)  # a cell measured twice (report --all) counts with its newest run
         baseline = first(d.baseline) if "baseline" in d else None  # rows say what their sweep compared against
         baseline = baseline if baseline in set(d.precision) else (precision_order(d, None) or [None])[0]
         cell = headline_cell(d)
@@ -74,7 +76,7 @@ def context(dirs, every_row: bool = False) -> dict:
             "findings": tables.findings(entries, baseline, model, cell, decision),
             "fits": fits, "fit_errors": tables.fit_errors(d, entries), "crossover": cross,
             "fit_allocators": tables.fit_allocators(d),
-            "cells": tables.every_cell(d),
+            "cells": tables.every_cell(every, newest=d),
             "charts": [c for c in (charts.quality(entries, palette, cell, baseline),
                                    charts.decode_vs_length(d, baseline, palette, broken),
                                    charts.prompt_length(d, baseline, palette, broken),

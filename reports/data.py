@@ -90,6 +90,19 @@ def with_axes(df: pd.DataFrame) -> pd.DataFrame:
                      prompt_tokens=col(df, "prompt_tokens").fillna(32).astype(int))
 
 
+CELL = ["model", "precision", "decode", "kv_cache", "kv_cache_options", "prompt_tokens", "new_tokens", "batch_size"]
+
+
+def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell's coordinates (model, precision, decode, KV cache, prompt, new tokens, batch): its newest run.
+    `report --all` can hold a cell twice (measured again under a later measurement version, or from two folders);
+    figures, charts and verdicts use the newest, the table of every cell shows both."""
+    keys = [c for c in CELL if c in df]
+    coords = df[keys].astype(str)  # options are dicts or strings; rows from before a column existed have NaN
+    newest = coords.assign(_run=col(df, "run_id").fillna("").astype(str)).sort_values("_run", kind="stable")
+    return df.loc[newest.drop_duplicates(keys, keep="last").index].sort_index()
+
+
 def headline_cell(df: pd.DataFrame) -> dict | None:
     """The cell the per-precision table shows: eager, native KV cache, the smallest batch and prompt, the longest
     generation among ok cells."""

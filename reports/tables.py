@@ -280,14 +280,12 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
 
 def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Per quantized precision and decode path: its decode ms/token over the baseline's at each (batch, prompt),
-    at the longest generation; < 1 is faster. A cell measured twice (`report --all` over grids whose keys differ,
-    e.g. before and after a measurement changed) counts with its newest run."""
+    at the longest generation; < 1 is faster. One row per cell (data.newest_per_cell)."""
     ok = df[(df.status == "ok") & (df.kv_cache == "native")]
     if baseline is None or ok.empty:
         return []
     n = int(ok.new_tokens.max())
-    ok = ok[ok.new_tokens == n].sort_values("run_id", kind="stable").drop_duplicates(
-        ["precision", "decode", "batch_size", "prompt_tokens"], keep="last")
+    ok = ok[ok.new_tokens == n]
     out = []
     for path in ("eager", "compiled"):
         base = ok[(ok.precision == baseline) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
@@ -306,9 +304,12 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     return out
 
 
-def every_cell(df: pd.DataFrame) -> list[dict]:
-    """Every cell of a model, its figures formatted."""
-    d = df.sort_values(["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens", "batch_size"])
+def every_cell(df: pd.DataFrame, newest: pd.DataFrame | None = None) -> list[dict]:
+    """Every cell of a model, its figures formatted; a row not in `newest` (a cell measured again later) is marked
+    older."""
+    d = df.sort_values(["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens", "batch_size", "run_id"]
+                       if "run_id" in df else ["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens",
+                                               "batch_size"])
     out = []
     for _, r in d.iterrows():
         g = (lambda k: val(r.get(k)))
@@ -316,6 +317,7 @@ def every_cell(df: pd.DataFrame) -> list[dict]:
         out.append({"precision": r.precision, "decode": r.decode, "kv_cache": r.kv_cache,
                     "prompt_tokens": int(r.prompt_tokens), "new_tokens": int(r.new_tokens),
                     "batch_size": int(r.batch_size), "status": r.status,
+                    "older": newest is not None and r.name not in newest.index,
                     "ttft": _fmt(g("ttft_ms"), "{:.2f}"), "decode_ms": _fmt(g("decode_ms_per_token"), "{:.2f}"),
                     "ci": f"{lo:.2f}–{hi:.2f}" if lo is not None and hi is not None else "",
                     "p99": _fmt(g("decode_ms_p99"), "{:.2f}"), "tokens_s": _fmt(g("decode_tokens_per_s"), "{:.1f}"),

@@ -299,18 +299,30 @@ def test_crossover_over_batch_and_prompt(results):
     assert maps[("int8", "compiled")]["ratios"][(8, 1024)] == pytest.approx(1.2, rel=0.05)
 
 
-def test_a_cell_measured_twice_counts_with_its_newest_run_in_the_crossover(tmp_path):
+def test_a_cell_measured_twice_counts_with_its_newest_run(tmp_path):
     """`report --all` over a folder holding one cell twice (11-30g: torchao-int4wo at 128 × 8 from 11-30f's seed and
-    measured again under a new key) rendered nothing: the crossover divided two rows by one. The newest run counts."""
+    measured again under a new key) rendered nothing: the crossover divided two rows by one. Figures, charts and
+    verdicts take each cell's newest run (whichever file comes first); the table of every cell shows both, the older
+    marked; a cell at other coordinates (another batch, another KV cache) is not a duplicate."""
+    from reports.data import newest_per_cell
+
     base = row("m", "fp16", 32, 8, prompt=128, decode_ms_per_token=5.0)
-    df = pd.DataFrame([base, row("m", "int4", 32, 8, prompt=128, decode_ms_per_token=6.0, run_id="r1", cell_key="a"),
-                       row("m", "int4", 32, 8, prompt=128, decode_ms_per_token=5.5, run_id="r2", cell_key="b")])
-    (m,) = tables.crossover(df, "fp16")
+    df = pd.DataFrame([base, row("m", "int4", 32, 8, prompt=128, decode_ms_per_token=5.5, run_id="r2", cell_key="b"),
+                       row("m", "int4", 32, 8, prompt=128, decode_ms_per_token=6.0, run_id="r1", cell_key="a"),
+                       row("m", "int4", 32, 1, prompt=128, decode_ms_per_token=7.0, run_id="r1", cell_key="c"),
+                       row("m", "int4", 32, 8, prompt=128, decode_ms_per_token=8.0, run_id="r1", cell_key="d",
+                           kv_cache="quantized")])
+    newest = newest_per_cell(df)
+    assert sorted(newest.cell_key) == sorted([base["cell_key"], "b", "c", "d"])
+    (m,) = tables.crossover(newest, "fp16")
     assert m["ratios"] == {(8, 128): pytest.approx(1.1)} and m["other_machine"] == set()
+    twice = [(r["decode_ms"], r["older"]) for r in tables.every_cell(df, newest) if r["decode_ms"] in ("5.50", "6.00")]
+    assert twice == [("6.00", True), ("5.50", False)]  # in the order they ran
     store = Store(tmp_path, "r1")
     for r in df.to_dict("records"):
         store.write(r)
-    assert "Crossover" in render([tmp_path], tmp_path / "r.html", every_row=True)[0].read_text()
+    html = render([tmp_path], tmp_path / "r.html", every_row=True)[0].read_text()
+    assert "Crossover" in html and html.count("(older)</span>") == 1
 
 
 def test_the_report_renders_every_section(results, tmp_path):
