@@ -148,9 +148,13 @@ class LatencyRecord:
     stop: str = "fixed"                                          # why the timed runs stopped (see timed_runs)
     prompt_tokens: int = 0
 
-    def add(self, intervals_ms: list[float]) -> None:
+    def add(self, intervals_ms: list[float], host_ms: list[float] | None = None) -> None:
+        """One run's intervals (ms), the device's and, where read, the host's: the first is the run's time to first
+        token, the rest its decode gaps."""
         self.ttft_ms.append(intervals_ms[0])
         self.decode_ms.append(intervals_ms[1:])
+        if host_ms is not None:
+            self.decode_host_ms.append(host_ms[1:])
 
     @property
     def per_run_decode(self) -> list[float]:
@@ -199,18 +203,18 @@ def _interval(name: str, values: list[float]) -> dict:
 def timed_runs(run_once, batch_size: int, new_tokens: int, repeats: int, max_repeats: int = 30,
                max_seconds: float = 60.0, target_halfwidth: float = 0.02, min_repeats: int = 3):
     """Timed runs into a LatencyRecord. `run_once()` times one generation and returns its intervals (ms: the first
-    token, then every decode gap). A fixed number of `repeats`; or, with repeats 0 (auto), until the 95% interval of
+    token, then every decode gap), the device's and the host's (or None). A fixed number of `repeats`; or, with repeats 0 (auto), until the 95% interval of
     the per-run mean decode gap is within `target_halfwidth` of the mean (after at least `min_repeats` runs), or
     `max_repeats` runs, or `max_seconds` of timed work. Returns (record, why it stopped)."""
     record = LatencyRecord(batch_size, new_tokens)
     if repeats:
         for _ in range(repeats):
-            record.add(run_once())
+            record.add(*run_once())
         return record, "fixed"
     spent = 0.0
     while True:
-        intervals = run_once()
-        record.add(intervals)
+        intervals, host = run_once()
+        record.add(intervals, host)
         spent += sum(intervals) / 1e3
         n = len(record.ttft_ms)
         half = relative_halfwidth(record.per_run_decode)
@@ -307,23 +311,21 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     walls.update(warmup_s=sum(runs_s), warmup_runs_s=runs_s,
                  memory_measured_in="the last warm-up run" if warmup else "a run after the timed runs")
 
-    host_ms, others = [], host_cpu.HostCpu()
+    others = host_cpu.HostCpu()
 
-    def run_once() -> list[float]:
+    def run_once() -> tuple[list[float], list[float]]:
         clock = Clock(device)
         with others.run():
             tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv, cache=static)
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's own KV cache must not outlive it: the next run (and the memory run) would count it
-        host_ms.append(clock.host_intervals_ms())
-        return clock.intervals_ms()
+        return clock.intervals_ms(), clock.host_intervals_ms()
 
     meter = energy.EnergyMeter(device)
     e0 = meter.joules() if meter.handle else None
     t0 = time.perf_counter()
     record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
     record.stop, record.prompt_tokens = stop, prompt_tokens
-    record.decode_host_ms = [h[1:] for h in host_ms]
     if meter.handle:
         timed_j, timed_s = meter.joules() - e0, time.perf_counter() - t0
         walls["timed_s"] = timed_s

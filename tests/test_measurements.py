@@ -227,7 +227,8 @@ def test_latency_record_summary_by_hand():
     assert s["noisy_timing"] is True  # ttft varies by 13%
     assert len(s["decode_ms_samples"]) == 6
     assert s["decode_host_ms_per_token"] is None  # no host gaps recorded
-    rec.decode_host_ms = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]  # the host issued each step well ahead of the GPU
+    rec.add([10.0, 1.0, 2.0, 3.0], [0.3, 1.0, 1.0, 1.0])  # the host issued each step well ahead of the GPU
+    rec.add([12.0, 1.0, 2.0, 3.0], [0.3, 0.5, 0.5, 0.5])  # (its first interval is the prefill's, not counted)
     assert rec.summary()["decode_host_ms_per_token"] == 0.75
 
 

@@ -127,14 +127,14 @@ def test_intervals_by_hand():
 
 
 def test_adaptive_repeats_stop_early_when_steady_and_run_to_the_limit_when_noisy():
-    steady = lambda: [5.0] + [2.0] * 20  # noqa: E731
+    steady = lambda: ([5.0] + [2.0] * 20, None)  # noqa: E731  (no host clock read)
     record, stop = latency.timed_runs(steady, 1, 21, repeats=0, max_repeats=30, target_halfwidth=0.02)
     assert stop == "target" and len(record.ttft_ms) == 3
     rng = random.Random(0)
-    noisy = lambda: [5.0] + [rng.choice([1.0, 4.0])] * 20  # noqa: E731  (each run's mean 1 or 4 ms)
+    noisy = lambda: ([5.0] + [rng.choice([1.0, 4.0])] * 20, None)  # noqa: E731  (each run's mean 1 or 4 ms)
     record, stop = latency.timed_runs(noisy, 1, 21, repeats=0, max_repeats=12, target_halfwidth=0.02)
     assert stop == "max_repeats" and len(record.ttft_ms) == 12
-    slow = lambda: [400.0] + [rng.choice([100.0, 150.0])] * 10  # noqa: E731  (1.4 or 1.9 s of timed work a run)
+    slow = lambda: ([400.0] + [rng.choice([100.0, 150.0])] * 10, None)  # noqa: E731  (1.4 or 1.9 s of work a run)
     record, stop = latency.timed_runs(slow, 1, 11, repeats=0, max_repeats=100, max_seconds=3.0,
                                       target_halfwidth=1e-9)
     assert stop == "max_seconds" and len(record.ttft_ms) in (2, 3)
