@@ -104,7 +104,7 @@ def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> 
         if gpus > 1 and campaign.get("cpus", "share") == "share":
             mine = cpu_share(int(campaign["gpu"]), gpus, sorted(os.sched_getaffinity(0)))
             pin = lambda: os.sched_setaffinity(0, mine)  # noqa: E731 (in each child, before it runs)
-            (results / "cpus.txt").write_text(f"GPU {campaign['gpu']} of {gpus}: CPUs {mine[0]}-{mine[-1]}\n")
+            (results / "cpus.txt").write_text(f"GPU {campaign['gpu']} of {gpus}: CPUs {','.join(map(str, mine))}\n")
         address, gpus = "", 0
     seed(campaign, results)
     before(campaign, results, pin)

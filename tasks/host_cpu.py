@@ -1,9 +1,9 @@
 """What else ran on the unit's CPUs while its runs were timed. Host-bound decode (eager on a GPU, and compiled cells
 whose host issues each step slower than the GPU runs it) moves with it: on a 2-GPU host (11-30h) one GPU's eager steps
-went from 64 to 82-130 ms in stretches while the other GPU's sweep compiled cells (likely: inductor's workers take every
-CPU they see; the 1-minute load average could not tell). Linux's
-/proc/stat counts each CPU's busy time (in clock ticks, 10 ms); the busy time on the CPUs this process may use, less
-this process's own CPU time, over a run's wall time is how many of them other processes kept busy."""
+went from 64 to 82-130 ms in stretches while the other GPU's sweep compiled cells (likely: inductor's workers take
+every CPU they see; the 1-minute load average could not tell). Linux's /proc/stat counts each CPU's busy time (in
+clock ticks, 10 ms); the busy time on the CPUs this process may use, less this process's own CPU time, over a run's
+wall time is how many of them other processes kept busy."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,8 @@ import time
 from contextlib import contextmanager
 
 STAT = "/proc/stat"
-BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal; guest is counted in user
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal (a VM's CPU given to other
+                                  # guests: contention too); guest is counted in user
 
 
 def busy_seconds(stat_text: str, cpus: set[int], tick_hz: float) -> float:

@@ -203,9 +203,10 @@ def _interval(name: str, values: list[float]) -> dict:
 def timed_runs(run_once, batch_size: int, new_tokens: int, repeats: int, max_repeats: int = 30,
                max_seconds: float = 60.0, target_halfwidth: float = 0.02, min_repeats: int = 3):
     """Timed runs into a LatencyRecord. `run_once()` times one generation and returns its intervals (ms: the first
-    token, then every decode gap), the device's and the host's (or None). A fixed number of `repeats`; or, with repeats 0 (auto), until the 95% interval of
-    the per-run mean decode gap is within `target_halfwidth` of the mean (after at least `min_repeats` runs), or
-    `max_repeats` runs, or `max_seconds` of timed work. Returns (record, why it stopped)."""
+    token, then every decode gap), the device's and the host's (or None). A fixed number of `repeats`; or, with
+    repeats 0 (auto), until the 95% interval of the per-run mean decode gap is within `target_halfwidth` of the mean
+    (after at least `min_repeats` runs), or `max_repeats` runs, or `max_seconds` of timed work. Returns (record, why
+    it stopped)."""
     record = LatencyRecord(batch_size, new_tokens)
     if repeats:
         for _ in range(repeats):
