@@ -116,7 +116,7 @@ DETAIL = [("TTFT ms", "ttft_ms", "{:.2f}"), ("decode p99 ms", "decode_ms_p99", "
           ("J / prefill token", "energy_j_per_prefill_token", "{:.3g}"), ("mean power W", "power_mean_w", "{:.0f}"),
           ("$ / M tokens", "usd_per_million_tokens", "{:.3f}"), ("repeats", "repeats_done", "{:.0f}"),
           ("CV decode", "cv_decode", "pct"), ("host load (1 min)", "host_load_1m", "{:.1f}"),
-          ("CPUs others took, most in a run", "host_other_busy_cpus_max", "{:.1f}")]
+          ("CPUs others took (most)", "host_other_busy_cpus_max", "{:.1f}")]
 UNIT = [("load s", "load_s", "{:.1f}"), ("quantize s", "quantize_s", "{:.1f}"), ("calibration s", "calibration_s",
                                                                                   "{:.1f}"),
         ("kernel path", "linear_class", "{}"), ("applied", "quant_config", "{}"),
@@ -398,9 +398,9 @@ def caveats(df: pd.DataFrame) -> list[str]:
     crowded = crowded_host(df)
     if len(crowded):
         out.append(f"{len(crowded)} cell(s) were timed while other processes kept at least {CROWDED:.0%} of the "
-                   "unit's CPUs busy in a run (host_other_busy_cpus_max): decode that the host paces (on CPU, eager "
-                   "on a GPU, compiled cells flagged host-bound) is slower than on a quiet host, by as much as those "
-                   "processes took from it: "
+                   "unit's CPUs busy (host_other_busy_cpus_max): decode that the host paces (on CPU, eager on a GPU, "
+                   "compiled cells flagged host-bound) is slower than on a quiet host, by as much as those processes "
+                   "took from it: "
                    + _cells(crowded, lambda r: f"up to {r.host_other_busy_cpus_max:.1f} of {r.host_cpus:.0f} CPUs"))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
@@ -439,11 +439,11 @@ def queued_decode(df: pd.DataFrame) -> pd.DataFrame:
     return df[(col(df, "status") == "ok") & (col(df, "device") == "cuda") & (_host_share(df) > QUEUED)]
 
 
-CROWDED = 0.5  # share of the unit's CPUs that other processes kept busy in a timed run, from which a caveat
+CROWDED = 0.5  # share of the unit's CPUs other processes kept busy in a stretch of timed runs, from which a caveat
 
 
 def crowded_host(df: pd.DataFrame) -> pd.DataFrame:
-    """ok cells in one of whose timed runs other processes kept CROWDED or more of the unit's CPUs busy."""
+    """ok cells during whose timed runs other processes kept CROWDED or more of the unit's CPUs busy (in a stretch)."""
     busy = pd.to_numeric(col(df, "host_other_busy_cpus_max"), errors="coerce")
     return df[(col(df, "status") == "ok") & (busy >= CROWDED * pd.to_numeric(col(df, "host_cpus"), errors="coerce"))]
 

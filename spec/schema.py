@@ -261,10 +261,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("host_cpus", I, "CPUs the unit's process may run on (its affinity; a campaign beside another on one host gets "
                      "its share)"),
     ("host_other_busy_cpus", F, "how many of those CPUs other processes kept busy over the timed runs, on average "
-                                "(Linux /proc/stat less the unit's own CPU time; null elsewhere). Host-bound decode "
+                                "(Linux /proc/stat less the unit's own CPU time; null elsewhere, and where the timed "
+                                "runs took under 0.25 s together: it counts in 10 ms ticks per CPU). Host-bound decode "
                                 "(eager on a GPU, compiled cells flagged host-bound) slows when they take them all"),
-    ("host_other_busy_cpus_max", F, "the same over the busiest single timed run (counted in 10 ms ticks per CPU: "
-                                    "coarse for runs under a second)"),
+    ("host_other_busy_cpus_max", F, "the same over the busiest stretch of timed runs (each run, or consecutive runs "
+                                    "together up to 0.25 s)"),
     ("host", S, "host name of the worker"),
     ("worker_pid", I, "process id of the worker"),
 ]

@@ -2,8 +2,9 @@
 whose host issues each step slower than the GPU runs it) moves with it: on a 2-GPU host (11-30h) one GPU's eager steps
 went from 64 to 82-130 ms in stretches while the other GPU's sweep compiled cells (likely: inductor's workers take
 every CPU they see; the 1-minute load average could not tell). Linux's /proc/stat counts each CPU's busy time (in
-clock ticks, 10 ms); the busy time on the CPUs this process may use, less this process's own CPU time, over a run's
-wall time is how many of them other processes kept busy."""
+clock ticks, 10 ms); the busy time on the CPUs this process may use, less this process's own CPU time, over a span's
+wall time is how many of them other processes kept busy. A tick per CPU is a large share of a short run (a 20 ms run
+on 2 CPUs read 4 CPUs busy), so runs are counted in stretches of at least MIN_SPAN_S."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import time
 from contextlib import contextmanager
 
 STAT = "/proc/stat"
+MIN_SPAN_S = 0.25  # consecutive timed runs counted together up to this wall time: 32 CPUs' ticks err by 1.3 CPUs
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal (a VM's CPU given to other
                                   # guests: contention too); guest is counted in user
 
@@ -34,7 +36,7 @@ def other_busy_cpus(busy_s: float, own_cpu_s: float, wall_s: float) -> float | N
 
 class HostCpu:
     """Tracks other processes' use of this process's CPUs over each timed run (`with tracker.run(): ...`); columns()
-    gives the mean over all runs together and the largest of a single run. Off Linux the columns stay empty."""
+    gives the mean over all runs together and the busiest stretch of them. Off Linux the columns stay empty."""
 
     def __init__(self):
         self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -59,9 +61,29 @@ class HostCpu:
         self.spans.append(tuple(a - b for a, b in zip(after, before)))
 
     def columns(self) -> dict:
-        if not self.available or not self.spans:
+        """host_cpus; the CPUs others kept busy over all timed runs and over the busiest stretch of them (both
+        within 0 and host_cpus; empty where the runs took under MIN_SPAN_S together)."""
+        if not self.available:
             return {"host_cpus": len(self.cpus) if self.cpus else None}
-        total = [sum(s[i] for s in self.spans) for i in range(3)]
-        per_run = [other_busy_cpus(*s) for s in self.spans]
-        return {"host_cpus": len(self.cpus), "host_other_busy_cpus": other_busy_cpus(*total),
-                "host_other_busy_cpus_max": max((v for v in per_run if v is not None), default=None)}
+        stretches = _stretches(self.spans, MIN_SPAN_S)
+        if not stretches:
+            return {"host_cpus": len(self.cpus)}
+        n = len(self.cpus)
+        busy = [min(n, other_busy_cpus(*s)) for s in stretches]
+        total = [sum(s[i] for s in stretches) for i in range(3)]
+        return {"host_cpus": n, "host_other_busy_cpus": min(n, other_busy_cpus(*total)),
+                "host_other_busy_cpus_max": max(busy)}
+
+
+def _stretches(spans: list[tuple[float, float, float]], min_s: float) -> list[tuple[float, float, float]]:
+    """Consecutive spans (busy s, own CPU s, wall s) summed into stretches of at least `min_s` of wall time; a short
+    remainder joins the last stretch; none if all together are shorter."""
+    out, acc = [], (0.0, 0.0, 0.0)
+    for s in spans:
+        acc = tuple(a + b for a, b in zip(acc, s))
+        if acc[2] >= min_s:
+            out.append(acc)
+            acc = (0.0, 0.0, 0.0)
+    if acc[2] > 0 and out:
+        out[-1] = tuple(a + b for a, b in zip(out[-1], acc))
+    return out

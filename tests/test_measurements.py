@@ -349,11 +349,12 @@ def test_decode_starts_from_an_idle_gpu_and_the_host_clock_restarts_there(monkey
     assert cpu.host == [1.0, 2.0] and synced == [True]
 
 
-def test_other_processes_on_the_unit_s_cpus_are_counted_per_timed_run(monkeypatch):
-    """/proc/stat's busy ticks on the CPUs the process may use, less its own CPU time, over each timed run's wall time
+def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monkeypatch):
+    """/proc/stat's busy ticks on the CPUs the process may use, less its own CPU time, over the timed runs' wall time
     (host-paced decode moves with them: tasks/host_cpu.py). By hand: the parsing (only the listed CPUs' lines; idle
-    and iowait are not busy), the arithmetic, the mean over all runs and the busiest run; then a real cell on this
-    machine gives one span per timed run."""
+    and iowait are not busy), the arithmetic, the mean over all runs and the busiest stretch (short runs counted
+    together up to 0.25 s: a 10 ms tick per CPU is too much of a 20 ms run, where CI read 4 of 2 CPUs busy), the
+    bounds; then a real cell's columns."""
     from tasks import host_cpu
 
     stat = ("cpu  900 0 900 9000 0 0 0 0 0 0\n"
@@ -368,6 +369,7 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_per_timed_run(monkeypatc
 
     tracker = host_cpu.HostCpu()
     assert tracker.available  # Linux, as CI
+    tracker.cpus = set(range(8))  # as on a larger host: the readings are made up
     reads = iter([(10.0, 5.0, 100.0), (12.0, 5.5, 101.0),    # run 1: 2 s busy, 0.5 own, 1 s: 1.5 CPUs
                   (20.0, 6.0, 200.0), (29.0, 7.0, 203.0)])   # run 2: 9 s busy, 1 own, 3 s: 2.67 CPUs
     monkeypatch.setattr(tracker, "_read", lambda: next(reads))
@@ -376,11 +378,20 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_per_timed_run(monkeypatc
             pass
     cols = tracker.columns()
     assert cols["host_other_busy_cpus"] == pytest.approx((11 - 1.5) / 4)  # both runs together
-    assert cols["host_other_busy_cpus_max"] == pytest.approx(8 / 3) and cols["host_cpus"] == len(tracker.cpus)
+    assert cols["host_other_busy_cpus_max"] == pytest.approx(8 / 3) and cols["host_cpus"] == 8
+    tracker.spans += [(0.5, 0.1, 0.1)] * 3 + [(0.8, 0.0, 0.1)]  # four runs of 0.1 s: one stretch of 0.4 s
+    cols = tracker.columns()
+    assert cols["host_other_busy_cpus_max"] == pytest.approx((2.3 - 0.3) / 0.4)
+    assert cols["host_other_busy_cpus"] == pytest.approx((13.3 - 1.8) / 4.4)
+    tracker.spans = [(100.0, 0.0, 1.0)]  # never more than the unit's CPUs
+    assert tracker.columns()["host_other_busy_cpus_max"] == tracker.columns()["host_other_busy_cpus"] == 8
+    tracker.spans = [(0.5, 0.1, 0.1)] * 2  # 0.2 s in all: too short to tell, empty
+    assert tracker.columns() == {"host_cpus": 8}
     monkeypatch.undo()
 
     import os
 
+    monkeypatch.setattr(host_cpu, "MIN_SPAN_S", 0.0)  # this tiny cell's runs take milliseconds: count each
     m = latency.measure_cell(tiny(), "cpu", new_tokens=3, batch_size=1, prompt_tokens=4, warmup=0, repeats=3)
     cpus = len(os.sched_getaffinity(0))
     assert m.host_cpu["host_cpus"] == cpus
