@@ -3,8 +3,8 @@ whose host issues each step slower than the GPU runs it) moves with it: on a 2-G
 went from 64 to 82-130 ms in stretches while the other GPU's sweep compiled cells (likely: inductor's workers take
 every CPU they see; the 1-minute load average could not tell). Linux's /proc/stat counts each CPU's busy time (in
 clock ticks, 10 ms); the busy time on the CPUs this process may use, less this process's own CPU time, over a span's
-wall time is how many of them other processes kept busy. A tick per CPU is a large share of a short run (a 20 ms run
-on 2 CPUs read 4 CPUs busy), so runs are counted in stretches of at least MIN_SPAN_S."""
+wall time is how many of them other processes kept busy. A tick per CPU is a large share of a short run (a tiny
+model's run on 2 CPUs read 4 CPUs busy), so runs are counted in stretches of at least MIN_SPAN_S."""
 from __future__ import annotations
 
 import os

@@ -353,7 +353,7 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monk
     """/proc/stat's busy ticks on the CPUs the process may use, less its own CPU time, over the timed runs' wall time
     (host-paced decode moves with them: tasks/host_cpu.py). By hand: the parsing (only the listed CPUs' lines; idle
     and iowait are not busy), the arithmetic, the mean over all runs and the busiest stretch (short runs counted
-    together up to 0.25 s: a 10 ms tick per CPU is too much of a 20 ms run, where CI read 4 of 2 CPUs busy), the
+    together up to 0.25 s: a 10 ms tick per CPU is too much of a tiny model's run, where CI read 4 of 2 CPUs), the
     bounds; then a real cell's columns."""
     from tasks import host_cpu
 
