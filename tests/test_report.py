@@ -299,7 +299,7 @@ def test_crossover_over_batch_and_prompt(results):
     assert maps[("int8", "compiled")]["ratios"][(8, 1024)] == pytest.approx(1.2, rel=0.05)
 
 
-def test_a_cell_measured_twice_counts_with_its_newest_run(tmp_path):
+def test_a_cell_measured_twice_counts_with_its_newest_run(tmp_path, no_charts):
     """`report --all` over a folder holding one cell twice (11-30g: torchao-int4wo at 128 × 8 from 11-30f's seed and
     measured again under a new key) rendered nothing: the crossover divided two rows by one. Figures, charts and
     verdicts take each cell's newest run (whichever file comes first); the table of every cell shows both, the older
@@ -493,7 +493,16 @@ def test_no_speed_claim_across_machines(tmp_path):
     assert "not a speed comparison" in charts.crossover(tables.crossover(df, "fp16"))  # (the report's heatmaps)
 
 
-def test_fit_names_mixed_allocator_settings(tmp_path):
+@pytest.fixture
+def no_charts(monkeypatch):
+    """Reports rendered for their text alone: drawing the SVG charts is most of a render's time."""
+    from reports import charts
+
+    for name in ("quality", "decode_vs_length", "prompt_length", "memory", "energy", "crossover"):
+        monkeypatch.setattr(charts, name, lambda *a, **k: None)
+
+
+def test_fit_names_mixed_allocator_settings(tmp_path, no_charts):
     """One memory model over rows of two allocator settings covers both (the default's fragmentation dominates): the
     report says so, and says nothing where the rows share one setting."""
     rows = model_rows(prompts=(128, 1024), batches=(1, 8))
