@@ -10,25 +10,13 @@ import argparse
 import statistics
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-COLS = ["model", "precision", "decode", "prompt_tokens", "batch_size", "new_tokens", "status", "started_at",
-        "decode_ms_per_token", "decode_host_ms_per_token", "decode_ms_samples", "host_other_busy_cpus_max"]
+from reports.data import decode_runs, per_run_decode, read_results, val
 
 
-def rows(folder: Path) -> list[dict]:
-    out = []
-    for f in sorted((folder / "cells").glob("*.parquet")):
-        t = pq.read_table(f)
-        out.append({c: (t.column(c)[0].as_py() if c in t.column_names else None) for c in COLS})
-    return [r for r in out if r["status"] == "ok" and r["decode_ms_samples"]]
-
-
-def steps(r: dict) -> dict:
-    gaps, per_run = r["decode_ms_samples"], r["new_tokens"] - 1
-    runs = [gaps[i:i + per_run] for i in range(0, len(gaps), per_run)]
+def steps(r) -> dict:
+    runs = decode_runs(r)
     steady = [g for run in runs for g in run[3:]]
-    return {"run_means": [statistics.fmean(run) for run in runs], "first": [run[0] for run in runs],
+    return {"run_means": per_run_decode(r), "first": [run[0] for run in runs],
             "steady_median": statistics.median(steady) if steady else None}
 
 
@@ -38,14 +26,14 @@ def main() -> None:
     ap.add_argument("--started", action="store_true")
     args = ap.parse_args()
     for folder in args.folders:
-        order = (lambda r: str(r["started_at"] or "")) if args.started else (
-            lambda r: (r["model"], r["precision"], r["decode"], r["batch_size"], r["prompt_tokens"]))
+        df = read_results([folder])
+        df = df[(df.status == "ok") & df["decode_ms_samples"].notna()] if "decode_ms_samples" in df else df.iloc[0:0]
+        order = ["started_at"] if args.started else ["model", "precision", "decode", "batch_size", "prompt_tokens"]
         print(folder)
-        for r in sorted(rows(folder), key=order):
+        for _, r in df.sort_values(order, kind="stable").iterrows():
             s = steps(r)
-            host = r["decode_host_ms_per_token"]
-            busy = r["host_other_busy_cpus_max"]
-            print(f"  {str(r['started_at'] or '')[11:19]} {r['model']} {r['precision']} {r['decode']} "
+            host, busy = val(r.get("decode_host_ms_per_token")), val(r.get("host_other_busy_cpus_max"))
+            print(f"  {str(val(r.get('started_at')) or '')[11:19]} {r['model']} {r['precision']} {r['decode']} "
                   f"{r['prompt_tokens']}x{r['batch_size']}: {r['decode_ms_per_token']:.2f} ms/token, runs "
                   + " / ".join(f"{m:.2f}" for m in s["run_means"])
                   + ", first steps " + " / ".join(f"{f:.1f}" for f in s["first"])

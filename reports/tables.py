@@ -307,9 +307,8 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
 def every_cell(df: pd.DataFrame, newest: pd.DataFrame | None = None) -> list[dict]:
     """Every cell of a model, its figures formatted; a row not in `newest` (a cell measured again later) is marked
     older."""
-    d = df.sort_values(["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens", "batch_size", "run_id"]
-                       if "run_id" in df else ["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens",
-                                               "batch_size"])
+    order = ["precision", "decode", "kv_cache", "prompt_tokens", "new_tokens", "batch_size"]
+    d = df.sort_values(order + (["run_id"] if "run_id" in df else []))
     out = []
     for _, r in d.iterrows():
         g = (lambda k: val(r.get(k)))
