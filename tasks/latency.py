@@ -316,11 +316,12 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
 
     def run_once() -> tuple[list[float], list[float]]:
         clock = Clock(device)
-        with others.run():
+        with others.run():  # until the device is done: a GPU-bound run's host returns while its steps still run
             tokens, cache = generate(model, ids, new_tokens, clock=clock, step=step, kv=kv, cache=static)
+            intervals = clock.intervals_ms()  # waits for the run's last mark
         assert tokens.shape == (batch_size, new_tokens)
         del tokens, cache  # a run's own KV cache must not outlive it: the next run (and the memory run) would count it
-        return clock.intervals_ms(), clock.host_intervals_ms()
+        return intervals, clock.host_intervals_ms()
 
     meter = energy.EnergyMeter(device)
     e0 = meter.joules() if meter.handle else None

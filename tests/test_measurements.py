@@ -1,5 +1,6 @@
 """Measurements on CPU: every precision on a tiny synthetic model, rows that fit the schema, memory and latency
 records, skipped and failed cells, GGUF conversion cache, the bandwidth table."""
+import contextlib
 import dataclasses
 import json
 
@@ -392,7 +393,24 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monk
     import os
 
     monkeypatch.setattr(host_cpu, "MIN_SPAN_S", 0.0)  # this tiny cell's runs take milliseconds: count each
+    # a run's span lasts until its device marks are read (a GPU's host returns from a run while its steps still
+    # run: 11-30i's compiled 7B nf4 at 128 x 8 spanned 0.13 s of its runs' 1.3 s and had no figure)
+    tracked, read_inside = [], []
+    track = host_cpu.HostCpu.run
+
+    @contextlib.contextmanager
+    def spied(self):
+        with track(self):
+            tracked.append(True)
+            yield
+            tracked.pop()
+
+    intervals = latency.Clock.intervals_ms
+    monkeypatch.setattr(host_cpu.HostCpu, "run", spied)
+    monkeypatch.setattr(latency.Clock, "intervals_ms", lambda self: read_inside.append(bool(tracked))
+                        or intervals(self))
     m = latency.measure_cell(tiny(), "cpu", new_tokens=3, batch_size=1, prompt_tokens=4, warmup=0, repeats=3)
+    assert read_inside == [True] * 3 and len(m.record.decode_ms) == 3
     cpus = len(os.sched_getaffinity(0))
     assert m.host_cpu["host_cpus"] == cpus
     assert 0 <= m.host_cpu["host_other_busy_cpus"] <= m.host_cpu["host_other_busy_cpus_max"] <= cpus
