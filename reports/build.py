@@ -75,6 +75,7 @@ def context(dirs, every_row: bool = False) -> dict:
             "note": first(d.weights_note) if "weights_note" in d else None,
             "findings": tables.findings(entries, baseline, model, cell, decision),
             "fits": fits, "fit_errors": tables.fit_errors(d, entries), "crossover": cross,
+            "pays": tables.where_it_pays(cross, baseline) if baseline else [],
             "fit_allocators": tables.fit_allocators(d),
             "cells": tables.every_cell(every, newest=d),
             "charts": [c for c in (charts.quality(entries, palette, cell, baseline),

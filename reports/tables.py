@@ -280,28 +280,80 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
 
 def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Per quantized precision and decode path: its decode ms/token over the baseline's at each (batch, prompt),
-    at the longest generation; < 1 is faster. One row per cell (data.newest_per_cell)."""
+    at the longest generation; < 1 is faster. One row per cell (data.newest_per_cell; of two rows at one batch and
+    prompt, say with other repeats, the newer). `verdicts`: faster, slower or even (the 95% interval of the ratio
+    holds 1) where both cells ran on one machine and each has 2 runs or more."""
     ok = df[(df.status == "ok") & (df.kv_cache == "native")]
     if baseline is None or ok.empty:
         return []
     n = int(ok.new_tokens.max())
     ok = ok[ok.new_tokens == n]
+    if "run_id" in ok:
+        ok = ok.sort_values("run_id", kind="stable")
     out = []
     for path in ("eager", "compiled"):
-        base = ok[(ok.precision == baseline) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
+        base = _by_cell(ok[(ok.precision == baseline) & (ok.decode == path)])
         if base.empty:
             continue
         for p in precision_order(ok, baseline):
             if p == baseline:
                 continue
-            mine = ok[(ok.precision == p) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
+            mine = _by_cell(ok[(ok.precision == p) & (ok.decode == path)])
             keys = mine.index.intersection(base.index)
             grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k] for k in keys}
             apart = {k for k in keys if machine(mine.loc[k]) != machine(base.loc[k])}  # not comparable as speeds
+            verdicts = {k: _verdict(_ratio_interval(per_run_decode(mine.loc[k]), per_run_decode(base.loc[k])))
+                        for k in keys if k not in apart}
             if len(grid) >= 1:
                 out.append({"precision": p, "decode": path, "new_tokens": n, "ratios": grid, "other_machine": apart,
-                            "batches": sorted({b for b, _ in grid}), "prompts": sorted({q for _, q in grid})})
+                            "verdicts": verdicts, "batches": sorted({b for b, _ in grid}),
+                            "prompts": sorted({q for _, q in grid})})
     return out
+
+
+def _by_cell(d: pd.DataFrame) -> pd.DataFrame:
+    d = d.set_index(["batch_size", "prompt_tokens"])
+    return d[~d.index.duplicated(keep="last")]
+
+
+def _verdict(interval) -> str:
+    if interval is None:
+        return "unknown"
+    return "faster" if interval[2] < 1 else "slower" if interval[1] > 1 else "even"
+
+
+VERDICT_WORDS = {"faster": "faster", "slower": "slower", "even": "within noise of it", "unknown": "with one run"}
+
+
+def where_it_pays(cross: list[dict], baseline: str) -> list[str]:
+    """The crossover in words, per quantized precision and decode path: at which batches it decodes faster or slower
+    than the baseline. A cell counts only where both ran on one machine and the ratio's 95% interval excludes 1."""
+    out = []
+    for c in cross:
+        by_batch: dict[int, dict[str, list[int]]] = {}
+        for (b, prompt), v in sorted(c["verdicts"].items()):
+            by_batch.setdefault(b, {}).setdefault(v, []).append(prompt)
+        parts = []
+        for word in ("faster", "slower"):
+            whole = [b for b, vs in by_batch.items() if set(vs) == {word}]
+            if whole:
+                cells = sum(len(by_batch[b][word]) for b in whole)
+                batches = f"batch{'es' * (len(whole) > 1)} {_and(whole)}"
+                parts.append(f"{word} at {batches} ({cells} cell{'s' * (cells > 1)})")
+        for b, vs in by_batch.items():
+            if len(vs) > 1 or set(vs) <= {"even", "unknown"}:
+                parts.append(f"at batch {b} " + ", ".join(f"{VERDICT_WORDS[v]} at prompt {_and(ps)}"
+                                                          for v, ps in vs.items()))
+        if c["other_machine"]:
+            k = len(c["other_machine"])
+            parts.append(f"{k} cell{'s' * (k > 1)} against {baseline} on another GPU or host: no verdict")
+        out.append(f"{c['precision']}, {c['decode']} decode against {baseline}: " + "; ".join(parts) + ".")
+    return out
+
+
+def _and(items: list) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def every_cell(df: pd.DataFrame, newest: pd.DataFrame | None = None) -> list[dict]:
