@@ -18,7 +18,8 @@ pip download --no-deps --only-binary=:all: --python-version 3.12 --implementatio
 pip wheel --no-deps -w $w gptqmodel==7.6.0 hqq==0.2.8.post1 device-smi==0.5.7 tokenicer==0.0.14 logbar==0.4.15 \
   defuser==0.0.28
 # pip would build pypcre's build tools (cmake) from source just to download it: take the file from the index
-url=$(curl -s -H "Accept: text/html" https://pypi.org/simple/pypcre/ | grep -o 'https://[^"#]*pypcre-0.6.4.tar.gz' | head -1)
+url=$(curl -s -H "Accept: text/html" https://pypi.org/simple/pypcre/ \
+  | grep -o 'https://[^"#]*pypcre-0.6.4.tar.gz' | head -1)
 [ -f .stage/extra/pypcre-0.6.4.tar.gz ] || curl -s -o .stage/extra/pypcre-0.6.4.tar.gz "$url"
 n=$(ls $w/*.whl | wc -l); [ "$n" -ge 16 ] || { echo "only $n wheels in $w: see above" >&2; exit 1; }
 ../shared/device/stage.sh --with-deps "ray[default]==2.60.0" $w/*.whl 2>&1 | grep -E "^staged|ERROR" || true

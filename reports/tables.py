@@ -288,8 +288,6 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
         return []
     n = int(ok.new_tokens.max())
     ok = ok[ok.new_tokens == n]
-    if "run_id" in ok:
-        ok = ok.sort_values("run_id", kind="stable")
     out = []
     for path in ("eager", "compiled"):
         base = _by_cell(ok[(ok.precision == baseline) & (ok.decode == path)])
@@ -312,7 +310,8 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
 
 
 def _by_cell(d: pd.DataFrame) -> pd.DataFrame:
-    d = d.set_index(["batch_size", "prompt_tokens"])
+    """Rows by (batch, prompt), the newest run of each."""
+    d = (d.sort_values("run_id", kind="stable") if "run_id" in d else d).set_index(["batch_size", "prompt_tokens"])
     return d[~d.index.duplicated(keep="last")]
 
 
