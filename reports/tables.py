@@ -281,8 +281,9 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
 def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Per quantized precision and decode path: its decode ms/token over the baseline's at each (batch, prompt),
     at the longest generation; < 1 is faster. One row per cell (data.newest_per_cell; of two rows at one batch and
-    prompt, say with other repeats, the newer). `verdicts`: faster, slower or even (the 95% interval of the ratio
-    holds 1) where both cells ran on one machine and each has 2 runs or more."""
+    prompt, say with other repeats, the newer). `verdicts`, where both cells ran on one machine: faster, slower or
+    even (the 95% interval of the ratio holds 1) as findings() claims speed, noisy where either cell's timing is
+    (no claim), unknown where either has fewer than 2 runs."""
     ok = df[(df.status == "ok") & (df.kv_cache == "native")]
     if baseline is None or ok.empty:
         return []
@@ -300,7 +301,8 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
             keys = mine.index.intersection(base.index)
             grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k] for k in keys}
             apart = {k for k in keys if machine(mine.loc[k]) != machine(base.loc[k])}  # not comparable as speeds
-            verdicts = {k: _verdict(_ratio_interval(per_run_decode(mine.loc[k]), per_run_decode(base.loc[k])))
+            verdicts = {k: "noisy" if _noisy(mine.loc[k]) or _noisy(base.loc[k]) else
+                        _verdict(_ratio_interval(per_run_decode(mine.loc[k]), per_run_decode(base.loc[k])))
                         for k in keys if k not in apart}
             if len(grid) >= 1:
                 out.append({"precision": p, "decode": path, "new_tokens": n, "ratios": grid, "other_machine": apart,
@@ -321,26 +323,28 @@ def _verdict(interval) -> str:
     return "faster" if interval[2] < 1 else "slower" if interval[1] > 1 else "even"
 
 
-VERDICT_WORDS = {"faster": "faster", "slower": "slower", "even": "within noise of it", "unknown": "with one run"}
+VERDICT_WORDS = {"faster": "faster", "slower": "slower", "even": "within noise of it", "noisy": "noisy timing",
+                 "unknown": "with one run"}
 
 
 def where_it_pays(cross: list[dict], baseline: str) -> list[str]:
     """The crossover in words, per quantized precision and decode path: at which batches it decodes faster or slower
-    than the baseline. A cell counts only where both ran on one machine and the ratio's 95% interval excludes 1."""
+    than the baseline. A cell counts only where both ran on one machine, neither timing is noisy and the ratio's
+    95% interval excludes 1 (findings()' rule for a speed claim)."""
     out = []
     for c in cross:
         by_batch: dict[int, dict[str, list[int]]] = {}
         for (b, prompt), v in sorted(c["verdicts"].items()):
             by_batch.setdefault(b, {}).setdefault(v, []).append(prompt)
         parts = []
-        for word in ("faster", "slower"):
+        for word in VERDICT_WORDS:  # whole batches of one verdict first, then batches of several
             whole = [b for b, vs in by_batch.items() if set(vs) == {word}]
             if whole:
                 cells = sum(len(by_batch[b][word]) for b in whole)
                 batches = f"batch{'es' * (len(whole) > 1)} {_and(whole)}"
-                parts.append(f"{word} at {batches} ({cells} cell{'s' * (cells > 1)})")
+                parts.append(f"{VERDICT_WORDS[word]} at {batches} ({cells} cell{'s' * (cells > 1)})")
         for b, vs in by_batch.items():
-            if len(vs) > 1 or set(vs) <= {"even", "unknown"}:
+            if len(vs) > 1:
                 parts.append(f"at batch {b} " + ", ".join(f"{VERDICT_WORDS[v]} at prompt {_and(ps)}"
                                                           for v, ps in vs.items()))
         if c["other_machine"]:
