@@ -280,8 +280,8 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
 
 def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     """Per quantized precision and decode path: its decode ms/token over the baseline's at each (batch, prompt),
-    at the longest generation; < 1 is faster. One row per cell (data.newest_per_cell; of two rows at one batch and
-    prompt, say with other repeats, the newer). `verdicts`, where both cells ran on one machine: faster, slower or
+    at the longest generation; < 1 is faster. One row per cell: pass data.newest_per_cell's rows (the report does).
+    `verdicts`, where both cells ran on one machine: faster, slower or
     even (the 95% interval of the ratio holds 1) as findings() claims speed, noisy where either cell's timing is
     (no claim), unknown where either has fewer than 2 runs."""
     ok = df[(df.status == "ok") & (df.kv_cache == "native")]
@@ -291,13 +291,13 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     ok = ok[ok.new_tokens == n]
     out = []
     for path in ("eager", "compiled"):
-        base = _by_cell(ok[(ok.precision == baseline) & (ok.decode == path)])
+        base = ok[(ok.precision == baseline) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
         if base.empty:
             continue
         for p in precision_order(ok, baseline):
             if p == baseline:
                 continue
-            mine = _by_cell(ok[(ok.precision == p) & (ok.decode == path)])
+            mine = ok[(ok.precision == p) & (ok.decode == path)].set_index(["batch_size", "prompt_tokens"])
             keys = mine.index.intersection(base.index)
             grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k] for k in keys}
             apart = {k for k in keys if machine(mine.loc[k]) != machine(base.loc[k])}  # not comparable as speeds
@@ -309,12 +309,6 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
                             "verdicts": verdicts, "batches": sorted({b for b, _ in grid}),
                             "prompts": sorted({q for _, q in grid})})
     return out
-
-
-def _by_cell(d: pd.DataFrame) -> pd.DataFrame:
-    """Rows by (batch, prompt), the newest run of each."""
-    d = (d.sort_values("run_id", kind="stable") if "run_id" in d else d).set_index(["batch_size", "prompt_tokens"])
-    return d[~d.index.duplicated(keep="last")]
 
 
 def _verdict(interval) -> str:
