@@ -9,7 +9,9 @@ that has imported PRELOAD, as the fork server has:
   PRELOAD) initialises torch's CUDA state, and (where there is a GPU) whether a child forked after it can still use
   the GPU: those that pass both could be preloaded by the fork server.
 
-  python bench/import_cost.py [--top 25] [--candidates MODULE ...]
+  python bench/import_cost.py [--top 25] [--candidates MODULE ...] [--own-process]
+  PYTORCH_NVML_BASED_CUDA_CHECK=1 python bench/import_cost.py ...   (torch asks NVML whether there is a GPU instead of
+                                                            the CUDA driver's cuInit, which no forked child survives)
   QSWEEP_PRELOAD=$(python bench/import_cost.py --safe import-cost.json) python bench/unit_overhead.py ...
                                                             (the fork server preloads them too; tasks/unit.py leaves
                                                             out the quantization libraries whatever the probe said)
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +33,12 @@ CANDIDATES = ["os",  # the control: PRELOAD alone
               "sympy", "networkx", "hqq.core.quantize", "torchao", "bitsandbytes", "optimum.quanto", "gptqmodel",
               "transformers.cache_utils", "transformers.modeling_utils"]
 PRELOAD = "import importlib, tasks.unit as U\nfor m in U.PRELOAD: importlib.import_module(m)\n"
+# --own-process: as a unit's own process sees transformers (tasks.engines.hf.own_process: torchao and hqq hidden)
+OWN_PROCESS = "from tasks import engines\nengines.own_process('hf', set())\n"
 
 
-def importtime(top: int) -> dict:
-    code = PRELOAD + ("import time, sys; before = set(sys.modules); sys.stderr.write('MARK\\n'); sys.stderr.flush()\n"
+def importtime(top: int, first: str = "") -> dict:
+    code = PRELOAD + first + ("import time, sys; before = set(sys.modules); sys.stderr.write('MARK\\n'); sys.stderr.flush()\n"
                       "t = time.perf_counter()\n"
                       "from transformers import AutoModelForCausalLM, AutoTokenizer\n"  # what import_s times
                       "t1 = time.perf_counter()\n"
@@ -70,10 +75,10 @@ print("FORK", os.waitstatus_to_exitcode(status) == 0)
 """
 
 
-def initialises_cuda(package: str) -> dict:
+def initialises_cuda(package: str, first: str = "") -> dict:
     """Import the module after PRELOAD, then fork as the fork server does: can the child still use the GPU? (torch's
     is_initialized() does not see the driver's cuInit, which a CUDA availability check makes and fork cannot survive.)"""
-    code = PRELOAD + (f"import time, torch; t = time.perf_counter(); import {package}\n"
+    code = PRELOAD + first + (f"import time, torch; t = time.perf_counter(); import {package}\n"
                       "print('R', time.perf_counter() - t, torch.cuda.is_initialized())\n"
                       "if __import__('shutil').which('nvidia-smi'):\n"
                       + "".join("    " + ln + "\n" for ln in FORKED_CHILD_USES_GPU.strip().splitlines()))
@@ -94,14 +99,18 @@ def main() -> int:
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
     ap.add_argument("--safe", metavar="JSON", help="print the candidates of an earlier run that a forked child "
                     "survived, comma-separated (for QSWEEP_PRELOAD), and exit")
+    ap.add_argument("--own-process", action="store_true", help="hide torchao and hqq from transformers first, as in "
+                    "a unit's own process whose precision uses neither")
     a = ap.parse_args()
     if a.safe:
         found = json.loads(Path(a.safe).read_text()).get("candidates", [])
         print(",".join(c["package"] for c in found if c.get("forked_child_uses_gpu") and not c.get("cuda_initialized")
                        and c["package"] != "os"))
         return 0
-    out = importtime(a.top)
-    out["candidates"] = [initialises_cuda(m) for m in a.candidates]
+    first = OWN_PROCESS if a.own_process else ""
+    out = {"nvml_check": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK", ""), "own_process": a.own_process,
+           **importtime(a.top, first)}
+    out["candidates"] = [initialises_cuda(m, first) for m in a.candidates]
     print(json.dumps(out, indent=1))
     return 0
 

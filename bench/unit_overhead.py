@@ -97,7 +97,8 @@ def main() -> int:
                       **{k: c.get(k) for k in ("warmup_s", "timed_s", "energy_prefill_s", "memory_run_s",
                                                "decode_ms_per_token", "repeats_done")}})
     print(json.dumps({"command": " ".join(cmd[1:]), "exit": r.returncode,
-                      "preload_extra": os.environ.get("QSWEEP_PRELOAD", ""), "command_to_report_s": wall,
+                      "preload_extra": os.environ.get("QSWEEP_PRELOAD", ""),
+                      "nvml_check": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK", ""), "command_to_report_s": wall,
                       "sweep_wall_s": manifest.get("wall_s"), "units": units, "cells": cells,
                       "stdout_tail": r.stdout[-1500:], "stderr_tail": r.stderr[-1500:]}, indent=1, default=float))
     return r.returncode

@@ -31,16 +31,25 @@ from tasks.precisions import REGISTRY, library_imports
 # checks that none of them is preloaded)
 # torch's inductor compiler (compile_fx, lowering) and transformers.cache_utils neither: after importing them, a
 # forked child could not use the GPU on the H200 host although torch.cuda.is_initialized() said no
-# (bench/import_cost.py, docs/results/h200-2026-11-30c)
-NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils", "transformers.cache_utils",
-                                     "torch._inductor.compile_fx", "torch._inductor.lowering")
+# (bench/import_cost.py, docs/results/h200-2026-11-30c). Likely the CUDA availability check they make, which calls the
+# driver's cuInit, which no fork survives; with PYTORCH_NVML_BASED_CUDA_CHECK=1 torch asks NVML instead, and these
+# may be preloaded (QSWEEP_PRELOAD): what bench/import_cost.py measures on a GPU host with that variable set.
+CUINIT_ON_IMPORT = ("transformers.cache_utils", "torch._inductor.compile_fx", "torch._inductor.lowering")
+NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils",)
+
+
+def nvml_check() -> bool:
+    """torch checks for a GPU through NVML, not the CUDA driver (a forked child can still use the GPU after it)."""
+    return os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
 
 
 def extra_preload(names: str) -> tuple[str, ...]:
     """QSWEEP_PRELOAD: more modules for the fork server, comma-separated (a GPU campaign passes those that
-    bench/import_cost.py found a forked child survives); the ones in NEVER_PRELOAD are left out."""
+    bench/import_cost.py found a forked child survives); the ones in NEVER_PRELOAD are left out, and those in
+    CUINIT_ON_IMPORT unless torch checks for a GPU through NVML."""
+    refused = NEVER_PRELOAD + (() if nvml_check() else CUINIT_ON_IMPORT)
     wanted = [m.strip() for m in names.split(",") if m.strip()]
-    return tuple(m for m in wanted if not any(m == n or m.startswith(n + ".") for n in NEVER_PRELOAD))
+    return tuple(m for m in wanted if not any(m == n or m.startswith(n + ".") for n in refused))
 
 
 # torch._dynamo, torch.distributed.tensor, sympy and networkx: ~6 of a unit's 11-12 s of import_s on the H200 host,

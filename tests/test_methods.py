@@ -310,7 +310,7 @@ def test_fork_server_preload_leaves_cuda_alone():
     re-initialize CUDA in forked subprocess". Nothing the fork server preloads may import those libraries."""
     code = ("import importlib, sys; import tasks.unit as U\n"
             "for m in U.PRELOAD: importlib.import_module(m)\n"
-            "print([m for m in U.NEVER_PRELOAD if m in sys.modules])")
+            "print([m for m in U.NEVER_PRELOAD + U.CUINIT_ON_IMPORT if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
@@ -319,14 +319,20 @@ def test_fork_server_preload_leaves_cuda_alone():
     assert found.stdout.strip().splitlines()[-1] == "True"  # why modeling_utils is not preloaded
 
 
-def test_extra_preload_leaves_out_what_touches_the_gpu():
+def test_extra_preload_leaves_out_what_touches_the_gpu(monkeypatch):
     from tasks.unit import extra_preload
 
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
     assert extra_preload("") == ()
     assert extra_preload(" sympy, torch._dynamo ,,torchao, torchao.quantization, transformers.modeling_utils") == (
         "sympy", "torch._dynamo")
     # found on the H200 host: a child forked after these could not use the GPU (bench/import_cost.py)
-    assert extra_preload("torch._inductor.compile_fx,torch._inductor.lowering,transformers.cache_utils") == ()
+    cuinit = "torch._inductor.compile_fx,torch._inductor.lowering,transformers.cache_utils"
+    assert extra_preload(cuinit) == ()
+    # unless torch asks NVML, not the CUDA driver, whether there is a GPU; the libraries stay out either way
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    assert extra_preload(cuinit + ",torchao,bitsandbytes") == (
+        "torch._inductor.compile_fx", "torch._inductor.lowering", "transformers.cache_utils")
 
 
 def _modules_after_unit(unit):
