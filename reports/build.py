@@ -73,7 +73,7 @@ def context(dirs, every_row: bool = False) -> dict:
         models.append({
             "name": model, "baseline": baseline, "cell": cell, "entries": entries, "decision": decision,
             "note": first(d.weights_note) if "weights_note" in d else None,
-            "findings": tables.findings(entries, baseline, model, cell, decision),
+            "findings": tables.findings(entries, baseline, model, cell, decision, cross),
             "fits": fits, "fit_errors": tables.fit_errors(d, entries), "crossover": cross,
             "pays": tables.where_it_pays(cross, baseline) if baseline else [],
             "fit_allocators": tables.fit_allocators(d),

@@ -228,8 +228,10 @@ def fit_errors(df: pd.DataFrame, entries: list[dict]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------------ findings
 
-def findings(entries: list[dict], baseline: str | None, model: str, cell: dict | None, dec: dict) -> list[str]:
-    """A handful of sentences, most decisive first, each with its interval; no speed claim from a noisy cell."""
+def findings(entries: list[dict], baseline: str | None, model: str, cell: dict | None, dec: dict,
+             cross: list[dict] | None = None) -> list[str]:
+    """A handful of sentences, most decisive first, each with its interval; no speed claim from a noisy cell, nor
+    one within how far the machine's pace moved between the two precisions' eager cells (crossover's `drift`)."""
     out = []
     base = next((e for e in entries if e["precision"] == baseline), None)
     where = (f"at {cell['prompt_tokens']}+{cell['new_tokens']} tokens, batch {cell['batch_size']}" if cell else "")
@@ -250,7 +252,8 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
     if same:
         out.append(f"Indistinguishable from {baseline} in perplexity (the paired 95% interval of the difference "
                    f"holds 0): {', '.join(same)}.")
-    speed, elsewhere = [], []
+    drift = {c["precision"]: c["drift"] for c in cross or [] if c["decode"] == "eager"}
+    speed, elsewhere, drifted = [], [], []
     for e in entries:
         if e is base or base is None or e["noisy"] or base["noisy"] or e["broken"]:
             continue
@@ -260,7 +263,10 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
             elsewhere.append(e["precision"])
             continue
         iv = _ratio_interval(per_run_decode(e["eager_row"]), per_run_decode(base["eager_row"]))
-        if iv and (iv[1] > 1 or iv[2] < 1):  # a claim only where the interval excludes "as fast"
+        moved = drift.get(e["precision"], 1.0)
+        if iv and (iv[1] > 1 or iv[2] < 1) and not (iv[1] > moved or iv[2] < 1 / moved):
+            drifted.append(e["precision"])
+        elif iv and (iv[1] > 1 or iv[2] < 1):  # a claim only where the interval excludes "as fast"
             r, lo, hi = (1 / iv[0], 1 / iv[2], 1 / iv[1]) if iv[0] < 1 else iv
             word = "faster" if iv[0] < 1 else "slower"
             speed.append((abs(math.log(iv[0])), f"{e['precision']} decodes {r:.2f}× {word} than {baseline} "
@@ -269,6 +275,10 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
     if elsewhere:
         out.append(f"No speed claim for {', '.join(elsewhere)} against {baseline}: measured on another GPU or host "
                    f"than {baseline}'s cell.")
+    if drifted:
+        out.append(f"No speed claim for {', '.join(drifted)} against {baseline}: the machine's pace moved between "
+                   "their eager cells by more than the two differ (see Faster or slower than "
+                   f"{baseline}).")
     noisy = [e["precision"] for e in entries if e["noisy"] and e["decode_ms"]]
     if noisy:
         out.append(f"No speed claim for {', '.join(noisy)}: their timing is noisy (interval wider than "
@@ -283,7 +293,8 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
     at the longest generation; < 1 is faster. One row per cell: pass data.newest_per_cell's rows (the report does).
     `verdicts`, where both cells ran on one machine: faster, slower or
     even (the 95% interval of the ratio holds 1) as findings() claims speed, noisy where either cell's timing is
-    (no claim), unknown where either has fewer than 2 runs."""
+    (no claim), unknown where either has fewer than 2 runs; `drift` (pace_drift of both precisions' cells, times each
+    other) widens "even": a ratio counts only beyond it ("drifted" inside it)."""
     ok = df[(df.status == "ok") & (df.kv_cache == "native")]
     if baseline is None or ok.empty:
         return []
@@ -301,24 +312,45 @@ def crossover(df: pd.DataFrame, baseline: str | None) -> list[dict]:
             keys = mine.index.intersection(base.index)
             grid = {k: mine.decode_ms_per_token[k] / base.decode_ms_per_token[k] for k in keys}
             apart = {k for k in keys if machine(mine.loc[k]) != machine(base.loc[k])}  # not comparable as speeds
+            drift = pace_drift(mine) * pace_drift(base)
             verdicts = {k: "noisy" if _noisy(mine.loc[k]) or _noisy(base.loc[k]) else
-                        _verdict(_ratio_interval(per_run_decode(mine.loc[k]), per_run_decode(base.loc[k])))
+                        _verdict(_ratio_interval(per_run_decode(mine.loc[k]), per_run_decode(base.loc[k])), drift)
                         for k in keys if k not in apart}
             if len(grid) >= 1:
                 out.append({"precision": p, "decode": path, "new_tokens": n, "ratios": grid, "other_machine": apart,
-                            "verdicts": verdicts, "batches": sorted({b for b, _ in grid}),
+                            "verdicts": verdicts, "drift": drift, "batches": sorted({b for b, _ in grid}),
                             "prompts": sorted({q for _, q in grid})})
     return out
 
 
-def _verdict(interval) -> str:
+def pace_drift(cells: pd.DataFrame) -> float:
+    """How far the machine's pace moved between one precision's cells (indexed by batch and prompt, one decode path):
+    a cell with no smaller batch and no shorter prompt decodes no faster, so where one decoded faster than a lighter
+    one on the same machine beyond both 95% intervals, the pace moved between them by at least the lighter's mean over
+    the heavier's; the largest such factor, 1 where none (11-30j: the 7B's eager fp16 at 38.7 ms/token at 128 x 8
+    and 24.2 at 1024 x 32 in one process, a minute apart)."""
+    drift = 1.0
+    rows = [(k, r) for k, r in cells.iterrows()
+            if val(r.get("decode_ms_ci_low")) is not None and val(r.get("decode_ms_ci_high")) is not None]
+    for (light, a), (heavy, b) in ((x, y) for x in rows for y in rows):
+        if (light != heavy and heavy[0] >= light[0] and heavy[1] >= light[1] and machine(a) == machine(b)
+                and val(b.get("decode_ms_ci_high")) < val(a.get("decode_ms_ci_low"))):
+            drift = max(drift, val(a.get("decode_ms_per_token")) / val(b.get("decode_ms_per_token")))
+    return drift
+
+
+def _verdict(interval, drift: float = 1.0) -> str:
     if interval is None:
         return "unknown"
-    return "faster" if interval[2] < 1 else "slower" if interval[1] > 1 else "even"
+    if interval[2] < 1 / drift:
+        return "faster"
+    if interval[1] > drift:
+        return "slower"
+    return "even" if interval[1] <= 1 <= interval[2] else "drifted"
 
 
 VERDICT_WORDS = {"faster": "faster", "slower": "slower", "even": "within noise of it", "noisy": "noisy timing",
-                 "unknown": "with one run"}
+                 "drifted": "within the pace's drift", "unknown": "with one run"}
 
 
 def where_it_pays(cross: list[dict], baseline: str) -> list[str]:
@@ -341,6 +373,9 @@ def where_it_pays(cross: list[dict], baseline: str) -> list[str]:
             if len(vs) > 1:
                 parts.append(f"at batch {b} " + ", ".join(f"{VERDICT_WORDS[v]} at prompt {_and(ps)}"
                                                           for v, ps in vs.items()))
+        if c.get("drift", 1.0) > 1:
+            parts.append(f"the machine's pace moved between cells by up to {c['drift']:.2f}× (a heavier cell decoded "
+                         "faster than a lighter one), and only ratios beyond that count")
         if c["other_machine"]:
             k = len(c["other_machine"])
             parts.append(f"{k} cell{'s' * (k > 1)} against {baseline} on another GPU or host: no verdict")

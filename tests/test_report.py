@@ -304,7 +304,7 @@ def test_where_quantization_pays_in_words():
     decode path, the batches where it is faster or slower than the baseline, a cell counting only as for a speed claim
     in the findings: the 95% interval of the ratio of the runs' means excludes 1, neither cell's timing is noisy, both
     ran on one GPU (11-30i's eager cells at batches 8 and 32 had fp16's only from another host)."""
-    nf4 = {(1, 128): 7.0, (1, 1024): 7.5, (8, 128): 14.0, (8, 1024): 10.0, (8, 4064): 5.0, (32, 128): 20.0}
+    nf4 = {(1, 128): 7.0, (1, 1024): 7.5, (8, 128): 10.0, (8, 1024): 14.0, (8, 4064): 15.0, (32, 128): 20.0}
     rows = []
     for (b, p), ms in nf4.items():
         rows.append(row("m", "fp16", 32, b, prompt=p, **timing(10.0, 5, 32, jitter=0.02, seed=b + p)))
@@ -316,14 +316,47 @@ def test_where_quantization_pays_in_words():
 
     (c,) = tables.crossover(newest_per_cell(pd.DataFrame(rows)), "fp16")  # as the report passes them
     assert c["ratios"][(1, 128)] == pytest.approx(0.7, rel=0.03)  # the newer of two rows of one batch and prompt
-    assert c["verdicts"] == {(1, 128): "faster", (1, 1024): "faster", (8, 128): "slower", (8, 1024): "even",
-                             (8, 4064): "noisy"}  # half as fast, but its runs over ±5%: no claim, as in findings
+    assert c["verdicts"] == {(1, 128): "faster", (1, 1024): "faster", (8, 128): "even", (8, 1024): "slower",
+                             (8, 4064): "noisy"}  # 1.5× as slow, but its runs over ±5%: no claim, as in findings
+    assert c["drift"] == 1.0
     assert tables.where_it_pays([c], "fp16") == [
-        "nf4, eager decode against fp16: faster at batch 1 (2 cells); at batch 8 slower at prompt 128, within noise "
-        "of it at prompt 1024, noisy timing at prompt 4064; 1 cell against fp16 on another GPU or host: no verdict."]
+        "nf4, eager decode against fp16: faster at batch 1 (2 cells); at batch 8 within noise of it at prompt 128, "
+        "slower at prompt 1024, noisy timing at prompt 4064; 1 cell against fp16 on another GPU or host: no verdict."]
     twice = dict(c, verdicts={(8, 128): "slower", (8, 1024): "slower", (32, 128): "slower"}, other_machine=set())
     assert tables.where_it_pays([twice], "fp16") == [
         "nf4, eager decode against fp16: slower at batches 8 and 32 (3 cells)."]
+
+
+def test_a_pace_that_moved_between_cells_widens_what_counts():
+    """11-30j: the 7B's eager fp16 decoded 38.7 ms/token at 128 × 8 and 24.2 at 1024 × 32 in one process a minute
+    apart, each within ±2%: a host-paced step moved with the host, and int4wo at 128 × 8 read "faster" (0.85×) against
+    the slow state. A heavier cell (no smaller batch, no shorter prompt) cannot decode faster; where one did beyond
+    both intervals, the pace moved by that factor, and a ratio counts only beyond it."""
+    fp16 = {(1, 128): 20.0, (1, 1024): 10.0, (1, 4064): 10.5, (8, 128): 21.0}
+    nf4 = {(1, 128): 16.0, (1, 1024): 25.0, (1, 4064): 10.5, (8, 128): 18.0}
+    rows = [row("m", p, 32, b, prompt=q, **timing(ms, 5, 32, jitter=0.01, seed=b + q + len(p)))
+            for p, cells in (("fp16", fp16), ("nf4", nf4)) for (b, q), ms in cells.items()]
+    rows.append(row("m", "fp16", 32, 8, prompt=4064, gpu_uuid="GPU-b", **timing(5.0, 5, 32, jitter=0.01)))
+    df = pd.DataFrame(rows)
+    assert tables.pace_drift(df[df.precision == "fp16"].set_index(["batch_size", "prompt_tokens"])) == pytest.approx(
+        2.0, rel=0.02)  # 20.0 at 1 × 128 against 10.0 at 1 × 1024; 5.0 at 8 × 4064, on another GPU, does not count
+    assert tables.pace_drift(df[df.precision == "nf4"].set_index(["batch_size", "prompt_tokens"])) == pytest.approx(
+        25.0 / 10.5, rel=0.02)
+    (c,) = tables.crossover(df, "fp16")
+    assert c["drift"] == pytest.approx(2.0 * 25.0 / 10.5, rel=0.03)
+    assert c["verdicts"] == {(1, 128): "drifted", (1, 1024): "drifted", (1, 4064): "even", (8, 128): "drifted"}
+    (words,) = tables.where_it_pays([c], "fp16")
+    assert "within the pace's drift" in words and "moved between cells by up to 4.7" in words
+    steady = tables.crossover(df[df.prompt_tokens == 128], "fp16")[0]  # without the cells that drifted
+    assert steady["drift"] == 1.0 and steady["verdicts"][(1, 128)] == "faster"  # 0.8×
+    assert steady["verdicts"][(8, 128)] == "faster"  # 0.86×
+    cell = {"batch_size": 1, "prompt_tokens": 128, "new_tokens": 32}  # the findings' speed claims follow
+    for frame, cross, claims in ((df, [c], False), (df[df.prompt_tokens == 128], [steady], True)):
+        entries = tables.summary(frame, "fp16", cell)
+        found = tables.findings(entries, "fp16", "m", cell, tables.decision(entries, []), cross)
+        assert any(f.startswith("nf4 decodes 1.25× faster than fp16") for f in found) == claims, found
+        moved = "No speed claim for nf4 against fp16: the machine's pace moved"
+        assert any(f.startswith(moved) for f in found) != claims
 
 
 def test_a_cell_measured_twice_counts_with_its_newest_run(tmp_path, no_charts):
