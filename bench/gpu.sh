@@ -4,11 +4,12 @@
 #
 # Stage first (here): `bash bench/stage_gpu.sh` (the wheels the host lacks, SmolLM2 and the data, through
 # ../shared/device/stage.sh, then `bench/restage.sh`: pieces that fit one 64 MiB call beside the tracked files,
-# .stage/q-1..M). The host is handed back after 30 s without a call, and with it /tmp (the staged parts, the running
-# campaign): have every edit done before the first upload, and make each call the next watch of the campaign
-# (DEADLINE just under the call's limit), reading the previous call's results in the same turn (the eighth session
-# lost a host that way). On the host, one call per piece:  bash .stage/q-I/unstage.sh I   (carry .stage/extra with
-# the last piece: gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module
+# .stage/q-1..M; with docs/results moved out of the tree first, and back after the uploads, 5 pieces instead of 25:
+# the campaigns then cannot seed). The host is handed back after 30 s without a call, and with it /tmp (the staged
+# parts, the running campaign): have every edit done before the first upload, and make each call the next watch of the
+# campaign (DEADLINE just under the call's limit), reading the previous call's results in the same turn (the eighth
+# session lost a host that way). On the host, one call per piece:  bash .stage/q-I/unstage.sh I   (carry .stage/extra
+# with the last piece: gptqmodel needs pypcre, built there from its sdist; without it every gptq unit fails "No module
 # named 'pcre'", as the seventh session's did) and then the verbs:
 #   env                 versions and GPUs; builds pypcre (gptqmodel needs it); warms the model cache (WARM="gguf
 #                       synthetic": SmolLM2's GGUF converted, the synthetic 7B written)
