@@ -26,7 +26,8 @@ A campaign file:
                                    # runs) and its sweeps start an embedded Ray each, no head: two campaigns with
                                    # gpu 0 and gpu 1 share a 2-GPU host side by side (bench/gpu.sh campaign A B)
   cpus: share                      # optional, with gpu: on a host of --gpus N GPUs, what it runs gets the gpu-th
-                                   # of N equal slices of the host's CPUs (the default: a sweep's torch.compile
+                                   # of N equal slices of the host's physical cores, both hyperthreads of each
+                                   # (cpus.txt says which) (the default: a sweep's torch.compile
                                    # workers take every CPU they see, and host-paced decode beside them slows:
                                    # tasks/host_cpu.py); `all` shares them all
 Each sweep's log is DIR/<name>.log; DIR/exits.txt gets "<name> exit <code> after <s> s"; DIR/all.done when all end.
@@ -90,10 +91,26 @@ def ray_head(gpus: int) -> None:
                           stdout=subprocess.DEVNULL)
 
 
-def cpu_share(gpu: int, gpus: int, cpus: list[int]) -> list[int]:
-    """The gpu-th of `gpus` equal slices of `cpus` (what the campaign on that GPU runs on)."""
-    n = len(cpus)
-    return cpus[gpu * n // gpus:(gpu + 1) * n // gpus] or cpus
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+def cores(cpus: list[int], sys_cpu: Path = SYS_CPU) -> list[list[int]]:
+    """`cpus` grouped by physical core (hyperthread siblings together, as the kernel lists them), in order; each CPU
+    its own core where the kernel does not say."""
+    groups: dict[str, list[int]] = {}
+    for c in cpus:
+        f = sys_cpu / f"cpu{c}" / "topology" / "thread_siblings_list"
+        groups.setdefault(f.read_text().strip() if f.exists() else str(c), []).append(c)
+    return sorted(groups.values())
+
+
+def cpu_share(gpu: int, gpus: int, cpus: list[int], sys_cpu: Path = SYS_CPU) -> list[int]:
+    """The gpu-th of `gpus` equal slices of `cpus` (what the campaign on that GPU runs on), by whole physical cores:
+    two campaigns on hyperthread siblings of one core would slow each other's host-paced decode (11-30j's eager fp16
+    moved 1.6x between cells beside a campaign compiling on the other half: the cause not known)."""
+    whole = cores(cpus, sys_cpu)
+    n = len(whole)
+    return sorted(c for core in (whole[gpu * n // gpus:(gpu + 1) * n // gpus] or whole) for c in core)
 
 
 def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> int:
@@ -104,7 +121,8 @@ def run(campaign: dict, results: Path, address: str = "auto", gpus: int = 0) -> 
         if gpus > 1 and campaign.get("cpus", "share") == "share":
             mine = cpu_share(int(campaign["gpu"]), gpus, sorted(os.sched_getaffinity(0)))
             pin = lambda: os.sched_setaffinity(0, mine)  # noqa: E731 (in each child, before it runs)
-            (results / "cpus.txt").write_text(f"GPU {campaign['gpu']} of {gpus}: CPUs {','.join(map(str, mine))}\n")
+            (results / "cpus.txt").write_text(f"GPU {campaign['gpu']} of {gpus}: CPUs {','.join(map(str, mine))}; "
+                                              f"cores {' '.join('+'.join(map(str, c)) for c in cores(mine))}\n")
         address, gpus = "", 0
     seed(campaign, results)
     before(campaign, results, pin)

@@ -106,6 +106,13 @@ def test_a_campaign_beside_another_runs_on_its_share_of_the_host_s_cpus(tmp_path
     assert campaign.cpu_share(0, 2, list(range(32))) == list(range(16))
     assert campaign.cpu_share(1, 2, list(range(32))) == list(range(16, 32))
     assert campaign.cpu_share(1, 2, [5]) == [5]  # one CPU: nothing to split
+    # by whole cores: where CPU i and i + 16 are hyperthreads of one core, each campaign gets 8 cores, both threads
+    for c in range(32):
+        (tmp_path / f"cpu{c}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{c}" / "topology" / "thread_siblings_list").write_text(f"{c % 16},{c % 16 + 16}\n")
+    assert campaign.cpu_share(0, 2, list(range(32)), tmp_path) == list(range(8)) + list(range(16, 24))
+    assert campaign.cpu_share(1, 2, list(range(32)), tmp_path) == list(range(8, 16)) + list(range(24, 32))
+    assert campaign.cores([3, 19, 4], tmp_path) == [[3, 19], [4]]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     mine = sorted(os.sched_getaffinity(0))
     show = "grep Cpus_allowed_list /proc/self/status > {results}/%s.txt"
