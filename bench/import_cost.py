@@ -38,13 +38,14 @@ OWN_PROCESS = "from tasks import engines\nengines.own_process('hf', set())\n"
 
 
 def importtime(top: int, first: str = "") -> dict:
-    code = PRELOAD + first + ("import time, sys; before = set(sys.modules); sys.stderr.write('MARK\\n'); sys.stderr.flush()\n"
-                      "t = time.perf_counter()\n"
-                      "from transformers import AutoModelForCausalLM, AutoTokenizer\n"  # what import_s times
-                      "t1 = time.perf_counter()\n"
-                      "import transformers.modeling_utils\n"  # what from_pretrained imports next (in load_s)
-                      "import torch; print('IMPORT', t1 - t, time.perf_counter() - t1, torch.cuda.is_initialized(), "
-                      "sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
+    code = PRELOAD + first + (
+        "import time, sys; before = set(sys.modules); sys.stderr.write('MARK\\n'); sys.stderr.flush()\n"
+        "t = time.perf_counter()\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"  # what import_s times
+        "t1 = time.perf_counter()\n"
+        "import transformers.modeling_utils\n"  # what from_pretrained imports next (in load_s)
+        "import torch; print('IMPORT', t1 - t, time.perf_counter() - t1, torch.cuda.is_initialized(), "
+        "sorted({m.split('.')[0] for m in set(sys.modules) - before}))")
     r = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("IMPORT")), None)
     if line is None:
@@ -78,10 +79,11 @@ print("FORK", os.waitstatus_to_exitcode(status) == 0)
 def initialises_cuda(package: str, first: str = "") -> dict:
     """Import the module after PRELOAD, then fork as the fork server does: can the child still use the GPU? (torch's
     is_initialized() does not see the driver's cuInit, which a CUDA availability check makes and fork cannot survive.)"""
-    code = PRELOAD + first + (f"import time, torch; t = time.perf_counter(); import {package}\n"
-                      "print('R', time.perf_counter() - t, torch.cuda.is_initialized())\n"
-                      "if __import__('shutil').which('nvidia-smi'):\n"
-                      + "".join("    " + ln + "\n" for ln in FORKED_CHILD_USES_GPU.strip().splitlines()))
+    code = PRELOAD + first + (
+        f"import time, torch; t = time.perf_counter(); import {package}\n"
+        "print('R', time.perf_counter() - t, torch.cuda.is_initialized())\n"
+        "if __import__('shutil').which('nvidia-smi'):\n"
+        + "".join("    " + ln + "\n" for ln in FORKED_CHILD_USES_GPU.strip().splitlines()))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("R ")), None)
     if line is None:

@@ -8,7 +8,8 @@
 # larger and ~5x fewer; the campaigns must then not seed from docs/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tree=$({ git ls-files -z -co --exclude-standard | xargs -0 stat -c %s -- 2>/dev/null || true; } | awk '{s+=$1} END {print s+0}')
+tree=$({ git ls-files -z -co --exclude-standard | xargs -0 stat -c %s -- 2>/dev/null || true; } \
+  | awk '{s+=$1} END {print s+0}')  # the files present (a file moved aside is not carried)
 tree_mib=$(( (tree >> 20) + 1 ))
 size=${1:-$((60 - tree_mib))}
 parts=$(ls -d .stage/part-* | sort -t- -k2 -n)

@@ -31,9 +31,9 @@ from tasks.precisions import REGISTRY, library_imports
 # checks that none of them is preloaded)
 # torch's inductor compiler (compile_fx, lowering) and transformers.cache_utils neither: after importing them, a
 # forked child could not use the GPU on the H200 host although torch.cuda.is_initialized() said no
-# (bench/import_cost.py, docs/results/h200-2026-11-30c). Likely the CUDA availability check they make, which calls the
-# driver's cuInit, which no fork survives; with PYTORCH_NVML_BASED_CUDA_CHECK=1 torch asks NVML instead, and these
-# may be preloaded (QSWEEP_PRELOAD): what bench/import_cost.py measures on a GPU host with that variable set.
+# (bench/import_cost.py, docs/results/h200-2026-11-30c): their CUDA availability check calls the driver's cuInit,
+# which no fork survives. With PYTORCH_NVML_BASED_CUDA_CHECK=1 torch asks NVML instead, a child forked after each
+# still used the GPU (11-30j), and QSWEEP_PRELOAD may name them; not the default: a unit's import_s did not fall.
 CUINIT_ON_IMPORT = ("transformers.cache_utils", "torch._inductor.compile_fx", "torch._inductor.lowering")
 NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils",)
 
