@@ -116,7 +116,8 @@ DETAIL = [("TTFT ms", "ttft_ms", "{:.2f}"), ("decode p99 ms", "decode_ms_p99", "
           ("J / prefill token", "energy_j_per_prefill_token", "{:.3g}"), ("mean power W", "power_mean_w", "{:.0f}"),
           ("$ / M tokens", "usd_per_million_tokens", "{:.3f}"), ("repeats", "repeats_done", "{:.0f}"),
           ("CV decode", "cv_decode", "pct"), ("host load (1 min)", "host_load_1m", "{:.1f}"),
-          ("CPUs others took (most)", "host_other_busy_cpus_max", "{:.1f}")]
+          ("CPUs others took (most)", "host_other_busy_cpus_max", "{:.1f}"),
+          ("host probe ms (before timed runs)", "host_probe_before_ms", "{:.2f}")]
 UNIT = [("load s", "load_s", "{:.1f}"), ("quantize s", "quantize_s", "{:.1f}"), ("calibration s", "calibration_s",
                                                                                   "{:.1f}"),
         ("kernel path", "linear_class", "{}"), ("applied", "quant_config", "{}"),
@@ -405,7 +406,9 @@ def every_cell(df: pd.DataFrame, newest: pd.DataFrame | None = None) -> list[dic
                     "ci": f"{lo:.2f}–{hi:.2f}" if lo is not None and hi is not None else "",
                     "p99": _fmt(g("decode_ms_p99"), "{:.2f}"), "tokens_s": _fmt(g("decode_tokens_per_s"), "{:.1f}"),
                     "peak": _fmt(g("peak_bytes"), "mb"), "kv": _fmt(g("kv_cache_bytes"), "mb"),
-                    "joules": _fmt(g("energy_j_per_decode_token"), "{:.3g}")})
+                    "joules": _fmt(g("energy_j_per_decode_token"), "{:.3g}"),
+                    "probe": " / ".join(_fmt(g(f"host_probe_{w}_ms"), "{:.2f}") for w in ("before", "after"))
+                    if g("host_probe_before_ms") is not None else ""})
     return out
 
 

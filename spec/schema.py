@@ -266,6 +266,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                                 "(eager on a GPU, compiled cells flagged host-bound) slows when they take them all"),
     ("host_other_busy_cpus_max", F, "the same over the busiest stretch of timed runs (each run, or consecutive runs "
                                     "together up to 0.25 s)"),
+    ("host_probe_before_ms", F, "the host's pace for plain Python just before the timed runs: the median ms of 5 runs "
+                                "of a fixed loop (tasks/host_cpu.probe_ms). It moves with what moves a host-paced "
+                                "decode step and /proc/stat cannot see (a busy hyperthread sibling, the clock); compare "
+                                "it between cells of one host only"),
+    ("host_probe_after_ms", F, "the same just after the timed runs"),
     ("host", S, "host name of the worker"),
     ("worker_pid", I, "process id of the worker"),
 ]

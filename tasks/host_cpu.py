@@ -8,6 +8,7 @@ model's run on 2 CPUs read 4 CPUs busy), so runs are counted in stretches of at 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from contextlib import contextmanager
 
@@ -15,6 +16,22 @@ STAT = "/proc/stat"
 MIN_SPAN_S = 0.25  # consecutive timed runs counted together up to this wall time: 32 CPUs' ticks err by 1.3 CPUs
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system (idle iowait) irq softirq steal (a VM's CPU given to other
                                   # guests: contention too); guest is counted in user
+
+
+PROBE_LOOPS = 20_000  # about 1 ms of plain Python on a current server core
+
+
+def probe_ms(repeats: int = 5) -> float:
+    """The host's pace for plain Python now: the median ms of `repeats` runs of a fixed loop, the kind of work that
+    paces an eager decode step. It slows where the core is shared (a busy hyperthread sibling, which /proc/stat
+    counts on the sibling's CPU, not this one), clocked down, or taken by the hypervisor."""
+    times = []
+    for _ in range(repeats):
+        t, x = time.perf_counter(), 0
+        for i in range(PROBE_LOOPS):
+            x += i & 7
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
 
 
 def busy_seconds(stat_text: str, cpus: set[int], tick_hz: float) -> float:
@@ -43,6 +60,10 @@ class HostCpu:
         self.available = self.cpus is not None and os.path.exists(STAT)
         self.tick_hz = os.sysconf("SC_CLK_TCK") if self.available else None
         self.spans: list[tuple[float, float, float]] = []  # per run: (busy s, own CPU s, wall s)
+        self.probes: dict[str, float] = {}  # probe_ms before and after the timed runs
+
+    def probe(self, when: str) -> None:
+        self.probes[when] = probe_ms()
 
     def _read(self) -> tuple[float, float, float]:
         with open(STAT) as f:
@@ -62,17 +83,18 @@ class HostCpu:
 
     def columns(self) -> dict:
         """host_cpus; the CPUs others kept busy over all timed runs and over the busiest stretch of them (both
-        within 0 and host_cpus; empty where the runs took under MIN_SPAN_S together)."""
+        within 0 and host_cpus; empty where the runs took under MIN_SPAN_S together); the pace probes."""
+        probes = {f"host_probe_{when}_ms": ms for when, ms in self.probes.items()}
         if not self.available:
-            return {"host_cpus": len(self.cpus) if self.cpus else None}
+            return {"host_cpus": len(self.cpus) if self.cpus else None, **probes}
         stretches = _stretches(self.spans, MIN_SPAN_S)
         if not stretches:
-            return {"host_cpus": len(self.cpus)}
+            return {"host_cpus": len(self.cpus), **probes}
         n = len(self.cpus)
         busy = [min(n, other_busy_cpus(*s)) for s in stretches]
         total = [sum(s[i] for s in stretches) for i in range(3)]
         return {"host_cpus": n, "host_other_busy_cpus": min(n, other_busy_cpus(*total)),
-                "host_other_busy_cpus_max": max(busy)}
+                "host_other_busy_cpus_max": max(busy), **probes}
 
 
 def _stretches(spans: list[tuple[float, float, float]], min_s: float) -> list[tuple[float, float, float]]:

@@ -324,6 +324,7 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         return intervals, clock.host_intervals_ms()
 
     meter = energy.EnergyMeter(device)
+    others.probe("before")  # the host's pace for plain Python around the timed runs (11-30j: an eager step's moved)
     e0 = meter.joules() if meter.handle else None
     t0 = time.perf_counter()
     record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
@@ -331,6 +332,7 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     if meter.handle:
         timed_j, timed_s = meter.joules() - e0, time.perf_counter() - t0
         walls["timed_s"] = timed_s
+        others.probe("after")
         t1 = time.perf_counter()
         prefill_j, prefill_runs, prefill_s = energy.prefill_loop(meter, lambda: prefill_only(model, ids, kv, static))
         walls["energy_prefill_s"] = time.perf_counter() - t1
@@ -338,6 +340,7 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
                               prompt_tokens, new_tokens)
     else:
         walls["timed_s"] = time.perf_counter() - t0
+        others.probe("after")
         used = {"energy_missing": meter.missing}
     if phases is None:
         t0 = time.perf_counter()

@@ -406,6 +406,8 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monk
             tracked.pop()
 
     intervals = latency.Clock.intervals_ms
+    probe, probed_inside = host_cpu.probe_ms, []
+    monkeypatch.setattr(host_cpu, "probe_ms", lambda: probed_inside.append(bool(tracked)) or probe())
     monkeypatch.setattr(host_cpu.HostCpu, "run", spied)
     monkeypatch.setattr(latency.Clock, "intervals_ms", lambda self: read_inside.append(bool(tracked))
                         or intervals(self))
@@ -414,6 +416,9 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monk
     cpus = len(os.sched_getaffinity(0))
     assert m.host_cpu["host_cpus"] == cpus
     assert 0 <= m.host_cpu["host_other_busy_cpus"] <= m.host_cpu["host_other_busy_cpus_max"] <= cpus
+    # the host's pace probed once before the timed runs and once after, outside every run's span
+    assert probed_inside == [False, False]
+    assert 0 < m.host_cpu["host_probe_before_ms"] < 1e4 and 0 < m.host_cpu["host_probe_after_ms"] < 1e4
 
 
 @pytest.mark.slow

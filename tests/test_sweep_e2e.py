@@ -53,6 +53,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert (df.host_cpus >= 1).all() and df.host_other_busy_cpus_max.notna().eq(df.host_other_busy_cpus.notna()).all()
     assert ((0 <= busy.host_other_busy_cpus) & (busy.host_other_busy_cpus <= busy.host_other_busy_cpus_max)
             & (busy.host_other_busy_cpus_max <= busy.host_cpus)).all()
+    assert (df.host_probe_before_ms > 0).all() and (df.host_probe_after_ms > 0).all()  # the host's pace, each cell
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["model_loads"] == 4 and manifest["cells"] == 16
     # where each unit's time went: its own walls in the rows, the worker's and the driver's in sweep.json
@@ -66,7 +67,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
         assert p["driver_started_at"] - 60 < unit.unit_started_at.iloc[0].timestamp() < p["driver_ended_at"]
         assert unit.ended_at.max().timestamp() <= p["driver_ended_at"]
     html = (out / "report.html").read_text()
-    assert "tiny-llama" in html and "<svg" in html
+    assert "tiny-llama" in html and "<svg" in html and "host probe ms" in html
     # options that move numbers (the allocator's: whatever this process's environment says; a gptq test before this
     # one leaves PYTORCH_ALLOC_CONF set, as gptqmodel's import would)
     assert "attention backends allowed" in html and " · allocator " in html
