@@ -1,6 +1,7 @@
 """A results folder's decode steps, cell by cell: each run's mean gap, its first step, the steady steps' median (the
 fourth step on) and the host's time per step, so that a run's first steps (the first compiled calls after the eager
-prefill, a host that falls behind) can be told from its steady pace. Reads the rows' decode_ms_samples.
+prefill, a host that falls behind) can be told from its steady pace; where rows have them, the CPUs others took and
+the host's pace probe before and after the timed runs. Reads the rows' decode_ms_samples.
 
   python bench/decode_steps.py FOLDER [FOLDER ...] [--started]   (--started: order by start time, with it)
 """
@@ -33,13 +34,15 @@ def main() -> None:
         for _, r in df.sort_values(order, kind="stable").iterrows():
             s = steps(r)
             host, busy = val(r.get("decode_host_ms_per_token")), val(r.get("host_other_busy_cpus_max"))
+            probe = [val(r.get(f"host_probe_{w}_ms")) for w in ("before", "after")]
             print(f"  {str(val(r.get('started_at')) or '')[11:19]} {r['model']} {r['precision']} {r['decode']} "
                   f"{r['prompt_tokens']}x{r['batch_size']}: {r['decode_ms_per_token']:.2f} ms/token, runs "
                   + " / ".join(f"{m:.2f}" for m in s["run_means"])
                   + ", first steps " + " / ".join(f"{f:.1f}" for f in s["first"])
                   + (f", steady median {s['steady_median']:.2f}" if s["steady_median"] is not None else "")
                   + (f", host {host:.2f}" if host is not None else "")
-                  + (f", others took up to {busy:.1f} CPUs" if busy is not None else ""))
+                  + (f", others took up to {busy:.1f} CPUs" if busy is not None else "")
+                  + (f", host probe {probe[0]:.2f} / {probe[1]:.2f} ms" if None not in probe else ""))
 
 
 if __name__ == "__main__":
