@@ -264,12 +264,11 @@ def findings(entries: list[dict], baseline: str | None, model: str, cell: dict |
             elsewhere.append(e["precision"])
             continue
         iv = _ratio_interval(per_run_decode(e["eager_row"]), per_run_decode(base["eager_row"]))
-        moved = drift.get(e["precision"], 1.0)
-        if iv and (iv[1] > 1 or iv[2] < 1) and not (iv[1] > moved or iv[2] < 1 / moved):
+        word = _verdict(iv, drift.get(e["precision"], 1.0))  # the crossover's rule: beyond 1 and the pace's drift
+        if word == "drifted":
             drifted.append(e["precision"])
-        elif iv and (iv[1] > 1 or iv[2] < 1):  # a claim only where the interval excludes "as fast"
-            r, lo, hi = (1 / iv[0], 1 / iv[2], 1 / iv[1]) if iv[0] < 1 else iv
-            word = "faster" if iv[0] < 1 else "slower"
+        elif word in ("faster", "slower"):
+            r, lo, hi = (1 / iv[0], 1 / iv[2], 1 / iv[1]) if word == "faster" else iv
             speed.append((abs(math.log(iv[0])), f"{e['precision']} decodes {r:.2f}× {word} than {baseline} "
                                                  f"(95% interval {lo:.2f}–{hi:.2f}×, eager, {where})."))
     out += [s for _, s in sorted(speed, reverse=True)[:3]]
@@ -374,7 +373,7 @@ def where_it_pays(cross: list[dict], baseline: str) -> list[str]:
             if len(vs) > 1:
                 parts.append(f"at batch {b} " + ", ".join(f"{VERDICT_WORDS[v]} at prompt {_and(ps)}"
                                                           for v, ps in vs.items()))
-        if c.get("drift", 1.0) > 1:
+        if c["drift"] > 1:
             parts.append(f"the machine's pace moved between cells by up to {c['drift']:.2f}× (a heavier cell decoded "
                          "faster than a lighter one), and only ratios beyond that count")
         if c["other_machine"]:

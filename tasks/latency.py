@@ -329,18 +329,16 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
     t0 = time.perf_counter()
     record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
     record.stop, record.prompt_tokens = stop, prompt_tokens
+    timed_j = meter.joules() - e0 if meter.handle else None
+    timed_s = walls["timed_s"] = time.perf_counter() - t0
+    others.probe("after")
     if meter.handle:
-        timed_j, timed_s = meter.joules() - e0, time.perf_counter() - t0
-        walls["timed_s"] = timed_s
-        others.probe("after")
         t1 = time.perf_counter()
         prefill_j, prefill_runs, prefill_s = energy.prefill_loop(meter, lambda: prefill_only(model, ids, kv, static))
         walls["energy_prefill_s"] = time.perf_counter() - t1
         used = energy.columns(timed_j, timed_s, len(record.ttft_ms), prefill_j, prefill_runs, prefill_s, batch_size,
                               prompt_tokens, new_tokens)
     else:
-        walls["timed_s"] = time.perf_counter() - t0
-        others.probe("after")
         used = {"energy_missing": meter.missing}
     if phases is None:
         t0 = time.perf_counter()
