@@ -96,7 +96,11 @@ def main() -> int:
                       is not None else None,
                       **{k: c.get(k) for k in ("warmup_s", "timed_s", "energy_prefill_s", "memory_run_s",
                                                "decode_ms_per_token", "repeats_done")}})
+    # after the timed command: what the fork server imported (its defaults and the extras it took)
+    preload = subprocess.run([sys.executable, "-c", "import json, tasks.unit as U; print(json.dumps(U.PRELOAD))"],
+                             cwd=ROOT, capture_output=True, text=True).stdout.strip().splitlines()
     print(json.dumps({"command": " ".join(cmd[1:]), "exit": r.returncode,
+                      "preload": json.loads(preload[-1]) if preload else None,
                       "preload_extra": os.environ.get("QSWEEP_PRELOAD", ""),
                       "nvml_check": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK", ""), "command_to_report_s": wall,
                       "sweep_wall_s": manifest.get("wall_s"), "units": units, "cells": cells,

@@ -53,9 +53,12 @@ def extra_preload(names: str) -> tuple[str, ...]:
 
 
 # torch._dynamo, torch.distributed.tensor, sympy and networkx: ~6 of a unit's 11-12 s of import_s on the H200 host,
-# moved into the fork server's start (paid once); a forked child still uses the GPU after each (import_cost.py there)
+# moved into the fork server's start (paid once); a forked child still uses the GPU after each (import_cost.py there).
+# sklearn.metrics: transformers 5.17 imports it with its generation code whenever scikit-learn is installed (1.5-2 s);
+# a child forked after it still used the GPU, and preloaded it took the notebook's import_s from 2.1 to 0.95 s
+# (docs/results/h200-2026-12-01). The fork server skips a module that is not installed.
 PRELOAD = ("torch", "transformers", "accelerate", "numpy", "torch.distributed.tensor", "torch._dynamo", "sympy",
-           "networkx") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
+           "networkx", "sklearn.metrics") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
 
 OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA; CPU allocator; errno ENOMEM
