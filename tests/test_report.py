@@ -640,6 +640,28 @@ def test_cells_timed_while_other_processes_took_half_the_unit_s_cpus_are_flagged
     assert not len(tables.crowded_host(df.drop(columns=["host_cpus", "host_other_busy_cpus_max"])))
 
 
+def test_cells_timed_while_the_host_ran_python_slowly_are_flagged():
+    """The host's pace probe (tasks/host_cpu.probe_ms before and after the timed runs) moves with what moves a
+    host-paced step and /proc/stat cannot see. A cell whose slower probe is 1.5x the median of every probe on its
+    host or more gets a caveat with both figures; a host of fewer than 3 probed cells, rows without the columns and
+    failed cells do not, and another host's probes do not move this host's median."""
+    from reports import tables
+
+    row = {"model": "m", "precision": "fp16", "decode": "eager", "status": "ok", "device": "cuda", "host": "a",
+           "prompt_tokens": 128, "batch_size": 1, "new_tokens": 32, "decode_ms_per_token": 20.0,
+           "host_probe_before_ms": 0.70, "host_probe_after_ms": 0.66}
+    df = pd.DataFrame([row, {**row, "batch_size": 8, "host_probe_after_ms": 0.72},
+                       {**row, "batch_size": 32, "host_probe_after_ms": 1.35},  # the median of host a's probes: 0.70
+                       {**row, "precision": "nf4", "host_probe_before_ms": None, "host_probe_after_ms": None},
+                       {**row, "precision": "hqq", "status": "error", "host_probe_after_ms": 1.40},
+                       {**row, "host": "b", "host_probe_before_ms": 3.0, "host_probe_after_ms": 3.0},
+                       {**row, "host": "b", "batch_size": 8, "host_probe_before_ms": 0.5, "host_probe_after_ms": 0.5}])
+    assert list(tables.slow_host(df).batch_size) == [32]
+    slowed = [c for c in tables.caveats(df) if "plain Python" in c]
+    assert len(slowed) == 1 and slowed[0].startswith("1 cell(s)") and "(probe 1.35 against 0.70 ms)" in slowed[0]
+    assert not len(tables.slow_host(df.drop(columns=["host_probe_before_ms", "host_probe_after_ms"])))
+
+
 def test_compiled_cells_of_the_old_measurement_are_flagged_with_their_excess_over_the_replays():
     """Compiled cells measured before version 3 (a new static cache per run: CUDA graphs recorded again at a run's
     first step) get a caveat saying by how much their decode figure exceeds the replays alone; version 3 and CPU
