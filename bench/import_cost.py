@@ -32,7 +32,7 @@ CANDIDATES = ["os",  # the control: PRELOAD alone
               "torch.distributed.tensor", "torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.lowering",
               "sympy", "networkx", "hqq.core.quantize", "torchao", "bitsandbytes", "optimum.quanto", "gptqmodel",
               "transformers.cache_utils", "transformers.modeling_utils"]
-PRELOAD = "import importlib, tasks.unit as U\nfor m in U.PRELOAD: importlib.import_module(m)\n"
+PRELOAD = "import tasks.unit as U\nU.import_preload()\n"
 # --own-process: as a unit's own process sees transformers (tasks.engines.hf.own_process: torchao and hqq hidden)
 OWN_PROCESS = "from tasks import engines\nengines.own_process('hf', set())\n"
 
@@ -76,13 +76,25 @@ print("FORK", os.waitstatus_to_exitcode(status) == 0)
 """
 
 
+# what a fork of a process this size costs its parent (a unit's fork from the fork server: 0.85-1.5 s for a second
+# unit on the H200 hosts of 11-30e/j and 12-01, against milliseconds on the CPU machine): the parent's time in
+# os.fork() and its resident memory then
+FORK_COST = """
+import os, resource
+t = time.perf_counter(); pid = os.fork()
+if pid == 0: os._exit(0)
+print('F', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); os.waitpid(pid, 0)
+"""
+
+
 def initialises_cuda(package: str, first: str = "") -> dict:
     """Import the module after PRELOAD, then fork as the fork server does: can the child still use the GPU? (torch's
     is_initialized() does not see the driver's cuInit, which a CUDA availability check makes and fork cannot survive.)"""
     code = PRELOAD + first + (
         f"import time, torch; t = time.perf_counter(); import {package}\n"
         "print('R', time.perf_counter() - t, torch.cuda.is_initialized())\n"
-        "if __import__('shutil').which('nvidia-smi'):\n"
+        + FORK_COST
+        + "if __import__('shutil').which('nvidia-smi'):\n"
         + "".join("    " + ln + "\n" for ln in FORKED_CHILD_USES_GPU.strip().splitlines()))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("R ")), None)
@@ -91,7 +103,10 @@ def initialises_cuda(package: str, first: str = "") -> dict:
     _, secs, cuda = line.split()
     fork = next((ln.split()[1] == "True" for ln in r.stdout.splitlines() if ln.startswith("FORK ")), None)
     child = next((ln[6:] for ln in r.stdout.splitlines() if ln.startswith("CHILD ")), None)
+    fork_s, rss_kb = next((ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("F ")), (None, None))
     return {"package": package, "import_s": round(float(secs), 2), "cuda_initialized": cuda == "True",
+            "fork_ms": round(float(fork_s) * 1e3, 1) if fork_s else None,
+            "peak_rss_mb": round(int(rss_kb) / 1024) if rss_kb else None,
             "forked_child_uses_gpu": fork, **({"child_error": child} if child else {})}
 
 

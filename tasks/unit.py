@@ -7,6 +7,7 @@ failure row; a cell that fails (out of memory included) becomes a failure row an
 """
 from __future__ import annotations
 
+import importlib
 import os
 import resource
 import time
@@ -60,6 +61,16 @@ def extra_preload(names: str) -> tuple[str, ...]:
 PRELOAD = ("torch", "transformers", "accelerate", "numpy", "torch.distributed.tensor", "torch._dynamo", "sympy",
            "networkx", "sklearn.metrics") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
 _loads = 0  # models loaded by this process; each unit runs in a process of its own
+
+
+def import_preload() -> None:
+    """Import PRELOAD as the fork server does (multiprocessing's fork server skips a module that is not installed):
+    for the benches and tests that stand in for it."""
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA; CPU allocator; errno ENOMEM
 

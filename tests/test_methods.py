@@ -308,10 +308,8 @@ def test_fork_server_preload_leaves_cuda_alone():
     """Found on the GPU host: transformers.modeling_utils imports torchao (and hqq) when installed, and torchao's import
     reads the GPU's compute capability, initialising CUDA in the fork server; every unit then failed with "Cannot
     re-initialize CUDA in forked subprocess". Nothing the fork server preloads may import those libraries."""
-    code = ("import importlib, sys; import tasks.unit as U\n"
-            "for m in U.PRELOAD:\n"
-            "    try: importlib.import_module(m)\n"
-            "    except ImportError: pass  # as the fork server does (scikit-learn, where not installed)\n"
+    code = ("import sys; import tasks.unit as U\n"
+            "U.import_preload()\n"
             "print([m for m in U.NEVER_PRELOAD + U.CUINIT_ON_IMPORT if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
