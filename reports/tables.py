@@ -492,7 +492,8 @@ def caveats(df: pd.DataFrame) -> list[str]:
         out.append(f"{len(slowed)} cell(s) were timed while their host ran plain Python at least {SLOW_HOST:g}× "
                    "slower than it usually did (its pace probe before or after the timed runs, against the median "
                    "of every probe on that host): host-paced decode (on CPU, eager on a GPU, compiled cells flagged "
-                   "host-bound) slows with it: " + _cells(slowed, lambda r: f"probe {r.probe_ms:.2f} against {r.usual_ms:.2f} ms"))
+                   "host-bound) slows with it: "
+                   + _cells(slowed, lambda r: f"probe {r.probe_ms:.2f} against {r.usual_ms:.2f} ms"))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "

@@ -72,6 +72,7 @@ def import_preload() -> None:
         except ImportError:
             pass
 
+
 OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA; CPU allocator; errno ENOMEM
 
 
