@@ -355,8 +355,8 @@ VERDICT_WORDS = {"faster": "faster", "slower": "slower", "even": "within noise o
 
 def where_it_pays(cross: list[dict], baseline: str) -> list[str]:
     """The crossover in words, per quantized precision and decode path: at which batches it decodes faster or slower
-    than the baseline. A cell counts only where both ran on one machine, neither timing is noisy and the ratio's
-    95% interval excludes 1 (findings()' rule for a speed claim)."""
+    than the baseline, from the crossover's verdicts: a cell counts only where both ran on one machine, neither
+    timing is noisy and the ratio's 95% interval excludes 1 and the pace's drift (_verdict, findings()' rule too)."""
     out = []
     for c in cross:
         by_batch: dict[int, dict[str, list[int]]] = {}

@@ -82,19 +82,22 @@ class HostCpu:
         self.spans.append(tuple(a - b for a, b in zip(after, before)))
 
     def columns(self) -> dict:
+        """host_cpus and the CPUs others kept busy (_busy_columns); the pace probes."""
+        return {**self._busy_columns(), **{f"host_probe_{when}_ms": ms for when, ms in self.probes.items()}}
+
+    def _busy_columns(self) -> dict:
         """host_cpus; the CPUs others kept busy over all timed runs and over the busiest stretch of them (both
-        within 0 and host_cpus; empty where the runs took under MIN_SPAN_S together); the pace probes."""
-        probes = {f"host_probe_{when}_ms": ms for when, ms in self.probes.items()}
+        within 0 and host_cpus; empty where the runs took under MIN_SPAN_S together)."""
         if not self.available:
-            return {"host_cpus": len(self.cpus) if self.cpus else None, **probes}
+            return {"host_cpus": len(self.cpus) if self.cpus else None}
         stretches = _stretches(self.spans, MIN_SPAN_S)
         if not stretches:
-            return {"host_cpus": len(self.cpus), **probes}
+            return {"host_cpus": len(self.cpus)}
         n = len(self.cpus)
         busy = [min(n, other_busy_cpus(*s)) for s in stretches]
         total = [sum(s[i] for s in stretches) for i in range(3)]
         return {"host_cpus": n, "host_other_busy_cpus": min(n, other_busy_cpus(*total)),
-                "host_other_busy_cpus_max": max(busy), **probes}
+                "host_other_busy_cpus_max": max(busy)}
 
 
 def _stretches(spans: list[tuple[float, float, float]], min_s: float) -> list[tuple[float, float, float]]:
