@@ -9,7 +9,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from reports import charts, fit, tables
 from reports.data import (colors, first, headline_cell, manifest, newest_per_cell, precision_order, read_results,
-                          with_axes)
+                          report_baseline, with_axes)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -61,8 +61,7 @@ def context(dirs, every_row: bool = False) -> dict:
     for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
         every = df[df.model == model]
         d = newest_per_cell(every)  # a cell measured twice (report --all) counts with its newest run
-        baseline = first(d.baseline) if "baseline" in d else None  # rows say what their sweep compared against
-        baseline = baseline if baseline in set(d.precision) else (precision_order(d, None) or [None])[0]
+        baseline = report_baseline(d)
         cell = headline_cell(d)
         entries = tables.summary(d, baseline, cell)
         fits = tables.fits(d, entries, budgets)

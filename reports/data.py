@@ -148,6 +148,15 @@ def precision_order(df: pd.DataFrame, baseline: str | None) -> list[str]:
     return ([baseline] if baseline in seen else []) + rest
 
 
+def report_baseline(df: pd.DataFrame) -> str | None:
+    """What a model's speeds and qualities are compared against: the baseline its rows name (each sweep's own); where
+    merged sweeps name several that are among the rows (an fp16 sweep beside one of 4-bit methods alone, whose baseline
+    is then its first precision), the first of them in method order, unquantized first; else the first precision."""
+    order = precision_order(df, None)
+    named = set(df.baseline.dropna()) & set(order) if "baseline" in df else set()
+    return next((p for p in order if p in named), order[0] if order else None)
+
+
 def colors(precisions: list[str]) -> dict[str, str]:
     return {p: PALETTE[i % len(PALETTE)] for i, p in enumerate(dict.fromkeys(precisions))}
 

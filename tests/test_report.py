@@ -385,6 +385,30 @@ def test_a_cell_measured_twice_counts_with_its_newest_run(tmp_path, no_charts):
     assert "Crossover" in html and html.count("(older)</span>") == 1
 
 
+def test_merged_sweeps_that_name_different_baselines_compare_against_the_unquantized_one(tmp_path, no_charts):
+    """12-01's campaigns measured the 7B's torchao-int4wo in a sweep of its own before its fp16 (a sweep runs its
+    largest unit first), so that sweep's baseline is torchao-int4wo: `report --all` over both, int4wo's folder first,
+    compared fp16 against int4wo. The baseline is the one of those the rows name that comes first in method order."""
+    from reports.data import report_baseline
+
+    int4 = [row("m", "int4", 32, b, prompt=128, decode_ms_per_token=6.0 * b / 8, baseline="int4", sweep="a",
+                cell_key=f"a{b}") for b in (8, 32)]
+    fp16 = [row("m", "fp16", 32, b, prompt=128, decode_ms_per_token=5.0 * b / 8, sweep="b", cell_key=f"b{b}")
+            for b in (8, 32)]
+    df = pd.DataFrame(int4 + fp16)
+    assert report_baseline(df) == "fp16" and report_baseline(df[df.sweep == "a"]) == "int4"
+    nf4_first = pd.DataFrame(fp16 + [row("m", "nf4", 32, 8, prompt=128, baseline="nf4", cell_key="c")])
+    assert report_baseline(nf4_first.assign(baseline="nf4")) == "nf4"  # a quantized baseline the grid chose stays
+    assert report_baseline(df.drop(columns="baseline")) == "fp16"
+    for name, rows in (("a", int4), ("b", fp16)):
+        store = Store(tmp_path / name, "r1")
+        for r in rows:
+            store.write(r)
+    html = render([tmp_path / "a", tmp_path / "b"], tmp_path / "r.html")[0].read_text()
+    assert re.search(r"Faster or slower than fp16", html) and "Faster or slower than int4" not in html
+    assert "1.20×" in html  # int4's decode over fp16's: 6.0 / 5.0
+
+
 def test_the_report_renders_every_section(results, tmp_path):
     html = render([results], tmp_path / "r.html")[0].read_text()
     for text in ("Decision", "Frontier, eager decode", "Fits this NVIDIA H100 80GB HBM3 (80 GiB)",
