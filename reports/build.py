@@ -9,7 +9,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from reports import charts, fit, tables
 from reports.data import (colors, first, headline_cell, manifest, newest_per_cell, precision_order, read_results,
-                          report_baseline, with_axes)
+                          report_baseline, with_axes, with_decode_energy_checked)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -53,7 +53,7 @@ def budgets_of(dirs, df) -> list[tuple[str, float]]:
 def context(dirs, every_row: bool = False) -> dict:
     unreadable: list[str] = []
     df = read_results(dirs, unreadable, every_row)
-    df = with_axes(df) if len(df) else df
+    df = with_decode_energy_checked(with_axes(df)) if len(df) else df
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
     budgets = budgets_of(dirs, df) if len(df) else []
     palette = colors(precision_order(df, None)) if len(df) else {}

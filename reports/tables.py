@@ -9,7 +9,7 @@ import math
 import pandas as pd
 
 from reports import fit
-from reports.data import (BROKEN_RATIO, FAILED, at, col, decode_runs, first, frontier, headline_cell,
+from reports.data import (BROKEN_RATIO, FAILED, MIN_DECODE_SHARE, at, col, decode_runs, first, frontier, headline_cell,
                           method_group, per_run_decode, precision_order, val)
 from spec.catalog import ONE_STATIC_CACHE, measurement_version
 from spec.stats import mean_interval, paired_log_ratio, t975
@@ -494,6 +494,13 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    "of every probe on that host): host-paced decode (on CPU, eager on a GPU, compiled cells flagged "
                    "host-bound) slows with it: "
                    + _cells(slowed, lambda r: f"probe {r.probe_ms:.2f} against {r.usual_ms:.2f} ms"))
+    unmeasured = df[pd.to_numeric(col(df, "decode_energy_share"), errors="coerce") < MIN_DECODE_SHARE]
+    if len(unmeasured):
+        out.append(f"{len(unmeasured)} cell(s) have no joules per decode token: decode's energy is the timed "
+                   "runs' less their prefills' (at the prefill loop's joules per token), and after the prefills "
+                   f"decode was less than {MIN_DECODE_SHARE:.0%} of it, so a few percent's error in the prefills' "
+                   "energy would be tens of percent of decode's (the Parquet keeps the figure): "
+                   + _cells(unmeasured, lambda r: f"decode {r.decode_energy_share:.1%} of the timed runs' energy"))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "

@@ -664,6 +664,30 @@ def test_cells_timed_while_other_processes_took_half_the_unit_s_cpus_are_flagged
     assert not len(tables.crowded_host(df.drop(columns=["host_cpus", "host_other_busy_cpus_max"])))
 
 
+def test_decode_energy_is_left_out_where_decode_was_a_sliver_of_the_timed_runs_energy(tmp_path, no_charts):
+    """Decode's joules are the timed runs' less their prefills'. torchao-int4wo's 7B prefilled 15x slower than fp16
+    on an H200 (12-01b), decode was 1.6% of its timed runs' energy at 4064 x 8, and its J/decode token read 0.34
+    where the same kernels unwrapped read 0.63 on another host: below a fifth, no figure and a caveat instead."""
+    from reports.data import with_decode_energy_checked
+
+    def cell(precision, j_per_token, timed_j, key):  # 3 runs x batch 8 x 31 decode tokens = 744 tokens
+        return row("m", precision, 32, 8, prompt=4064, cell_key=key, decode_ms_per_token=9.0, repeats_done=3,
+                   energy_j_per_decode_token=j_per_token, energy_timed_j=timed_j, ttft_ms=990.0)
+
+    rows = [cell("fp16", 0.731, 2000.0, "a"), cell("int4", 0.338, 16_170.0, "b"), cell("nf4", 0.9, None, "c")]
+    checked = with_decode_energy_checked(pd.DataFrame(rows))
+    assert checked.decode_energy_share.round(4).tolist()[:2] == [round(0.731 * 744 / 2000, 4), 0.0156]
+    assert checked.energy_j_per_decode_token.iloc[0] == 0.731 and pd.isna(checked.energy_j_per_decode_token.iloc[1])
+    assert checked.energy_j_per_decode_token.iloc[2] == 0.9  # no timed energy recorded: nothing to check against
+    (caveat,) = [c for c in tables.caveats(checked) if "joules per decode token" in c]
+    assert caveat.startswith("1 cell(s)") and "m × int4 eager p=4064 b=8 (decode 1.6% of" in caveat
+    store = Store(tmp_path, "r1")
+    for r in rows:
+        store.write(r)
+    html = render([tmp_path], tmp_path / "r.html", every_row=True)[0].read_text()
+    assert "0.731" in html and "0.338" not in html and "decode 1.6% of the timed runs" in html
+
+
 def test_cells_timed_while_the_host_ran_python_slowly_are_flagged():
     """The host's pace probe (tasks/host_cpu.probe_ms before and after the timed runs) moves with what moves a
     host-paced step and /proc/stat cannot see. A cell whose slower probe is 1.5x the median of every probe on its
