@@ -386,7 +386,7 @@ def test_a_cell_measured_twice_counts_with_its_newest_run(tmp_path, no_charts):
 
 
 def test_merged_sweeps_that_name_different_baselines_compare_against_the_unquantized_one(tmp_path, no_charts):
-    """12-01's campaigns measured the 7B's torchao-int4wo in a sweep of its own before its fp16 (a sweep runs its
+    """12-01b's campaign measured the 7B's torchao-int4wo in a sweep of its own before its fp16 (a sweep runs its
     largest unit first), so that sweep's baseline is torchao-int4wo: `report --all` over both, int4wo's folder first,
     compared fp16 against int4wo. The baseline is the one of those the rows name that comes first in method order."""
     from reports.data import report_baseline
@@ -397,8 +397,8 @@ def test_merged_sweeps_that_name_different_baselines_compare_against_the_unquant
             for b in (8, 32)]
     df = pd.DataFrame(int4 + fp16)
     assert report_baseline(df) == "fp16" and report_baseline(df[df.sweep == "a"]) == "int4"
-    nf4_first = pd.DataFrame(fp16 + [row("m", "nf4", 32, 8, prompt=128, baseline="nf4", cell_key="c")])
-    assert report_baseline(nf4_first.assign(baseline="nf4")) == "nf4"  # a quantized baseline the grid chose stays
+    chosen = pd.DataFrame(fp16 + [row("m", "nf4", 32, 8, prompt=128, cell_key="c")]).assign(baseline="nf4")
+    assert report_baseline(chosen) == "nf4"  # a quantized baseline the grid chose stays
     assert report_baseline(df.drop(columns="baseline")) == "fp16"
     for name, rows in (("a", int4), ("b", fp16)):
         store = Store(tmp_path / name, "r1")
