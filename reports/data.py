@@ -65,6 +65,11 @@ def col(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
+def numeric(df: pd.DataFrame, name: str) -> pd.Series:
+    """A column as numbers (NaN where missing or not a number; all NaN where the rows lack it)."""
+    return pd.to_numeric(col(df, name), errors="coerce")
+
+
 def val(x):
     """A cell's value, None for missing (NaN, NaT, None)."""
     if x is None:
@@ -99,9 +104,10 @@ def with_decode_energy_checked(df: pd.DataFrame) -> pd.DataFrame:
     decode token are left out (the Parquet keeps them): a 2% error in the prefills' energy is then over 8% of
     decode's. On an H200 torchao-int4wo's 7B prefill took 15x fp16's, and decode was 2-5% of its timed runs' energy:
     its joules per decode token at 1024 x 8 read 0.21, 0.27 and 0.36 on three hosts (fp16: 0.40-0.44)."""
-    num = lambda name: pd.to_numeric(col(df, name), errors="coerce")  # noqa: E731
-    decode_j = num("energy_j_per_decode_token") * num("repeats_done") * num("batch_size") * (num("new_tokens") - 1)
-    share = decode_j / num("energy_timed_j").where(num("energy_timed_j") > 0)
+    decode_j = (numeric(df, "energy_j_per_decode_token") * numeric(df, "repeats_done") * numeric(df, "batch_size")
+                * (numeric(df, "new_tokens") - 1))
+    timed_j = numeric(df, "energy_timed_j")
+    share = decode_j / timed_j.where(timed_j > 0)
     out = df.assign(decode_energy_share=share)
     if "energy_j_per_decode_token" in out:
         out.loc[share < MIN_DECODE_SHARE, "energy_j_per_decode_token"] = None

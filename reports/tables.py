@@ -10,7 +10,7 @@ import pandas as pd
 
 from reports import fit
 from reports.data import (BROKEN_RATIO, FAILED, MIN_DECODE_SHARE, at, col, decode_runs, first, frontier, headline_cell,
-                          method_group, per_run_decode, precision_order, val)
+                          method_group, numeric, per_run_decode, precision_order, val)
 from spec.catalog import ONE_STATIC_CACHE, measurement_version
 from spec.stats import mean_interval, paired_log_ratio, t975
 
@@ -494,7 +494,7 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    "of every probe on that host): host-paced decode (on CPU, eager on a GPU, compiled cells flagged "
                    "host-bound) slows with it: "
                    + _cells(slowed, lambda r: f"probe {r.probe_ms:.2f} against {r.usual_ms:.2f} ms"))
-    unmeasured = df[pd.to_numeric(col(df, "decode_energy_share"), errors="coerce") < MIN_DECODE_SHARE]
+    unmeasured = df[numeric(df, "decode_energy_share") < MIN_DECODE_SHARE]
     if len(unmeasured):
         out.append(f"{len(unmeasured)} cell(s) have no joules per decode token: decode's energy is the timed "
                    "runs' less their prefills' (at the prefill loop's joules per token), and after the prefills "
@@ -543,8 +543,8 @@ CROWDED = 0.5  # share of the unit's CPUs other processes kept busy in a stretch
 
 def crowded_host(df: pd.DataFrame) -> pd.DataFrame:
     """ok cells during whose timed runs other processes kept CROWDED or more of the unit's CPUs busy (in a stretch)."""
-    busy = pd.to_numeric(col(df, "host_other_busy_cpus_max"), errors="coerce")
-    return df[(col(df, "status") == "ok") & (busy >= CROWDED * pd.to_numeric(col(df, "host_cpus"), errors="coerce"))]
+    busy = numeric(df, "host_other_busy_cpus_max")
+    return df[(col(df, "status") == "ok") & (busy >= CROWDED * numeric(df, "host_cpus"))]
 
 
 SLOW_HOST = 1.5  # a host pace probe this many times the host's median probe: the host ran plain Python slower
@@ -568,8 +568,7 @@ def slow_host(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _host_share(df: pd.DataFrame) -> pd.Series:
-    num = lambda name: pd.to_numeric(col(df, name), errors="coerce")  # noqa: E731
-    return num("decode_host_ms_per_token") / num("decode_ms_per_token")
+    return numeric(df, "decode_host_ms_per_token") / numeric(df, "decode_ms_per_token")
 
 
 def rerecorded_compiled(df: pd.DataFrame) -> pd.DataFrame:
