@@ -21,14 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def changes(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(seconds, joules) at each poll whose reading differs from the one before; the first poll's reading starts it."""
-    out = samples[:1]
-    for t, j in samples[1:]:
-        if j != out[-1][1]:
-            out.append((t, j))
-    return out
+from tasks.energy import changes  # noqa: E402  (the counter's changes, as the measurement reads them)
 
 
 def summary(samples: list[tuple[float, float]]) -> dict:

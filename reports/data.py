@@ -95,22 +95,33 @@ def with_axes(df: pd.DataFrame) -> pd.DataFrame:
                      prompt_tokens=col(df, "prompt_tokens").fillna(32).astype(int))
 
 
-MIN_DECODE_SHARE = 0.2  # decode's share of the timed runs' energy below which its joules per token are not given
+MIN_DECODE_SHARE = 0.2  # decode's share of its generations' energy below which its joules per token are not given
+MAX_DECODE_BOUND = 0.25  # the counter's bound on joules per decode token, relative, above which they are not given
+H200_COUNTER_UPDATE_S = 0.1  # rows from before the energy window did not record it (all of them ran on H200s)
 
 
 def with_decode_energy_checked(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with `decode_energy_share`: decode's share of its timed runs' energy, which tasks/energy measures as those
-    runs' energy less their prefills' (at the prefill loop's joules per token). Below MIN_DECODE_SHARE the joules per
-    decode token are left out (the Parquet keeps them): a 2% error in the prefills' energy is then over 8% of
-    decode's. On an H200 torchao-int4wo's 7B prefill took 15x fp16's, and decode was 2-5% of its timed runs' energy:
-    its joules per decode token at 1024 x 8 read 0.21, 0.27 and 0.36 on three hosts (fp16: 0.40-0.44)."""
-    decode_j = (numeric(df, "energy_j_per_decode_token") * numeric(df, "repeats_done") * numeric(df, "batch_size")
-                * (numeric(df, "new_tokens") - 1))
-    timed_j = numeric(df, "energy_timed_j")
-    share = decode_j / timed_j.where(timed_j > 0)
-    out = df.assign(decode_energy_share=share)
+    """Rows with `decode_energy_share`: decode's share of the energy window's generations' energy, which tasks/energy
+    measures as their energy less their prefills' (at the prefill loop's joules per token), and `decode_energy_bound`:
+    the most NVML's counter updates can move joules per decode token, relative to them. The joules per decode token
+    are left out (the Parquet keeps them) below MIN_DECODE_SHARE, where a 2% error in the prefills' energy is over 8%
+    of decode's (on an H200 torchao-int4wo's 7B prefill took 15x fp16's, decode was 2-5% of its timed runs' energy,
+    and its joules per decode token at 1024 x 8 read 0.21, 0.27 and 0.36 on three hosts; fp16: 0.40-0.44), and above
+    MAX_DECODE_BOUND. Rows from before the energy window (2026-12-01c) have the timed runs' joules, however short
+    those were, and no bound of their own: theirs is one 100 ms update at each window's mean power, relative to the
+    decode share, (u / timed_s + u / prefill_s * (1 - share)) / share."""
+    runs = numeric(df, "energy_runs").fillna(numeric(df, "repeats_done"))
+    j_token = numeric(df, "energy_j_per_decode_token")
+    decode_j = j_token * runs * numeric(df, "batch_size") * (numeric(df, "new_tokens") - 1)
+    window_j = numeric(df, "energy_window_j").fillna(numeric(df, "energy_timed_j"))
+    share = decode_j / window_j.where(window_j > 0)
+    u = H200_COUNTER_UPDATE_S
+    before_window = (u / numeric(df, "timed_s") + u / numeric(df, "energy_prefill_s") * (1 - share)) / share
+    bound = (numeric(df, "energy_j_per_decode_token_bound") / j_token.where(j_token > 0)).fillna(
+        before_window.where(numeric(df, "energy_window_j").isna()))
+    out = df.assign(decode_energy_share=share, decode_energy_bound=bound)
     if "energy_j_per_decode_token" in out:
-        out.loc[share < MIN_DECODE_SHARE, "energy_j_per_decode_token"] = None
+        out.loc[(share < MIN_DECODE_SHARE) | (bound > MAX_DECODE_BOUND), "energy_j_per_decode_token"] = None
     return out
 
 

@@ -9,9 +9,9 @@ import math
 import pandas as pd
 
 from reports import fit
-from reports.data import (BROKEN_RATIO, FAILED, MIN_DECODE_SHARE, at, col, decode_runs, first, frontier, headline_cell,
-                          method_group, numeric, per_run_decode, precision_order, val)
-from spec.catalog import ONE_STATIC_CACHE, measurement_version
+from reports.data import (BROKEN_RATIO, FAILED, MAX_DECODE_BOUND, MIN_DECODE_SHARE, at, col, decode_runs, first,
+                          frontier, headline_cell, method_group, numeric, per_run_decode, precision_order, val)
+from spec.catalog import ENERGY_WINDOW_S, ONE_STATIC_CACHE, measurement_version
 from spec.stats import mean_interval, paired_log_ratio, t975
 
 NOISY_HALFWIDTH = 0.05  # a speed whose 95% interval is wider than ±5% of it makes no claim
@@ -405,10 +405,15 @@ def every_cell(df: pd.DataFrame, newest: pd.DataFrame | None = None) -> list[dic
                     "ci": f"{lo:.2f}–{hi:.2f}" if lo is not None and hi is not None else "",
                     "p99": _fmt(g("decode_ms_p99"), "{:.2f}"), "tokens_s": _fmt(g("decode_tokens_per_s"), "{:.1f}"),
                     "peak": _fmt(g("peak_bytes"), "mb"), "kv": _fmt(g("kv_cache_bytes"), "mb"),
-                    "joules": _fmt(g("energy_j_per_decode_token"), "{:.3g}"),
+                    "joules": _joules(g("energy_j_per_decode_token"), g("decode_energy_bound")),
                     "probe": " / ".join(_fmt(g(f"host_probe_{w}_ms"), "{:.2f}") for w in ("before", "after"))
                     if g("host_probe_before_ms") is not None else ""})
     return out
+
+
+def _joules(j, bound) -> str:
+    """Joules per decode token with the counter's bound on them (relative), where there is one."""
+    return _fmt(j, "{:.3g}") + (f" ±{bound:.0%}" if j is not None and bound is not None else "")
 
 
 # --------------------------------------------------------------------------------------- the sweep as a whole
@@ -496,11 +501,19 @@ def caveats(df: pd.DataFrame) -> list[str]:
                    + _cells(slowed, lambda r: f"probe {r.probe_ms:.2f} against {r.usual_ms:.2f} ms"))
     unmeasured = df[numeric(df, "decode_energy_share") < MIN_DECODE_SHARE]
     if len(unmeasured):
-        out.append(f"{len(unmeasured)} cell(s) have no joules per decode token: decode's energy is the timed "
-                   "runs' less their prefills' (at the prefill loop's joules per token), and after the prefills "
-                   f"decode was less than {MIN_DECODE_SHARE:.0%} of it, so a few percent's error in the prefills' "
-                   "energy would be tens of percent of decode's (the Parquet keeps the figure): "
-                   + _cells(unmeasured, lambda r: f"decode {r.decode_energy_share:.1%} of the timed runs' energy"))
+        out.append(f"{len(unmeasured)} cell(s) have no joules per decode token: decode's energy is the "
+                   "generations' less their prefills' (at the prefill loop's joules per token), and after the "
+                   f"prefills decode was less than {MIN_DECODE_SHARE:.0%} of it, so a few percent's error in the "
+                   "prefills' energy would be tens of percent of decode's (the Parquet keeps the figure): "
+                   + _cells(unmeasured, lambda r: f"decode {r.decode_energy_share:.1%} of the generations' energy"))
+    coarse = df[(numeric(df, "decode_energy_bound") > MAX_DECODE_BOUND)
+                & ~(numeric(df, "decode_energy_share") < MIN_DECODE_SHARE)]
+    if len(coarse):
+        out.append(f"{len(coarse)} cell(s) have no joules per decode token: NVML's energy counter moves in steps "
+                   "(every 100 ms on an H200) and a reading lags by up to one, so their energy windows were too short "
+                   f"to give them within ±{MAX_DECODE_BOUND:.0%} (rows from before the energy window of "
+                   f"{ENERGY_WINDOW_S:g} s were read around their timed runs alone; the Parquet keeps the figure): "
+                   + _cells(coarse, lambda r: f"±{r.decode_energy_bound:.0%}"))
     if "device" in df and (df.device == "cpu").any():
         out.append("Cells that ran on CPU have no per-phase GPU peaks: their memory is the process's resident set "
                    "(RSS: peak so far, which includes everything the process loaded), and the bandwidth limit is a "

@@ -178,15 +178,26 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("ttft_ms_samples", LF, "raw: ttft of each repeat"),
     ("decode_ms_samples", LF, "raw: every decode gap of every repeat"),
     ("e2e_s_samples", LF, "raw: end-to-end seconds of each repeat"),
-    ("energy_j_per_prefill_token", F, "joules per prompt token, from a loop of prefill-only runs of at least a "
-                                      "second (NVML's total-energy counter; see energy_method)"),
-    ("energy_j_per_decode_token", F, "joules per generated token after the first: the timed runs' energy less "
-                                     "their prefills', over their decode tokens"),
-    ("power_mean_w", F, "the GPU's mean power over the timed runs"),
-    ("tokens_per_kwh", F, "generated tokens per kilowatt-hour over the timed runs (prefill included)"),
-    ("energy_timed_j", F, "joules of all timed runs together"),
-    ("energy_method", S, "how the energy was read (NVML's counter moves in steps of tens of ms: read around all "
-                         "timed runs together, and around a prefill-only loop)"),
+    ("energy_j_per_prefill_token", F, "joules per prompt token, from a loop of prefill-only runs of at least 2 s "
+                                      "(NVML's total-energy counter; see energy_method)"),
+    ("energy_j_per_prefill_token_bound", F, "± joules: the most the counter's update interval can move the figure "
+                                            "(one update's energy at the loop's mean power)"),
+    ("energy_j_per_decode_token", F, "joules per generated token after the first: the energy window's generations "
+                                     "less their prefills', over their decode tokens"),
+    ("energy_j_per_decode_token_bound", F, "± joules: the most the counter's update interval can move the figure "
+                                           "(one update's energy at each window's mean power)"),
+    ("power_mean_w", F, "the GPU's mean power over the energy window's generations"),
+    ("tokens_per_kwh", F, "generated tokens per kilowatt-hour over the energy window (prefill included)"),
+    ("energy_window_j", F, "joules of the energy window: the timed runs, and untimed ones after them where they "
+                           "lasted under 2 s (energy_runs in all)"),
+    ("energy_window_s", F, "seconds of the energy window"),
+    ("energy_runs", I, "generations in the energy window (repeats_done timed, the rest untimed)"),
+    ("energy_counter_update_ms", F, "ms between updates of NVML's energy counter, measured once per GPU and process "
+                                    "(100 on an H200)"),
+    ("energy_timed_j", F, "rows before 2026-12-01c (no energy_window_j): joules of all timed runs together, however "
+                          "short"),
+    ("energy_method", S, "how the energy was read (NVML's counter moves in steps of 100 ms on an H200: read around "
+                         "windows of 2 s at least, the generations' and a prefill-only loop's)"),
     ("energy_missing", S, "why there is no energy (CPU: no counter; an older GPU)"),
     ("usd_per_million_tokens", F, "with the grid's cost.usd_per_gpu_hour: dollars per million generated tokens at "
                                   "the cell's end-to-end throughput"),
@@ -195,6 +206,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("memory_measured_in", S, "which run the memory columns come from: the last warm-up run (on an emptied "
                               "allocator cache) or, with no warm-up, a run after the timed runs"),
     ("timed_s", F, "seconds of its timed runs (host clock, syncs included)"),
+    ("energy_untimed_s", F, "seconds of untimed generations after the timed runs, filling the energy window "
+                            "(GPU only)"),
     ("energy_prefill_s", F, "seconds of the prefill-only loop for energy (GPU only)"),
     ("memory_run_s", F, "seconds of a memory run of its own (only with no warm-up; else in warmup_s)"),
     ("profile_s", F, "seconds of the profiled decode step (generation.profile)"),

@@ -283,8 +283,8 @@ class CellMeasurement:
 def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt_tokens: int, warmup: int,
                  repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None,
                  max_repeats: int = 30, max_seconds: float = 60.0, target_halfwidth: float = 0.02) -> CellMeasurement:
-    """Warm-up runs (the last one measures memory), timed repeats (their energy on a GPU, then a prefill-only loop
-    for its share); with no warm-up, a memory run after the timed runs; with `profile`, one decode step under the
+    """Warm-up runs (the last one measures memory), timed repeats (on a GPU their energy, with untimed runs after them
+    where they lasted less than energy.MIN_WINDOW_S, then a prefill-only loop for its share); with no warm-up, a memory run after the timed runs; with `profile`, one decode step under the
     profiler."""
     walls = {}
     ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
@@ -323,21 +323,30 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
         del tokens, cache  # a run's own KV cache must not outlive it: the next run (and the memory run) would count it
         return intervals, clock.host_intervals_ms()
 
+    def run_untimed() -> None:  # the same generation, for the energy window only
+        tokens, cache = generate(model, ids, new_tokens, step=step, kv=kv, cache=static)
+        torch.cuda.synchronize(device)
+        del tokens, cache
+
     meter = energy.EnergyMeter(device)
     others.probe("before")  # the host's pace for plain Python around the timed runs (11-30j: an eager step's moved)
     e0 = meter.joules() if meter.handle else None
     t0 = time.perf_counter()
     record, stop = timed_runs(run_once, batch_size, new_tokens, repeats, max_repeats, max_seconds, target_halfwidth)
     record.stop, record.prompt_tokens = stop, prompt_tokens
-    timed_j = meter.joules() - e0 if meter.handle else None
-    timed_s = walls["timed_s"] = time.perf_counter() - t0
+    walls["timed_s"] = time.perf_counter() - t0
+    if meter.handle:  # the window goes on with untimed runs until it spans enough of the counter's updates
+        extra = energy.fill_window(run_untimed, t0)
+        window_j, window_s = meter.joules() - e0, time.perf_counter() - t0
+        walls["energy_untimed_s"] = window_s - walls["timed_s"]
     others.probe("after")
     if meter.handle:
         t1 = time.perf_counter()
         prefill_j, prefill_runs, prefill_s = energy.prefill_loop(meter, lambda: prefill_only(model, ids, kv, static))
         walls["energy_prefill_s"] = time.perf_counter() - t1
-        used = energy.columns(timed_j, timed_s, len(record.ttft_ms), prefill_j, prefill_runs, prefill_s, batch_size,
-                              prompt_tokens, new_tokens)
+        timed = len(record.ttft_ms)
+        used = energy.columns(window_j, window_s, timed + extra, timed, prefill_j, prefill_runs, prefill_s,
+                              batch_size, prompt_tokens, new_tokens, meter.update_ms)
     else:
         used = {"energy_missing": meter.missing}
     if phases is None:

@@ -93,3 +93,44 @@ def test_the_energy_counter_bench_finds_the_update_interval_and_step_of_a_counte
                        text=True, timeout=300)
     assert r.returncode == 0 and json.loads(r.stdout) == {"missing": "no CUDA GPU: NVML's energy counter is an "
                                                                      "NVIDIA GPU's"}
+
+
+def test_energy_windows_span_the_counters_updates_and_carry_its_bound():
+    """tasks/energy on a counter that moves every 100 ms (an H200's, 12-01c), read on a clock that a poll moves by
+    1 ms: the update interval is 100 ms. Timed runs shorter than the window are followed by untimed runs until it spans
+    2 s (none where they were long enough). The columns by hand: 3 timed runs and 1 untimed, 400 J in 2 s; 8
+    prefill-only runs of batch 2 x 10 tokens, 4 J in 2 s: 0.025 J a prompt token, (400 - 4 x 0.5) / (4 x 2 x 4) J a
+    decode token; at a 200 ms update the bounds are 0.2 s x 2 W / 160 and (0.2 s x 200 W + 0.0025 x 80) / 32."""
+    from tasks import energy
+
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def read():  # one poll: 1 ms; 10 J at each update, the first at 37 ms
+        now[0] += 0.001
+        return 10.0 * ((round(now[0] * 1e3) + 63) // 100)
+
+    assert energy.update_interval_ms(read, clock) == pytest.approx(100.0)
+    assert energy.update_interval_ms(lambda: 5.0, lambda: (now.__setitem__(0, now[0] + 0.01), now[0])[1]) is None
+
+    def run(seconds):
+        def once():
+            now[0] += seconds
+        return once
+
+    now[0] = 0.9
+    assert energy.fill_window(run(0.3), t0=0.0, clock=clock) == 4 and now[0] >= energy.MIN_WINDOW_S
+    assert energy.fill_window(run(0.3), t0=now[0] - 2.5, clock=clock) == 0
+
+    c = energy.columns(400.0, 2.0, 4, 3, 4.0, 8, 2.0, batch=2, prompt=10, new_tokens=5, update_ms=200.0)
+    assert c["energy_j_per_prefill_token"] == 0.025 and c["energy_j_per_decode_token"] == (400 - 2) / 32
+    assert c["energy_j_per_prefill_token_bound"] == pytest.approx(0.2 * 2 / 160)
+    assert c["energy_j_per_decode_token_bound"] == pytest.approx((0.2 * 200 + 0.0025 * 80) / 32)
+    assert (c["power_mean_w"], c["energy_runs"], c["energy_window_s"]) == (200.0, 4, 2.0)
+    assert c["tokens_per_kwh"] == pytest.approx(4 * 2 * 5 / (400 / 3.6e6))
+    assert "3 timed runs and 1 untimed one(s) after them (2.00 s)" in c["energy_method"]
+    assert "counter update 200 ms" in c["energy_method"]
+    still = energy.columns(400.0, 2.0, 3, 3, 4.0, 8, 2.0, batch=2, prompt=10, new_tokens=5, update_ms=None)
+    assert "energy_j_per_decode_token_bound" not in still and "untimed" not in still["energy_method"]

@@ -685,7 +685,36 @@ def test_decode_energy_is_left_out_where_decode_was_a_sliver_of_the_timed_runs_e
     for r in rows:
         store.write(r)
     html = render([tmp_path], tmp_path / "r.html", every_row=True)[0].read_text()
-    assert "0.731" in html and "0.338" not in html and "decode 1.6% of the timed runs" in html
+    assert "0.731" in html and "0.338" not in html and "decode 1.6% of the generations" in html
+
+
+def test_decode_energy_carries_the_counters_bound_and_is_left_out_where_the_window_was_too_short():
+    """NVML's counter updates every 100 ms on an H200 (12-01c), and SmolLM2's compiled timed runs lasted 0.23 s: a
+    reading lagging one update at each end moves their joules by tens of percent. A row of the energy window carries
+    its bound (tasks/energy: 0.0375 J on 0.25); a row from before it gets one from its timed runs' and prefill loop's
+    seconds at 100 ms. Over ±25%: no figure, and a caveat with the bound."""
+    from reports.data import with_decode_energy_checked
+
+    def cell(precision, key, **energy):  # 3 runs x batch 8 x 31 decode tokens = 744 tokens
+        return row("m", precision, 32, 8, prompt=128, cell_key=key, decode_ms_per_token=2.0, repeats_done=3,
+                   ttft_ms=20.0, **energy)
+
+    rows = [cell("fp16", "a", energy_j_per_decode_token=0.25, energy_j_per_decode_token_bound=0.0375,
+                 energy_window_j=400.0, energy_runs=4),  # 4 runs x 8 x 31 x 0.25 J = 248 J of decode: share 0.62
+            cell("nf4", "b", energy_j_per_decode_token=0.0306, energy_timed_j=32.5, timed_s=0.3,
+                 energy_prefill_s=1.0),  # share 0.0306 x 744 / 32.5 = 0.70
+            cell("hqq", "c", energy_j_per_decode_token=1.069, energy_timed_j=2900.0, timed_s=20.0,
+                 energy_prefill_s=4.0)]  # share 0.274
+    checked = with_decode_energy_checked(pd.DataFrame(rows))
+    share = 0.0306 * 744 / 32.5
+    assert checked.decode_energy_bound.round(4).tolist() == [
+        0.15, round((0.1 / 0.3 + 0.1 / 1.0 * (1 - share)) / share, 4),
+        round((0.1 / 20 + 0.1 / 4 * (1 - 1.069 * 744 / 2900)) / (1.069 * 744 / 2900), 4)]
+    assert checked.energy_j_per_decode_token.tolist()[0] == 0.25 and pd.isna(checked.energy_j_per_decode_token[1])
+    (caveat,) = [c for c in tables.caveats(checked) if "too short" in c]
+    assert caveat.startswith("1 cell(s)") and "m × nf4 eager p=128 b=8 (±52%)" in caveat
+    (fp16, nf4, hqq) = sorted(tables.every_cell(checked), key=lambda c: ["fp16", "nf4", "hqq"].index(c["precision"]))
+    assert (fp16["joules"], nf4["joules"], hqq["joules"]) == ("0.25 ±15%", "–", "1.07 ±8%")
 
 
 def test_cells_timed_while_the_host_ran_python_slowly_are_flagged():
