@@ -10,6 +10,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spec.catalog import H200_ENERGY_UPDATE_S
+
 FAILED = ("error", "oom", "timeout")
 SCHEMES = {"none": 0, "weight-only": 1, "weight+activation": 2}
 # rows written before quant_scheme and weight_bits_nominal existed (bitsandbytes and unquantized only)
@@ -97,7 +99,6 @@ def with_axes(df: pd.DataFrame) -> pd.DataFrame:
 
 MIN_DECODE_SHARE = 0.2  # decode's share of its generations' energy below which its joules per token are not given
 MAX_DECODE_BOUND = 0.25  # the counter's bound on joules per decode token, relative, above which they are not given
-H200_COUNTER_UPDATE_S = 0.1  # rows from before the energy window did not record it (all of them ran on H200s)
 
 
 def with_decode_energy_checked(df: pd.DataFrame) -> pd.DataFrame:
@@ -115,7 +116,7 @@ def with_decode_energy_checked(df: pd.DataFrame) -> pd.DataFrame:
     decode_j = j_token * runs * numeric(df, "batch_size") * (numeric(df, "new_tokens") - 1)
     window_j = numeric(df, "energy_window_j").fillna(numeric(df, "energy_timed_j"))
     share = decode_j / window_j.where(window_j > 0)
-    u = H200_COUNTER_UPDATE_S
+    u = H200_ENERGY_UPDATE_S
     before_window = (u / numeric(df, "timed_s") + u / numeric(df, "energy_prefill_s") * (1 - share)) / share
     bound = (numeric(df, "energy_j_per_decode_token_bound") / j_token.where(j_token > 0)).fillna(
         before_window.where(numeric(df, "energy_window_j").isna()))

@@ -18,6 +18,7 @@ ONE_STATIC_CACHE = 3  # the compiled version from which a cell's runs share one 
 # energy: NVML's counter updates every 100 ms on an H200 (bench/energy_counter.py, 12-01c); a reading lags by up to one
 # update at each end of a window, so every window spans 2 s at least (before 12-01c: the timed runs, however short)
 ENERGY_WINDOW_S = 2.0
+H200_ENERGY_UPDATE_S = 0.1  # what reports assume for rows from before the window, which did not record it (all H200)
 
 
 def measurement_version(decode: str) -> int:

@@ -284,8 +284,8 @@ def measure_cell(model, device: str, *, new_tokens: int, batch_size: int, prompt
                  repeats: int, decode: str = "eager", profile: bool = False, kv: KvSpec | None = None,
                  max_repeats: int = 30, max_seconds: float = 60.0, target_halfwidth: float = 0.02) -> CellMeasurement:
     """Warm-up runs (the last one measures memory), timed repeats (on a GPU their energy, with untimed runs after them
-    where they lasted less than energy.MIN_WINDOW_S, then a prefill-only loop for its share); with no warm-up, a memory run after the timed runs; with `profile`, one decode step under the
-    profiler."""
+    where they lasted less than energy.MIN_WINDOW_S, then a prefill-only loop for its share); with no warm-up, a
+    memory run after the timed runs; with `profile`, one decode step under the profiler."""
     walls = {}
     ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, batch_size, device)
     step, compile_s, static, skips = None, None, None, None
