@@ -413,7 +413,9 @@ def every_cell(df: pd.DataFrame, newest: pd.DataFrame | None = None) -> list[dic
 
 def _joules(j, bound) -> str:
     """Joules per decode token with the counter's bound on them (relative), where there is one."""
-    return _fmt(j, "{:.3g}") + (f" ±{bound:.0%}" if j is not None and bound is not None else "")
+    if j is None or bound is None:
+        return _fmt(j, "{:.3g}")
+    return _fmt(j, "{:.3g}") + (f" ±{bound:.0%}" if bound >= 0.005 else " ±<1%")
 
 
 # --------------------------------------------------------------------------------------- the sweep as a whole

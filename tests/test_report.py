@@ -715,6 +715,8 @@ def test_decode_energy_carries_the_counters_bound_and_is_left_out_where_the_wind
     assert caveat.startswith("1 cell(s)") and "m × nf4 eager p=128 b=8 (±52%)" in caveat
     (fp16, nf4, hqq) = sorted(tables.every_cell(checked), key=lambda c: ["fp16", "nf4", "hqq"].index(c["precision"]))
     assert (fp16["joules"], nf4["joules"], hqq["joules"]) == ("0.25 ±15%", "–", "1.07 ±8%")
+    long = with_decode_energy_checked(pd.DataFrame([{**rows[2], "timed_s": 600.0, "energy_prefill_s": 300.0}]))
+    assert tables.every_cell(long)[0]["joules"] == "1.07 ±<1%"  # 10 minutes of timed runs: ±0.15%
 
 
 def test_cells_timed_while_the_host_ran_python_slowly_are_flagged():
