@@ -21,13 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.energy import changes  # noqa: E402  (the counter's changes, as the measurement reads them)
+from tasks.energy import EnergyMeter, changes, update_gaps_ms  # noqa: E402  (as the measurement reads the counter)
 
 
 def summary(samples: list[tuple[float, float]]) -> dict:
     """The counter's update interval and step over one phase of polls, and the power it implies."""
-    moved = changes(samples)
-    gaps = [(b[0] - a[0]) * 1e3 for a, b in zip(moved[1:], moved[2:])]  # from the first change on: whole intervals
+    moved, gaps = changes(samples), update_gaps_ms(samples)
     steps = [b[1] - a[1] for a, b in zip(moved, moved[1:])]
     span = samples[-1][0] - samples[0][0] if len(samples) > 1 else 0.0
 
@@ -59,10 +58,7 @@ def main() -> None:
         return
     import pynvml
 
-    from tasks.hardware import nvml_handle
-
-    handle = nvml_handle("cuda:0")
-    read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3  # noqa: E731  (mJ to J)
+    read = EnergyMeter("cuda:0").reading
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     torch.cuda.synchronize()
     time.sleep(1.0)  # the last work's power settles

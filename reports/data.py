@@ -114,12 +114,13 @@ def with_decode_energy_checked(df: pd.DataFrame) -> pd.DataFrame:
     runs = numeric(df, "energy_runs").fillna(numeric(df, "repeats_done"))
     j_token = numeric(df, "energy_j_per_decode_token")
     decode_j = j_token * runs * numeric(df, "batch_size") * (numeric(df, "new_tokens") - 1)
-    window_j = numeric(df, "energy_window_j").fillna(numeric(df, "energy_timed_j"))
+    in_window = numeric(df, "energy_window_j")
+    window_j = in_window.fillna(numeric(df, "energy_timed_j"))
     share = decode_j / window_j.where(window_j > 0)
     u = H200_ENERGY_UPDATE_S
     before_window = (u / numeric(df, "timed_s") + u / numeric(df, "energy_prefill_s") * (1 - share)) / share
     bound = (numeric(df, "energy_j_per_decode_token_bound") / j_token.where(j_token > 0)).fillna(
-        before_window.where(numeric(df, "energy_window_j").isna()))
+        before_window.where(in_window.isna()))
     out = df.assign(decode_energy_share=share, decode_energy_bound=bound)
     if "energy_j_per_decode_token" in out:
         out.loc[(share < MIN_DECODE_SHARE) | (bound > MAX_DECODE_BOUND), "energy_j_per_decode_token"] = None

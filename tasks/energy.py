@@ -28,16 +28,21 @@ def changes(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
+def update_gaps_ms(samples: list[tuple[float, float]]) -> list[float]:
+    """ms between the counter's changes, from its first change on (whole update intervals only)."""
+    moved = changes(samples)[1:]
+    return [(b[0] - a[0]) * 1e3 for a, b in zip(moved, moved[1:])]
+
+
 def update_interval_ms(read, clock=time.perf_counter, max_s: float = 1.0) -> float | None:
     """The counter's update interval: polls `read` until it has changed three times (two whole intervals between
     them) or for `max_s`, and gives the median ms between changes; None where it moved less."""
-    samples, moved, end = [], 0, clock() + max_s
-    while moved < 3 and (t := clock()) < end:
+    samples, changed, end = [], 0, clock() + max_s
+    while changed < 3 and (t := clock()) < end:
         j = read()
-        moved += bool(samples) and j != samples[-1][1]
+        changed += bool(samples) and j != samples[-1][1]
         samples.append((t, j))
-    moved = changes(samples)[1:]
-    gaps = [(b[0] - a[0]) * 1e3 for a, b in zip(moved, moved[1:])]
+    gaps = update_gaps_ms(samples)
     return statistics.median(gaps) if len(gaps) >= 2 else None
 
 
@@ -58,15 +63,18 @@ class EnergyMeter:
             self.handle, self.missing = None, f"NVML energy counter unavailable ({type(e).__name__}: {e})"
             return
         if device not in _UPDATE_MS:
-            _UPDATE_MS[device] = update_interval_ms(
-                lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3)
+            _UPDATE_MS[device] = update_interval_ms(self.reading)
         self.update_ms = _UPDATE_MS[device]
 
-    def joules(self) -> float:
+    def reading(self) -> float:
+        """The counter now (joules), whatever the GPU still has queued."""
         import pynvml
 
-        torch.cuda.synchronize(self.device)
         return pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+
+    def joules(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return self.reading()
 
 
 def fill_window(run_once, t0: float, clock=time.perf_counter) -> int:
