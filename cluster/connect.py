@@ -5,8 +5,9 @@ Safe by default:
 - An embedded Ray binds every service it starts (GCS, raylet, workers, agents) to loopback and starts no dashboard:
   it is started in Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, inherited by every process it
   starts), whose node address is 127.0.0.1. Nothing on the network can reach it.
-- Token authentication (Ray 2.60's default) stays on: RAY_AUTH_MODE unset means token, for the embedded Ray (which
-  makes ~/.ray/auth_token if there is none) and, when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+- Token authentication (Ray 2.60's default) stays on: RAY_AUTH_MODE unset means token, for the embedded Ray (whose
+  token file, ~/.ray/auth_token, is made here if there is none: 0600 in a 0700 folder, and fixed up to that if it is
+  wider) and, when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
   ~/.ray/auth_token), for a cluster given by address; see cluster/README.md for how the token reaches other nodes.
 """
 from __future__ import annotations
@@ -51,6 +52,32 @@ def _runtime_env(ship_code: bool) -> dict:
     return env
 
 
+def token_path() -> Path:
+    """Where Ray reads its token from a file: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def private_token() -> None:
+    """The token file is a secret (whoever reads it can run code in the cluster): 0600 in a 0700 folder. Made here
+    when no token is at hand and Ray would make one (Ray writes it with the process's umask, 0644 in a 0755 folder
+    by default); fixed up when it exists wider, whoever made it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = token_path()
+    default = not os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if default:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+    if not path.exists() and default:
+        import secrets
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # what Ray's own generator writes
+    if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+
+
 def token_at_hand() -> bool:
     """Whether a Ray token can be read where Ray looks for one."""
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
@@ -76,6 +103,8 @@ def init_embedded(**kwargs) -> None:
 
     if "RAY_AUTH_MODE" not in os.environ:
         _token_mode()  # Ray's default, said out loud (no warning on every run)
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        private_token()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts: node address 127.0.0.1
     ray_constants.ENABLE_RAY_CLUSTER = False                # and for this one, whose ray is imported already
     ray.init(address="local", include_dashboard=False, **kwargs)
@@ -84,9 +113,11 @@ def init_embedded(**kwargs) -> None:
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterInfo:
     import ray
 
+    global _started_here
     if ray.is_initialized():
         return info("embedded", address)
     in_job = address is None and bool(os.environ.get("RAY_ADDRESS"))
+    _started_here = True  # from here on, whatever happens, shutting down is ours
     try:
         if address is None and not in_job:
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -96,6 +127,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             return info("embedded", None)
         if "RAY_AUTH_MODE" not in os.environ and token_at_hand():
             _token_mode()  # Ray enables it by itself only for `auto`, not for an address
+        if token_at_hand():
+            private_token()
         ray.init(address=address, log_to_driver=False, runtime_env=_runtime_env(ship_code=not in_job),
                  configure_logging=False)
     except Exception as e:  # ConnectionError, auth errors, bad addresses
@@ -128,8 +161,15 @@ def local_gpus() -> float:
     return float(min(found, len(visible)) if visible is not None else found)
 
 
-def shutdown() -> None:
+_started_here = False  # whether this process started the Ray it is connected to (embedded) or joined one
+
+
+def shutdown_started_here() -> None:
+    """Stop the Ray this process connected to (an embedded one: its processes too) unless a caller had started it;
+    also after an interrupted start."""
+    global _started_here
     import ray
 
-    if ray.is_initialized():
+    if _started_here:
         ray.shutdown()
+        _started_here = False

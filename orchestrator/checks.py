@@ -3,25 +3,46 @@ every model source can be loaded, and the lengths the grid asks for fit each mod
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from pathlib import Path
 
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput, check_file_slot, kind_of, open_folder, replace_file
 from orchestrator.grid import Grid
-from orchestrator.model_info import check_source, context_length, hub_offline
+from orchestrator.model_info import check_source, context_length, hub_offline, identify
+
+
+FOLDERS = ("cells", "history", "runs", "set-aside")    # inside an output folder: folders, never links
+FILES = (".lock", "sweep.json", "report.html")        # regular files, never links
 
 
 def check_output(out: Path) -> None:
-    """The output folder exists or can be made, and a file can be written there."""
+    """The output folder exists or can be made, a file can be written there, and what stands at the paths a sweep
+    writes is what it must be (a folder, a regular file; no link)."""
     if out.exists() and not out.is_dir():
-        raise BadInput(f"output: {out} is a file; the output must be a folder")
+        raise BadInput(f"output: {out} is {kind_of(os.lstat(out).st_mode)}; the output must be a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd = open_folder(out)
     except OSError as e:
-        raise BadInput(f"output: cannot write to {out} ({e.strerror or e})") from None
+        raise BadInput(f"output: cannot make {out} ({e.strerror or e})") from None
+    try:
+        for name in FOLDERS:
+            try:
+                mode = os.lstat(name, dir_fd=fd).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(mode):
+                raise BadInput(f"output: {out / name} is {kind_of(mode)}; it must be a folder (move it away)")
+        for name in FILES:
+            check_file_slot(fd, name, out)
+        probe = f".write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            replace_file(fd, probe, b"probe", out)
+            os.unlink(probe, dir_fd=fd)
+        except OSError as e:
+            raise BadInput(f"output: cannot write to {out} ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
 
 
 def check_models(grid: Grid) -> None:
@@ -33,6 +54,7 @@ def check_models(grid: Grid) -> None:
     for i, entry in enumerate(grid.models):
         model = entry.spec(base)
         check_source(model, f"models[{i}]", offline)
+        identify(model, f"models[{i}]")
         ctx = context_length(model)
         if not ctx:
             continue
@@ -47,7 +69,17 @@ def check_models(grid: Grid) -> None:
                            f"{name} holds {ctx}")
 
 
-def check_inputs(grid: Grid, out: Path) -> None:
+def check_code(grid: Grid, trust_remote_code: bool) -> None:
+    """A grid is data: a model whose own Python code would run (trust_remote_code) needs the command line's
+    --trust-remote-code as well."""
+    for i, m in enumerate(grid.models):
+        if m.trust_remote_code and not trust_remote_code:
+            raise BadInput(f"models[{i}].trust_remote_code: true runs Python code shipped with the model; pass "
+                           f"--trust-remote-code on the command line to allow it")
+
+
+def check_inputs(grid: Grid, out: Path, trust_remote_code: bool = False) -> None:
+    check_code(grid, trust_remote_code)
     check_output(out)
     check_models(grid)
 

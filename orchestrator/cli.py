@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cluster.connect import local_gpus
 from orchestrator.checks import check_inputs, output_dir
-from orchestrator.files import BadInput
+from orchestrator.signals import Interrupted, interruptible
+from spec.untrusted import BadInput, plain
 from orchestrator.grid import load_grid
 from orchestrator.schedule import resources_for, schedule
 from orchestrator.wikitext import read_texts
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="output folder (default: the grid's `output`, else results/<name>)")
     s.add_argument("--set", dest="overrides", **sets)
     s.add_argument("--force", action="store_true", help="rerun cells that are already ok")
+    code = dict(action="store_true", help="allow models whose grid entry says trust_remote_code: true to run the "
+                                          "Python code shipped with them (a grid alone never runs code)")
+    s.add_argument("--trust-remote-code", **code)
 
     v = sub.add_parser("validate", help="check a grid and print the plan; runs nothing", epilog=EPILOG,
                        description="Check the grid, its files and models as `sweep` would before starting, then print "
@@ -50,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("grid", help="grid YAML file")
     v.add_argument("--set", dest="overrides", **sets)
     v.add_argument("--output", help="output folder to count finished cells in (default: as for sweep)")
+    v.add_argument("--trust-remote-code", **code)
     v.add_argument("--gpu", metavar="TYPE", help="the GPUs the sweep will run on (Ray accelerator type: T4, A100, "
                                                  "L4, H100, ...), to list the precisions they cannot run")
 
@@ -68,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args) -> int:
     grid = load_grid(args.grid, args.overrides)
     out = output_dir(grid, args.output)
-    check_inputs(grid, out)
+    check_inputs(grid, out, args.trust_remote_code)
     texts = read_texts(grid)
     # where it would run: this machine (an embedded Ray), or GPUs of the type --gpu names
     gpus = [max(grid.resources.gpus_per_task, 1.0)] if args.gpu else [local_gpus()]
@@ -78,52 +83,65 @@ def validate(args) -> int:
     print(f"grid {grid.name}: {len(grid.models)} model(s) × {len(grid.precisions)} precision(s) × "
           f"{len(g.new_tokens)} length(s) × {len(g.batch_sizes)} batch size(s) = {len(plan.cells)} cells "
           f"in {len(plan.units)} units (one model load each)")
-    print(f"baseline {grid.baseline}; output {out} ({sched.already_ok} cells already ok there, {sched.to_run} to run)")
+    print(f"baseline {plain(grid.baseline)}; output {plain(out)} ({sched.already_ok} cells already ok there, {sched.to_run} to run)")
     where = f"GPUs of type {args.gpu}" if args.gpu else "this machine"
     print(f"on {where}: {resources.gpus_per_task:g} GPU and {resources.cpus_per_task:g} CPU per unit, "
           f"{resources.gpus_per_task * len(plan.units):g} GPU-tasks in all; timeout {grid.resources.timeout_s:g} s, "
           f"retries {grid.resources.retries}")
     for note in resources.notes:
-        print(f"note: {note}")
+        print(f"note: {plain(note)}")
     ppl = plan.perplexity
     print("perplexity: off" if not ppl else
           f"perplexity: protocol {ppl.protocol}, seqlen {ppl.seqlen}, windows {ppl.max_windows or 'all'}, "
-          f"batch {ppl.batch_size or 'auto (8, or 1 where batching changes the numbers)'}, data {ppl.dataset}; "
-          f"distance to {grid.baseline}")
+          f"batch {ppl.batch_size or 'auto (8, or 1 where batching changes the numbers)'}, "
+          f"data {plain(ppl.dataset)}; distance to {plain(grid.baseline)}")
     for u, reason in sched.skipped_units:
-        print(f"skipped before start ({len(u.cells)} cells): {u.label}: {reason}")
+        print(f"skipped before start ({len(u.cells)} cells): {plain(u.label)}: {plain(reason)}")
     for reason, n in Counter(r for _, _, r in sched.skipped_cells).items():
-        print(f"skipped before start ({n} cell{'s' * (n != 1)}): {reason}")
+        print(f"skipped before start ({n} cell{'s' * (n != 1)}): {plain(reason)}")
     if resources.device == "cuda" and not args.gpu:
         needs = sorted({u.precision.label for u in plan.units if REGISTRY[u.precision.name].min_capability(
             REGISTRY[u.precision.name].parse_options(u.precision.options))})
         if needs:
             print(f"depends on the GPU (checked against the cluster's GPUs when the sweep starts; or pass --gpu): "
-                  f"{', '.join(needs)}")
+                  f"{plain(', '.join(needs))}")
     print("units (largest first):")
     for u in plan.units:
-        print(f"  {u.unit_id}  {u.label}: {len(u.cells)} cells "
+        print(f"  {u.unit_id}  {plain(u.label)}: {len(u.cells)} cells "
               f"(new_tokens {sorted({c.new_tokens for c in u.cells})}, batch {sorted({c.batch_size for c in u.cells})})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "sweep":
             from orchestrator.sweep import run  # (imports Ray's driver side when it connects)
 
-            return run(args.grid, args.overrides, address=args.address, output=args.output, force=args.force)
-        if args.command == "validate":
-            return validate(args)
-        if args.command == "report":
-            return report(args)
+            return run(args.grid, args.overrides, address=args.address, output=args.output, force=args.force,
+                       trust_remote_code=args.trust_remote_code)
+        with interruptible():
+            if args.command == "validate":
+                return validate(args)
+            if args.command == "report":
+                return report(args)
         sys.stdout.write(markdown())
         return 0
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + "\n".join(plain(line) for line in str(e).split("\n")), file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted ({e})", file=sys.stderr)
+        return e.exit_code
+
+
+def entry() -> int:
+    """The console script: signals are an interruption from the first moment."""
+    from orchestrator import signals
+
+    signals.install()
+    return main()
 
 
 def report(args) -> int:
@@ -134,8 +152,11 @@ def report(args) -> int:
             raise BadInput(f"report: {d} is not a folder")
     dirs = [Path(d).expanduser() for d in args.dirs]
     target = Path(args.output).expanduser() if args.output else dirs[0] / "report.html"
-    path, unreadable = render(dirs, target, every_row=args.all)
+    try:
+        path, unreadable = render(dirs, target, every_row=args.all)
+    except OSError as e:
+        raise BadInput(f"report: cannot write {target} ({e.strerror or e})") from None
     for bad in unreadable:
-        print(f"warning: left out, unreadable: {bad}", file=sys.stderr)
-    print(path)
+        print(f"warning: left out: {plain(bad)}", file=sys.stderr)
+    print(plain(path))
     return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from orchestrator import signals
 from orchestrator.forkserver import UnitProcessDied
 from orchestrator.plan import Plan, Unit
 from orchestrator.worker import unit_task
@@ -58,7 +59,7 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
               poll_s: float = 0.2) -> DriverResult:
     """Run `units` (each holding only the cells still to do) and hand every row to `sink(row)` as it arrives."""
     result = DriverResult()
-    wikitext_ref = ray.put(wikitext) if wikitext is not None else None
+    wikitext_ref = None
     options = dict(num_gpus=gpus_per_task, num_cpus=cpus_per_task)
     active: dict = {}
     # units that measure their distance to the baseline wait for the baseline's reference (by key) when the baseline
@@ -112,15 +113,10 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                                     f"{str(e).splitlines()[0] if str(e) else ''}"):
                 emit(row)
 
-    for unit in units:
-        ref = unit.reference
-        if ref and ref.role == "use" and ref.key in made_here and not ref.missing:
-            waiting.setdefault(ref.key, []).append(unit)
-        else:
-            submit(unit, unit.cells)
-    try:
-        # collect rows until no unit is left: starts, rows, ends, crashes (retried), errors and timeouts
+    def collect() -> None:
+        """Collect rows until no unit is left: starts, rows, ends, crashes (retried), errors and timeouts."""
         while active or waiting:
+            signals.check()
             unreleased()
             ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_s) if active else ([], [])
             for gen in ready:
@@ -175,7 +171,20 @@ def run_units(plan: Plan, units: list[Unit], sink, progress, *, gpus_per_task: f
                     for row in failure_rows(state.task, state.remaining.values(), "timeout", "Timeout",
                                             f"unit ran past resources.timeout_s = {timeout_s:g} s and was cancelled"):
                         emit(row)
-    finally:  # stopped early (Ctrl-C, a results folder that cannot be written): no unit goes on measuring unseen
+
+    try:
+        with signals.deferred():  # a signal is raised at the loop's next turn, not inside Ray's compiled calls
+            if wikitext is not None:
+                wikitext_ref = ray.put(wikitext)
+            for unit in units:
+                ref = unit.reference
+                if ref and ref.role == "use" and ref.key in made_here and not ref.missing:
+                    waiting.setdefault(ref.key, []).append(unit)
+                else:
+                    submit(unit, unit.cells)
+            collect()
+    finally:  # stopped early (a signal, a results folder that cannot be written): no unit goes on measuring unseen
         for gen in list(active):
             ray.cancel(gen, force=True)
     return result
+

@@ -8,13 +8,13 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, ValidationError, field_validator, model_validator)
 
-from orchestrator.files import GRID_CAP, BadInput, expand, read_regular_file
+from spec.untrusted import GRID_CAP, BadInput, expand, read_regular_file
 from spec.catalog import KV_CACHES, KV_DEFAULTS, kv_label
 from spec.models import SYNTHETIC_ARCHITECTURES
 from spec.units import ENGINES, KvSpec, ModelSpec
@@ -231,10 +231,13 @@ class Cost(Strict):
     usd_per_gpu_hour: PositiveFloat  # rows get usd_per_million_tokens at each cell's end-to-end throughput
 
 
+MemoryBudget = Annotated[ByteSize, Field(ge=2 ** 20, le=2 ** 50)]  # 1 MiB to 1 PiB
+
+
 class ReportSettings(Strict):
     # GPU memory sizes for the fit table ("fits a 16 GiB GPU up to batch 6 at 4096 tokens"), beside the GPU that ran
     # the sweep: bytes, or text like 16GiB, 24GB
-    memory_budgets: list[ByteSize] = Field(default_factory=list)
+    memory_budgets: list[MemoryBudget] = Field(default_factory=list)
 
 
 class Grid(Strict):
@@ -396,7 +399,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not value.strip():
         raise BadInput(f"--set {key}: the value is empty; write it out (null, false, [], ...)")
     try:
-        parsed = yaml.load(value, Loader=UniqueKeyLoader)
+        parsed = load_yaml(value, f"--set {key}")
     except yaml.YAMLError as e:
         raise BadInput(f"--set {key}: value {value!r} is not valid YAML ({getattr(e, 'problem', None) or e})")
     return key.split("."), parsed
@@ -418,27 +421,68 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _lines(a, b) -> str:
+    la, lb = a.start_mark.line + 1, b.start_mark.line + 1
+    return f"line {la}" if la == lb else f"lines {la} and {lb}"
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load that refuses a mapping with a key given twice (PyYAML silently keeps the last one)."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
+            merges = [k for k, _ in node.value if k.tag == "tag:yaml.org,2002:merge"]
+            if len(merges) > 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the merge key << is given twice ({_lines(merges[0], merges[1])}); merge several "
+                                f"mappings with << [*a, *b]",
+                    merges[1].start_mark)
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                key = self.construct_object(key_node, deep=True)
                 try:
                     first = seen.get(key)
-                    seen.setdefault(key, line)
+                    seen.setdefault(key, key_node)
                 except TypeError:  # an unhashable key: the constructor says so below
                     continue
                 if first is not None:
-                    where = f"line {line}" if first == line else f"lines {first} and {line}"
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice ({where}); the second would silently win",
-                        key_node.start_mark)
+                        None, None, f"the key {key!r} is given twice ({_lines(first, key_node)}); the second would "
+                                    f"silently win", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+MAX_DEPTH = 32          # a grid nests a few levels; deeper is refused before pydantic or the planner walk it
+MAX_VALUES = 100_000    # values in a grid after its aliases are expanded (a few hundred in practice)
+
+
+def check_shape(data: Any, where: str) -> Any:
+    """`data` nests at most MAX_DEPTH deep and holds at most MAX_VALUES values once aliases are expanded (an alias
+    repeated inside aliases grows exponentially: it is counted as what it expands to, up to the cap)."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise BadInput(f"{where}: more than {MAX_VALUES:,} values once its aliases are expanded")
+        if depth > MAX_DEPTH:
+            raise BadInput(f"{where}: nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            stack += [(x, depth + 1) for kv in node.items() for x in kv]
+        elif isinstance(node, list):
+            stack += [(x, depth + 1) for x in node]
+    return data
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML text as data (safe: nothing in it runs code), keys given once, of bounded depth and size."""
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except RecursionError:
+        raise BadInput(f"{where}: nests too deep to read") from None
+    return check_shape(data, where)
 
 
 def read_yaml(path: Path) -> Any:
@@ -448,7 +492,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise BadInput(f"{path}: the grid file is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})")
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)
+        return load_yaml(text, str(path))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

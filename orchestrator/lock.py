@@ -8,10 +8,11 @@ import fcntl
 import json
 import os
 import socket
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput, kind_of
 
 
 class OutputLock:
@@ -23,7 +24,21 @@ class OutputLock:
     def acquire(self) -> str | None:
         """Hold the lock, or BadInput naming who holds it. Returns a note when an earlier sweep's lock was left behind
         (its process was killed) and taken over."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # a regular file, never through a link (a link planted here would have the lock write anywhere)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            try:
+                mode = os.lstat(self.path).st_mode
+            except OSError:
+                mode = None
+            if mode is not None and not stat.S_ISREG(mode):
+                raise BadInput(f"output: {self.path} is {kind_of(mode)}; it must be a regular file (move it away)") \
+                    from None
+            raise BadInput(f"output: cannot open the lock {self.path} ({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device opened without blocking
+            mode = os.fstat(fd).st_mode
+            os.close(fd)
+            raise BadInput(f"output: {self.path} is {kind_of(mode)}; it must be a regular file (move it away)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -32,10 +47,14 @@ class OutputLock:
             raise BadInput(f"output: {self.path.parent} is in use by another sweep ({holder}); wait for it to end, or "
                            f"give this sweep another --output") from None
         left = os.read(fd, 4096)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-                                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode())
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
+                                     "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode())
+        except OSError as e:
+            os.close(fd)
+            raise BadInput(f"output: cannot write the lock {self.path} ({e.strerror or e})") from None
         self.fd = fd
         return f"took over the lock of an earlier sweep whose process is gone ({_describe(left)})" if left else None
 

@@ -4,13 +4,13 @@ Read from the synthetic catalogue, a local folder's config.json, a GGUF file's m
 config. Nothing here imports torch."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput, read_regular_file
+from orchestrator.headers import CONFIG_CAP, fingerprint, gguf_header, parse_json, read_config
 from spec.models import projection_widths, resolve_file, synthetic_shapes, widths_of
 from spec.units import ModelSpec
 
@@ -32,8 +32,8 @@ def hub_offline() -> bool:
         return True
 
 
-def _hub_config(model: ModelSpec) -> dict | None:
-    """A hub model's config.json from the local Hugging Face cache, if it is there."""
+def _hub_cached(model: ModelSpec) -> Path | None:
+    """A hub model's config.json in the local Hugging Face cache (its folder is the snapshot's commit), if there."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -41,7 +41,15 @@ def _hub_config(model: ModelSpec) -> dict | None:
                                        cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except Exception:  # a malformed id: the worker's loader names it
         return None
-    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_config(model: ModelSpec) -> dict | None:
+    found = _hub_cached(model)
+    if found is None:
+        return None
+    config = parse_json(read_regular_file(found, CONFIG_CAP, "hub config"), "hub config", str(found))
+    return config if isinstance(config, dict) else None
 
 
 def check_source(model: ModelSpec, where: str, offline: bool | None = None) -> None:
@@ -56,6 +64,7 @@ def check_source(model: ModelSpec, where: str, offline: bool | None = None) -> N
         if not (folder / "config.json").is_file():
             raise BadInput(f"{where}.path: {folder} has no config.json; a Hugging Face model folder (config.json and "
                            f"weights) is needed")
+        read_config(folder, f"{where}.path")
     elif model.source == "gguf":
         try:
             file = resolve_file(model.location)
@@ -64,15 +73,30 @@ def check_source(model: ModelSpec, where: str, offline: bool | None = None) -> N
         if not file.is_file():
             raise BadInput(f"{where}.gguf: {file} is not a file" if file.exists() else
                            f"{where}.gguf: {file} does not exist")
+        gguf_header(file, f"{where}.gguf")
     elif model.source == "hub":
         if (hub_offline() if offline is None else offline) and _hub_config(model) is None:
             raise BadInput(f"{where}.hub: {model.location} is not in the local Hugging Face cache and the hub is out "
                            f"of reach (HF_HUB_OFFLINE or no network); {HUB_HINT}")
 
 
+def identify(model: ModelSpec, where: str) -> ModelSpec:
+    """The model entry with its weights' fingerprint (orchestrator.headers.fingerprint; a hub model: the cached
+    snapshot's commit), which is part of every cell key: a model replaced in place is a new model."""
+    if model.source in ("path", "gguf"):
+        location = str(resolve_file(model.location)) if model.source == "gguf" else model.location
+        found = fingerprint(model.source, location, f"{where}.{model.source}")
+    elif model.source == "hub":
+        cached = _hub_cached(model)
+        found = cached.parent.name if cached is not None else None
+    else:
+        found = None
+    return dataclasses.replace(model, fingerprint=found)
+
+
 def _config(model: ModelSpec) -> dict | None:
     if model.source == "path":
-        c = json.loads((Path(model.location) / "config.json").read_text())
+        c = read_config(Path(model.location), "path")
     elif model.source == "hub":
         c = _hub_config(model)
     else:
@@ -107,7 +131,7 @@ def model_shape(model: ModelSpec) -> tuple[float, int]:
             return params, layers or 24
         if model.source == "path":
             p = Path(model.location)
-            config = json.loads((p / "config.json").read_text())
+            config = read_config(p, "path")
             size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
             return size / 2, int(config.get("num_hidden_layers", 24))
     except Exception:  # an unreadable source fails later, in its unit, with its own message
@@ -130,20 +154,18 @@ def model_widths(model: ModelSpec) -> dict[str, int] | None:
     return None
 
 
-@lru_cache(maxsize=None)
 def _gguf_meta(path: str) -> tuple[float, int | None, tuple, int | None]:
     """(parameters, layers, projection widths, context length) from a GGUF file's metadata."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    head = gguf_header(Path(path), "gguf")
+    meta = head["metadata"]
+    arch = meta.get("general.architecture")
 
     def field(name: str) -> int | None:
-        f = reader.fields.get(f"{arch}.{name}")
-        return int(f.parts[-1][0]) if f else None
+        v = meta.get(f"{arch}.{name}")
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
     hidden, heads = field("embedding_length"), field("attention.head_count")
     widths = projection_widths(hidden, field("feed_forward_length"), heads, field("attention.head_count_kv"),
                                field("attention.key_length")) if hidden and heads else {}
-    return (float(sum(t.n_elements for t in reader.tensors)), field("block_count"), tuple(widths.items()),
+    return (float(sum(n for _, n in head["tensors"])), field("block_count"), tuple(widths.items()),
             field("context_length"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from orchestrator import wikitext
 from orchestrator.grid import Grid
-from orchestrator.model_info import model_shape, model_widths
+from orchestrator.model_info import identify, model_shape, model_widths
 from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_decode_reason, measurement_version
 from spec.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
                         ReferenceSpec, UnitSpec)
@@ -147,8 +147,8 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
                                 g.max_repeats, g.max_seconds, g.target_halfwidth)
     by_sha = {source["sha256"]: raw for raw, source in texts.calibration.values() if raw is not None}
     units = []
-    for m in grid.models:
-        model = m.spec(base_dir)
+    for i, m in enumerate(grid.models):
+        model = identify(m.spec(base_dir), f"models[{i}]")
         for j, p in enumerate(grid.precisions):
             backend = REGISTRY[p.name]
             parsed = backend.parse_options(p.options)

@@ -1,6 +1,6 @@
 """Progress: a live rich display on a terminal (cells done / failed / running, the unit on each GPU, elapsed and
 ETA), plain log lines otherwise; a summary table at the end. Labels, paths and messages come from the user or from
-exceptions: they are printed as plain text, never read as rich markup."""
+exceptions: they are printed as plain text (control characters escaped), never read as rich markup."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +11,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+
+from spec.untrusted import plain
 
 
 def _fmt_s(s: float | None) -> str:
@@ -54,7 +56,7 @@ class Progress:
                   f"[green]ok {self.done}[/]", f"[red]failed {self.failed}[/]", f"skipped {self.skipped}",
                   f"running {len(self.running)} unit(s)", f"elapsed {_fmt_s(elapsed)}", f"ETA {_fmt_s(self.eta())}")
         for unit, where in sorted(self.running.items(), key=lambda kv: kv[1]):
-            t.add_row(Text(f"  {where}"), Text(unit), "", "", "", "", "")
+            t.add_row(Text(f"  {plain(where)}"), Text(plain(unit)), "", "", "", "", "")
         return t
 
     def _refresh(self):
@@ -62,6 +64,7 @@ class Progress:
             self._live.update(self._render())
 
     def log(self, msg: str) -> None:
+        msg = plain(msg)
         if self._live:
             self._live.console.print(msg, markup=False, highlight=False)
         else:
@@ -112,7 +115,7 @@ def summary_table(rows: list[dict]) -> Table:
         dec = [r["decode_ms_per_token"] for r in ok if r.get("decode_ms_per_token")]
         ppl = next((r.get("perplexity") for r in rs if r.get("perplexity")), None)
         wb = next((r.get("weights_bytes") for r in rs if r.get("weights_bytes")), None)
-        t.add_row(escape(str(m)), escape(str(p)), str(len(ok)), str(sum(r.get("status") in ("error", "oom", "timeout") for r in rs)),
+        t.add_row(escape(plain(m)), escape(plain(p)), str(len(ok)), str(sum(r.get("status") in ("error", "oom", "timeout") for r in rs)),
                   str(sum(r.get("status") == "skipped" for r in rs)), f"{ppl:.3f}" if ppl else "–",
                   f"{min(dec):.2f}–{max(dec):.2f}" if dec else "–", f"{wb / 1e6:.1f}" if wb else "–")
     return t

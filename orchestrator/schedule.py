@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator import wikitext
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput
 from orchestrator.grid import Grid
 from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start, unsupported_cells
 from spec.units import CellSpec

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.files import TEXT_CAP, BadInput, expand, read_regular_file
+from spec.untrusted import TEXT_CAP, BadInput, expand, read_regular_file
 from orchestrator.model_info import hub_offline
 from tasks.precisions import REGISTRY
 from spec.catalog import HUB_DATASET, HUB_VALIDATION, WIKITEXT2_TEST_SHA256

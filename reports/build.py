@@ -2,12 +2,14 @@
 more sweep output folders. Reads only the Parquet rows and sweep.json, so any past sweep can be re-rendered."""
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from reports import charts, fit, tables
+from spec.untrusted import check_file_slot, open_folder, write_into
 from reports.data import (colors, first, headline_cell, manifest, newest_per_cell, precision_order, read_results,
                           report_baseline, with_axes, with_decode_energy_checked)
 
@@ -43,8 +45,16 @@ def budgets_of(dirs, df) -> list[tuple[str, float]]:
         out.append((f"this {first(gpu.gpu_name)} ({gpu.gpu_memory_bytes.max() / fit.GiB:.0f} GiB)",
                     float(gpu.gpu_memory_bytes.max())))
     for d in dirs:
-        for b in ((manifest(d).get("grid") or {}).get("report") or {}).get("memory_budgets") or []:
-            size = fit.parse_size(b)
+        grid = manifest(d).get("grid")
+        report = grid.get("report") if isinstance(grid, dict) else None
+        listed = report.get("memory_budgets") if isinstance(report, dict) else None
+        for b in listed if isinstance(listed, list) else []:
+            try:
+                size = fit.parse_size(b)
+            except (TypeError, ValueError):
+                continue  # a manifest is untrusted: what is not a size is left out
+            if not 2 ** 20 <= size <= 2 ** 50:
+                continue
             if all(abs(size - s) > 1 for _, s in out):
                 out.append((fit.budget_label(size), size))
     return out
@@ -103,11 +113,17 @@ def context(dirs, every_row: bool = False) -> dict:
 def render(dirs, target, every_row: bool = False) -> tuple[Path, list[str]]:
     """Write the report (each folder's latest grid's cells, or `every_row`); returns its path and the result files
     that could not be read (left out, named there)."""
+    target = Path(target)
+    check_target(target)
     ctx = context(list(dirs), every_row)
     html = _env().get_template("report.html.j2").render(**ctx)
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(html)
-    tmp.replace(target)
-    return target, ctx["unreadable"]
+    return write_into(target.parent, target.name, html.encode()), ctx["unreadable"]
+
+
+def check_target(target: Path) -> None:
+    """The report's file: nothing there yet, or a regular file (never a link, a folder or a FIFO)."""
+    fd = open_folder(target.parent)
+    try:
+        check_file_slot(fd, target.name, target.parent)
+    finally:
+        os.close(fd)

@@ -17,7 +17,8 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLo
 
 from reports.data import method_group, precision_order  # noqa: E402
 
-plt.rcParams.update({"svg.fonttype": "none", "font.size": 9, "font.family": "sans-serif",
+# text.parse_math off: labels come from results folders and are drawn as they are ("$" is a dollar, not mathtext)
+plt.rcParams.update({"text.parse_math": False, "svg.fonttype": "none", "font.size": 9, "font.family": "sans-serif",
                      "axes.spines.top": False, "axes.spines.right": False, "svg.hashsalt": "quant-sweep"})
 MAX_SERIES = 8
 MAX_FACETS = 4

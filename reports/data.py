@@ -2,7 +2,6 @@
 precision order, method groups, one colour per precision. pandas and pyarrow only: no torch here."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spec.catalog import H200_ENERGY_UPDATE_S
+from spec.untrusted import MANIFEST_CAP, BadInput, parse_json, plain, read_regular_file
+from spec.schema import row_problem
 
 FAILED = ("error", "oom", "timeout")
 SCHEMES = {"none": 0, "weight-only": 1, "weight+activation": 2}
@@ -25,20 +26,20 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 BROKEN_RATIO = 10.0  # perplexity more than this times the baseline's: broken, named, kept out of the charts' scales
 
 
+def manifest(folder: Path) -> dict:
+    """A results folder's sweep.json (capped, of bounded depth), {} where there is none or it cannot be read."""
+    try:
+        data = parse_json(read_regular_file(Path(folder) / "sweep.json", MANIFEST_CAP, "sweep.json"), "sweep.json",
+                          str(folder))
+    except BadInput:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def latest_cells(folder: Path) -> set[str] | None:
     """The cell keys of the latest sweep's grid in an output folder (its sweep.json), None where it does not say."""
-    try:
-        keys = json.loads((folder / "sweep.json").read_text()).get("cell_keys")
-    except (OSError, ValueError):
-        return None
-    return set(keys) if isinstance(keys, list) else None
-
-
-def manifest(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "sweep.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    keys = manifest(folder).get("cell_keys")
+    return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else None
 
 
 def read_results(dirs, unreadable: list[str] | None = None, every_row: bool = True) -> pd.DataFrame:
@@ -53,14 +54,33 @@ def read_results(dirs, unreadable: list[str] | None = None, every_row: bool = Tr
         for f in sorted(cells.glob("*.parquet")):
             if wanted is not None and f.stem not in wanted:
                 continue
-            try:
-                tables.append(pq.read_table(f))
-            except (OSError, pa.ArrowException) as e:
-                if unreadable is not None:
-                    unreadable.append(f"{f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            problem = None
+            if f.is_symlink() or not f.is_file():
+                problem = "not a regular file"
+            else:
+                try:
+                    table = pq.read_table(f)
+                    problem = row_problem(f.stem, table)
+                except (OSError, pa.ArrowException) as e:
+                    problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if problem is None:
+                tables.append(table)
+            elif unreadable is not None:
+                unreadable.append(f"{f}: {problem}")
     if not tables:
         return pd.DataFrame(columns=["cell_key", "status", "model", "precision"])
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
+    return as_plain_text(pa.concat_tables(tables, promote_options="default").to_pandas())
+
+
+def as_plain_text(df: pd.DataFrame) -> pd.DataFrame:
+    """Every text column with its control characters escaped (spec.untrusted.plain): rows come from a results folder,
+    which is untrusted; tracebacks and messages keep their newlines."""
+    out = df.copy()
+    for name in out.columns:
+        if out[name].dtype == object or pd.api.types.is_string_dtype(out[name].dtype):
+            keep = name in ("traceback", "error_message", "ppl_error", "ppl_kv_error")
+            out[name] = out[name].map(lambda v: plain(v, lines=keep) if isinstance(v, str) else v)
+    return out
 
 
 def col(df: pd.DataFrame, name: str) -> pd.Series:

@@ -3,7 +3,6 @@ read from a config (projection widths, KV geometry). Configs are duck-typed: tra
 fields as attributes."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,31 @@ def synthetic_shapes(spec: str | dict) -> dict[str, Any]:
 
 
 def resolve_file(path: str) -> Path:
-    """A file path, or `pkg:PACKAGE/relative/path` for a file shipped inside an installed package (found without
-    importing the package, whose own imports may be missing); a `pkg:` path may not leave its package."""
-    if path.startswith("pkg:"):
-        package, _, rel = path[4:].partition("/")
-        if not all(part.isidentifier() for part in package.split(".")):
-            raise ValueError(f"{path}: {package!r} is not a package name")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"package {package!r} is not installed (needed for {path})")
-        root = Path(spec.submodule_search_locations[0]).resolve()
-        file = (root / rel).resolve()
-        if root not in file.parents:
-            raise ValueError(f"{path} leaves the package {package} (it names {file})")
-        return file
-    return Path(path).expanduser()
+    """A file path, or `pkg:PACKAGE/relative/path` for a file shipped inside an installed distribution. Found through
+    the installed distributions' metadata (their RECORD of files), never by importing anything: a grid runs no code.
+    The file must be one its distribution lists, and may not leave the package's folder."""
+    if not path.startswith("pkg:"):
+        return Path(path).expanduser()
+    package, _, rel = path[4:].partition("/")
+    if not package.isidentifier() or not rel:
+        raise ValueError(f"{path}: expected pkg:PACKAGE/relative/path, with PACKAGE an installed package's import name")
+    from importlib import metadata
+
+    wanted = f"{package}/{rel}"
+    for dist_name in metadata.packages_distributions().get(package, []):
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            continue
+        for f in dist.files or []:
+            if str(f).replace("\\", "/") == wanted:
+                root = Path(dist.locate_file(package)).resolve()
+                file = Path(dist.locate_file(f)).resolve()
+                if root not in file.parents:
+                    raise ValueError(f"{path} leaves the package {package} (it names {file})")
+                return file
+        raise FileNotFoundError(f"{path}: the installed distribution {dist_name} has no file {wanted}")
+    raise FileNotFoundError(f"{path}: no installed distribution provides the package {package!r}")
 
 
 def text_config(config):

@@ -17,6 +17,7 @@ class ModelSpec:
     label: str
     revision: str | None = None
     trust_remote_code: bool = False
+    fingerprint: str | None = None   # the weights' identity (orchestrator.model_info.identify): part of the keys
 
     @property
     def synthetic(self) -> bool:
@@ -29,6 +30,8 @@ class ModelSpec:
             d["revision"] = self.revision
         if self.trust_remote_code:
             d["trust_remote_code"] = True
+        if self.fingerprint:
+            d["fingerprint"] = self.fingerprint
         return d
 
 

@@ -56,7 +56,7 @@ def run_unit(unit, wikitext: bytes | None = None):
     for i, cell in enumerate(unit.cells):
         started = now()
         if label.startswith("sleep-"):
-            time.sleep(float(label.split("-", 1)[1]))
+            time.sleep(float(label.split("-", 1)[1].split()[0]))
         elif label == "hang":
             Path(tempfile.gettempdir(), f"scripted-hang-{cell.key}.pid").write_text(str(os.getpid()))
             time.sleep(3600)

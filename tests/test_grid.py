@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput
 from orchestrator.grid import load_grid
 from tests.conftest import ROOT
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan, unsupported_cells
 from spec.catalog import RANDOM_IDS

