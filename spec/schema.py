@@ -150,6 +150,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prefill_tokens_per_s", F, "batch_size x prompt_tokens x 1000 / ttft_ms: the prompt's tokens through the model "
                                 "per second"),
     ("decode_ms_per_token", F, "mean gap between consecutive tokens over all repeats"),
+    ("timing_source", S, "how the engine timed each run: CUDA events after every step, the host clock after every "
+                         "step (CPU), the engine's per-request timestamps, or wall-clock (t(N) - t(1)) / (N - 1)"),
     ("decode_ms_p50", F, "median decode gap"),
     ("decode_ms_p90", F, "90th percentile decode gap"),
     ("decode_ms_p99", F, "99th percentile decode gap"),

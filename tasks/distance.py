@@ -61,11 +61,11 @@ class Capture:
 
 def check_head(model, ids) -> str | None:
     """Why the reference cannot be made from hidden states (None if it can): the model's logits must be its output
-    head applied to what window_hidden returns (not so with logit soft-capping or scaling)."""
+    head applied to what hidden_states returns (not so with logit soft-capping or scaling)."""
     with torch.no_grad():
-        logits = model.window_logits(ids[:1, :64]).float()
+        logits = model.logits(ids[:1, :64]).float()
         weight, bias = model.output_head()
-        again = F.linear(model.window_hidden(ids[:1, :64]), weight, bias).float()
+        again = F.linear(model.hidden_states(ids[:1, :64]), weight, bias).float()
     if not torch.allclose(logits, again, rtol=1e-3, atol=1e-3 * logits.abs().max().item()):
         return "the model's logits are not its output head applied to its last hidden state (soft-capping?)"
     return None

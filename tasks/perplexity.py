@@ -113,13 +113,13 @@ def window_losses(model, ids, windows: list[Window], batch_size: int, device: st
         for group in groups:
             batch = torch.stack([ids[windows[i].begin:windows[i].end] for i in group]).to(device)
             if capture is not None:
-                hidden = model.window_hidden(batch)
+                hidden = model.hidden_states(batch)
                 logits = F.linear(hidden, *model.output_head())
                 for row, i in enumerate(group):
                     capture.add(i, hidden[row])
                 del hidden
             else:
-                logits = model.window_logits(batch)
+                logits = model.logits(batch)
             for row, i in enumerate(group):
                 w = windows[i]
                 total = torch.zeros((), dtype=torch.float64, device=logits.device)
@@ -217,12 +217,8 @@ def continuation_perplexity(model, tokenizer, rows: list[str], *, kv, windows: i
     batch = torch.stack([ids[i * span:(i + 1) * span] for i in range(windows)]).to(device)
     nll = torch.zeros((), dtype=torch.float64, device=batch.device)
     with torch.no_grad():
-        cache = model.new_cache(kv)
-        logits = model.next_logits(batch[:, :prefill], cache)
-        for t in range(prefill, span):
+        for t, logits in enumerate(model.logits_through_cache(batch, prefill, kv), start=prefill):
             nll += F.cross_entropy(logits.float(), batch[:, t], reduction="sum").double()
-            if t + 1 < span:
-                logits = model.next_logits(batch[:, t:t + 1], cache)
     return {"ppl_kv": math.exp(float(nll) / (windows * continuation)), "ppl_kv_windows": windows,
             "ppl_kv_prefill_tokens": prefill, "ppl_kv_tokens_scored": windows * continuation,
             "ppl_kv_s": time.perf_counter() - t0}

@@ -286,23 +286,23 @@ def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, f
         model, device, new_tokens=cell.new_tokens, batch_size=cell.batch_size, prompt_tokens=cell.prompt_tokens,
         warmup=g.warmup, repeats=g.repeats, decode=cell.decode, profile=g.profile, kv=kv, max_repeats=g.max_repeats,
         max_seconds=g.max_seconds, target_halfwidth=g.target_halfwidth)
-    out = {**m.record.summary(), **m.energy, **m.host_cpu, **m.walls}
-    phases, compile_s, kernels, skips = m.phases, m.compile_s, m.kernels, m.graph_skips
+    out = {**m.record.summary(), **m.energy, **m.host_cpu, **m.walls, **m.counters, **m.memory.facts,
+           "timing_source": m.timing_source}
+    mem, compile_s, kernels = m.memory, m.compile_s, m.kernels
     geometry = model.geometry
-    out.update(kv_cache.accounting(geometry, m.cache_bytes, m.cache_element_size,
+    out.update(kv_cache.accounting(geometry, mem.cache_bytes, mem.cache_element_size,
                                    cell.prompt_tokens, cell.new_tokens, cell.batch_size, cell.decode, kv))
     del m
     nvml_mine, nvml_used = memory.nvml_process_bytes(device)
     cuda = device.startswith("cuda")
     out.update({
         "compile_s": compile_s,
-        "cudagraph_skips": skips,
         "top_kernels": kernels,
-        "kv_cache_growth_bytes": (phases.after_decode - phases.before) if cuda else None,
-        "memory_before_bytes": phases.before if cuda else None,
-        "prefill_peak_bytes": phases.prefill_peak,
-        "decode_peak_bytes": phases.decode_peak,
-        "peak_bytes": max(phases.prefill_peak, phases.decode_peak) if cuda else None,
+        "kv_cache_growth_bytes": (mem.after_decode - mem.before) if cuda else None,
+        "memory_before_bytes": mem.before if cuda else None,
+        "prefill_peak_bytes": mem.prefill_peak,
+        "decode_peak_bytes": mem.decode_peak,
+        "peak_bytes": max(mem.prefill_peak, mem.decode_peak) if cuda else None,
         "peak_reserved_bytes": memory.peak_reserved(device),
         "alloc_retries": memory.alloc_retries(device),
         "nvml_process_bytes": nvml_mine,

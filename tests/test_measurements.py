@@ -11,7 +11,7 @@ from spec.catalog import datasheet_bandwidth_gbs
 from spec.schema import NAMES
 from spec.units import CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
 from tasks import latency, sources, unit as U
-from tasks.engines import hf
+from tasks.engines import hf, hf_loop
 from tasks.precisions import REGISTRY
 from tests.conftest import SMOLLM2, TINY_LLAMA, TINY_OPT
 
@@ -184,18 +184,18 @@ def test_memory_run_starts_without_earlier_runs_caches(monkeypatch, warmup):
     check that no earlier run's cache is alive when any run starts, the memory run's included."""
     import weakref
 
-    real, earlier, alive, memory_runs = latency.generate, [], [], []
+    real, earlier, alive, memory_runs = hf_loop.generate, [], [], []
 
-    def watched(model, ids, new_tokens, clock=None, phases=None, step=None, kv=None, cache=None):
+    def watched(module, ids, new_tokens, clock=None, phases=None, step=None, kv=None, cache=None):
         alive.extend(r() is not None for r in earlier)
         if phases is not None:
             memory_runs.append(len(earlier))
         assert cache is None  # eager: every run makes its own
-        tokens, cache = real(model, ids, new_tokens, clock=clock, phases=phases, step=step, kv=kv)
+        tokens, cache = real(module, ids, new_tokens, clock=clock, phases=phases, step=step, kv=kv)
         earlier.append(weakref.ref(cache))
         return tokens, cache
 
-    monkeypatch.setattr(latency, "generate", watched)
+    monkeypatch.setattr(hf_loop, "generate", watched)
     rows = list(U.run_unit(make_unit(cells=((5, 2),), warmup=warmup)))
     row = rows[0]
     assert row["status"] == "ok", row.get("traceback")
@@ -273,7 +273,7 @@ def test_synthetic_architectures_have_their_published_size(name, billions):
     assert sum(p.numel() for p in m.parameters()) / 1e9 == pytest.approx(billions, rel=0.01)
 
 
-def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
+def test_a_compiled_cell_runs_every_generation_in_one_static_cache(monkeypatch):
     """CUDA graphs are recorded over the static cache's addresses: a compiled cell (compile run, warm-ups, memory run,
     timed runs) generates in one StaticCache, emptied between runs, never a new one per run (on an H200 each new one
     cost a re-recording at its run's first step, 40-1200 ms, inside the timed runs). Here the step is the plain eager
@@ -282,35 +282,38 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache():
 
     model = tiny()
     made, seen = [], []
-    new_cache, decode = model.new_cache, model.decode_one_token
+    new_cache = hf_loop.new_cache
 
-    def spy_new_cache(kv=None, static_len=None):
+    def spy_new_cache(module, kv=None, static_len=None):
         made.append(static_len)
-        return new_cache(kv, static_len)
+        return new_cache(module, kv, static_len)
 
-    def step(token, cache, positions):
+    def step(module, token, cache, positions):
         seen.append((id(cache), cache.layers[0].keys.data_ptr()))
-        return decode(token, cache, positions)
+        return hf_loop.decode_one_token(module, token, cache, positions)
 
-    model.new_cache, model.compiled_decode = spy_new_cache, lambda: step
+    monkeypatch.setattr(hf_loop, "new_cache", spy_new_cache)
+    monkeypatch.setattr(hf_loop, "compiled_decode_step", lambda device: step)
     m = latency.measure_cell(model, "cpu", new_tokens=4, batch_size=2, prompt_tokens=8, warmup=2, repeats=3,
                              decode="compiled", profile=True)
     assert made == [8 + 4]  # one static cache for the cell: at the edge of memory a second would not fit
     # compile run, 2 warm-ups, 3 timed runs (3 steps each), then the profiled step's 3
     assert len(seen) == (1 + 2 + 3) * 3 + 3 and len(set(seen)) == 1 and m.kernels
-    assert m.cache_bytes == 2 * 2 * 2 * 16 * (8 + 4) * 2 * 4 and len(m.record.decode_ms) == 3
-    assert m.graph_skips is None  # CUDA graphs are asked for on GPUs only
+    assert m.memory.cache_bytes == 2 * 2 * 2 * 16 * (8 + 4) * 2 * 4 and len(m.record.decode_ms) == 3
+    assert m.counters == {"cudagraph_skips": None}  # CUDA graphs are asked for on GPUs only
     # the host's gaps are read at the same marks: on CPU the host clock is the device clock, gap for gap
     assert [len(h) for h in m.record.decode_host_ms] == [3, 3, 3] and m.record.decode_host_ms == m.record.decode_ms
-    model.new_cache = new_cache
+    monkeypatch.undo()
     ids = latency.prompt_ids(None, model.vocab_size, 8, 2, "cpu")
-    eager, _ = latency.generate(model, ids, 4)
-    static = model.new_cache(None, 12)
+    eager, _ = hf_loop.generate(model.module, ids, 4)
+    static = hf_loop.new_cache(model.module, None, 12)
     for _ in range(2):  # emptied in place between generations: the same tokens each time
-        tokens, cache = latency.generate(model, ids, 4, step=step, cache=static)
+        tokens, cache = hf_loop.generate(model.module, ids, 4, step=step, cache=static)
         assert cache is static and torch.equal(tokens, eager)
     keys = static.layers[0].keys.data_ptr()
-    latency.prefill_only(model, ids, None, static)  # the energy loop's prefills, into the same cache
+    gen = model.generation(ids, 4, "eager", None)
+    gen.static = static  # the energy loop's prefills, into the cell's static cache
+    gen.prefill_only()
     assert static.layers[0].keys.data_ptr() == keys and static.get_seq_length() == 8
 
 
@@ -323,7 +326,7 @@ def test_decode_starts_from_an_idle_gpu_and_the_host_clock_restarts_there(monkey
 
     calls = []
 
-    class Spy(latency.Clock):
+    class Spy(hf_loop.Clock):
         def mark(self):
             calls.append("mark")
             super().mark()
@@ -334,17 +337,17 @@ def test_decode_starts_from_an_idle_gpu_and_the_host_clock_restarts_there(monkey
 
     model = tiny()
     ids = latency.prompt_ids(None, model.vocab_size, 8, 1, "cpu")
-    latency.generate(model, ids, 4, clock=Spy("cpu"))
+    hf_loop.generate(model.module, ids, 4, clock=Spy("cpu"))
     assert calls == ["mark", "mark", "decode_starts", "mark", "mark", "mark"]  # prefill, then 3 decode steps
 
     synced, now = [], iter([7.0])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced.append(True))
-    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(now))
-    gpu = latency.Clock("cpu")
+    monkeypatch.setattr(hf_loop.time, "perf_counter", lambda: next(now))
+    gpu = hf_loop.Clock("cpu")
     gpu.cuda, gpu.host = True, [1.0, 2.0]  # the host's reads at the run's start and after issuing the prefill
     gpu.decode_starts()
     assert synced == [True] and gpu.host == [1.0, 7.0]  # the prefill's interval ends when the GPU is done
-    cpu = latency.Clock("cpu")
+    cpu = hf_loop.Clock("cpu")
     cpu.host = [1.0, 2.0]
     cpu.decode_starts()  # nothing is queued on CPU: one clock, left as read
     assert cpu.host == [1.0, 2.0] and synced == [True]
@@ -405,11 +408,11 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monk
             yield
             tracked.pop()
 
-    intervals = latency.Clock.intervals_ms
+    intervals = hf_loop.Clock.intervals_ms
     probe, probed_inside = host_cpu.probe_ms, []
     monkeypatch.setattr(host_cpu, "probe_ms", lambda: probed_inside.append(bool(tracked)) or probe())
     monkeypatch.setattr(host_cpu.HostCpu, "run", spied)
-    monkeypatch.setattr(latency.Clock, "intervals_ms", lambda self: read_inside.append(bool(tracked))
+    monkeypatch.setattr(hf_loop.Clock, "intervals_ms", lambda self: read_inside.append(bool(tracked))
                         or intervals(self))
     m = latency.measure_cell(tiny(), "cpu", new_tokens=3, batch_size=1, prompt_tokens=4, warmup=0, repeats=3)
     assert read_inside == [True] * 3 and len(m.record.decode_ms) == 3
@@ -448,15 +451,15 @@ def test_torchao_unwrap_drops_the_per_weight_python_work_of_a_compiled_step_and_
     assert unwrapped.facts["quant_config"].endswith("+ unwrap_tensor_subclass") and "quantize_s" in unwrapped.facts
     assert "quantize_s" not in wrapped.facts and unwrapped.facts["linear_class"] == "ParametrizedLinear"
     ids = latency.prompt_ids(None, wrapped.vocab_size, 8, 2, "cpu")
-    eager, _ = latency.generate(wrapped, ids, 5)
+    eager, _ = hf_loop.generate(wrapped.module, ids, 5)
     guards = {}
     for name, model in (("wrapped", wrapped), ("unwrapped", unwrapped)):
-        assert torch.equal(latency.generate(model, ids, 5)[0], eager)
-        step = model.compiled_decode()
-        assert torch.equal(latency.generate(model, ids, 5, step=step)[0], eager)  # compiles, then 4 steps
+        assert torch.equal(hf_loop.generate(model.module, ids, 5)[0], eager)
+        step = hf_loop.compiled_decode_step("cpu")
+        assert torch.equal(hf_loop.generate(model.module, ids, 5, step=step)[0], eager)  # compiles, then 4 steps
         profiler = cProfile.Profile()
         profiler.enable()
-        latency.generate(model, ids, 5, step=step)
+        hf_loop.generate(model.module, ids, 5, step=step)
         profiler.disable()
         guards[name] = sum(v[1] for (_, _, fn), v in pstats.Stats(profiler).stats.items() if fn == "metadata_checker")
     assert guards == {"wrapped": 4 * 14, "unwrapped": 0}  # 4 steps x 14 quantized linear weights (2 layers x 7)
@@ -470,11 +473,11 @@ def test_compiled_decode_gives_the_eager_tokens_and_its_own_columns(model_cache)
 
     model = tiny()
     ids = latency.prompt_ids(None, 1000, 8, 2, "cpu")
-    eager, _ = latency.generate(model, ids, 6)
-    step = model.compiled_decode()
-    compiled, cache = latency.generate(model, ids, 6, step=step)
+    eager, _ = hf_loop.generate(model.module, ids, 6)
+    step = hf_loop.compiled_decode_step("cpu")
+    compiled, cache = hf_loop.generate(model.module, ids, 6, step=step)
     assert torch.equal(eager, compiled) and type(cache).__name__ == "StaticCache"
-    again, same = latency.generate(model, ids, 6, step=step, cache=cache)  # emptied and reused, as a cell's runs do
+    again, same = hf_loop.generate(model.module, ids, 6, step=step, cache=cache)  # emptied and reused, as a cell's runs do
     assert same is cache and torch.equal(eager, again)
 
     unit = make_unit(cells=((5, 2),))

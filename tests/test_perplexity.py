@@ -43,7 +43,7 @@ class OracleLM(torch.nn.Module):
         self.vocab, self.lo, self.hi = vocab, boost_low, boost_high
         self.max_positions = 10_000
 
-    def window_logits(self, ids):  # the engine's call (tasks.engines.Model)
+    def logits(self, ids):  # the engine verb (tasks.engines.Model)
         return self.forward(ids).logits
 
     def forward(self, input_ids, use_cache=False):

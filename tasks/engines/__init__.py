@@ -1,12 +1,61 @@
-"""Engines: what loads a model and runs it. The measurements (perplexity, latency, memory) call a loaded model only
-through `Model` below; an engine is one module here with `load(...) -> Model` (hf.py: transformers in eager PyTorch).
-Adding one (vLLM, say) is a module here and its name in spec.units.ENGINES, which the grid's `engine` field accepts."""
+"""Engines: what loads a model and runs it. The measurements (perplexity, distance, latency, memory, energy) call a
+loaded model only through the verbs below, which any inference engine can serve: score whole windows, generate
+exactly N tokens for a batch of prompts with the timings it can give, and report memory and weights. An engine is one
+module here, `tasks/engines/<name>.py`, with `load(model, precision, options, device, calibration) -> Model`, plus
+its name in spec.units.ENGINES; the grid's `engine` field then accepts it. Step-level loops (transformers' prefill and
+decode_one_token, its KV caches) stay inside their engine's module.
+"""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
 
 from spec.units import KvSpec, ModelSpec
+
+
+@dataclass
+class Run:
+    """One generation of exactly N tokens, as the engine timed it: `intervals_ms` the time to the first token, then
+    the gap before each next token (N - 1 of them); `host_ms` the host's gaps where the engine reads them (how long
+    issuing each step took), else None."""
+    intervals_ms: list[float]
+    host_ms: list[float] | None = None
+
+
+@dataclass
+class MemoryRun:
+    """One generation with memory read phase by phase (bytes): before it, the peaks of prefill and decode, after
+    each; and the KV cache it held (its tensors' bytes, and bytes of a full-precision element)."""
+    before: int
+    prefill_peak: int | None
+    decode_peak: int | None
+    after_prefill: int
+    after_decode: int
+    cache_bytes: int
+    cache_element_size: int | None
+    facts: dict = field(default_factory=dict)   # engine-specific memory columns (vLLM's KV pool)
+
+
+class Generation(Protocol):
+    """One cell's generation, prepared (compiled, its cache allocated): exactly `new_tokens` tokens, greedy, EOS
+    ignored, for a batch of prompts of equal length."""
+    compile_s: float | None            # preparing it (compilation), not in any latency
+    timing_source: str                 # how `run` times: e.g. "cuda events per step", "engine per-request marks"
+
+    def run(self) -> Run: ...          # timed, device-synchronised
+
+    def run_untimed(self) -> None: ...  # the same generation, for the energy window
+
+    def memory_run(self) -> MemoryRun: ...
+
+    def prefill_only(self) -> None: ...  # the prompt alone, as the cell's runs make it (energy per prompt token)
+
+    def profile(self, top: int = 10) -> list[dict] | None: ...  # one decode step's top kernels, or None
+
+    def counters(self) -> dict: ...    # engine counters over the cell's runs (e.g. cudagraph_skips)
+
+    def close(self) -> None: ...
 
 
 class Model(Protocol):
@@ -23,27 +72,18 @@ class Model(Protocol):
     @property
     def max_positions(self) -> int | None: ...
 
-    def window_logits(self, ids) -> Any: ...    # [batch, tokens, vocab] for whole windows, no cache
+    # score whole windows (perplexity, distance): the logits, and what the distance's reference keeps
+    def logits(self, ids) -> Any: ...           # [batch, tokens, vocab] for whole windows, no cache
 
-    def window_hidden(self, ids) -> Any: ...    # [batch, tokens, hidden]: what the output head reads
+    def hidden_states(self, ids) -> Any: ...    # [batch, tokens, hidden]: what the output head reads
 
     def output_head(self) -> tuple[Any, Any]: ...  # (weight [vocab, hidden], bias or None): logits = h W^T + b
 
-    def next_logits(self, ids, cache, positions=None) -> Any: ...  # [batch, vocab]: the next token's, through a cache
+    def logits_through_cache(self, ids, prefill: int, kv: KvSpec | None) -> Iterator[Any]: ...
+    # the next token's logits [batch, vocab] after `prefill` tokens, then after each further token, every position
+    # predicted from the cache (the kv-continuation protocol); engines without a step-level cache raise
 
-    def prefill(self, ids, cache, positions=None) -> Any: ...       # [batch, 1]: the first generated token
-
-    def decode_one_token(self, token, cache, positions=None) -> Any: ...  # [batch, 1]: one more token
-
-    def compiled_decode(self) -> Callable: ...  # decode_one_token compiled (static cache, explicit positions)
-
-    def new_cache(self, kv: KvSpec | None = None, static_len: int | None = None) -> Any: ...
-
-    def reset_cache(self, cache) -> None: ...   # empty it for a new generation, in place (its tensors stay put)
-
-    def cache_bytes(self, cache) -> int: ...    # bytes the cache's tensors hold
-
-    def cache_element_size(self, cache) -> int | None: ...  # bytes of a full-precision cached element
+    def generation(self, ids, new_tokens: int, decode: str, kv: KvSpec | None) -> Generation: ...
 
     def weight_stats(self) -> dict: ...         # params, weights_bytes, bits_per_param, embedding_unread_bytes
 

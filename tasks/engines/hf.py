@@ -1,12 +1,6 @@
-"""The transformers engine: a model loaded with AutoModelForCausalLM at a precision, and the calls the measurements
-make, written out as plain steps (gpt-fast's spirit): `prefill` (the prompt, giving the first token) and
-`decode_one_token` (one more token from the KV cache), greedy, `window_logits` for perplexity windows.
-
-KV caches: transformers' DynamicCache in the model's dtype (native), a StaticCache of a fixed length (compiled
-decode), or a QuantizedCache (KIVI-style: keys and values quantized per group of `q_group_size`, the newest tokens
-in full precision in a residual of at most `residual_length - 1` tokens, re-quantized every `residual_length`
-steps; the prompt is quantized at prefill already).
-"""
+"""The transformers engine: a model loaded with AutoModelForCausalLM at a precision (each precision's load plan, from
+tasks/precisions), scored window by window, and generated from through the plain steps of tasks/engines/hf_loop.py
+(eager, or its decode step compiled)."""
 from __future__ import annotations
 
 import sys
@@ -17,91 +11,11 @@ from typing import Any
 
 import torch
 
-from spec.catalog import KV_CACHES
 from spec.models import kv_geometry, text_config
 from spec.units import KvSpec, ModelSpec
+from tasks.engines import hf_loop
 from tasks.sources import source_folder
-from tasks.weights import stored_tensors, weight_stats
-
-
-def prefill(module, input_ids, cache, cache_position=None):
-    out = module(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                 cache_position=cache_position)
-    return out.logits[:, -1].argmax(-1, keepdim=True)
-
-
-def decode_one_token(module, token, cache, cache_position=None):
-    out = module(input_ids=token, past_key_values=cache, use_cache=True, cache_position=cache_position)
-    return out.logits[:, -1].argmax(-1, keepdim=True)
-
-
-def compiled_decode_step(device: str):
-    """`decode_one_token` through torch.compile (fullgraph; CUDA graphs on a GPU via "reduce-overhead"). Dynamo's
-    caches are reset first, so each cell compiles for its own shapes and never hits the recompile limit (past it,
-    torch.compile silently runs eager)."""
-    torch._dynamo.reset()
-    mode = "reduce-overhead" if device.startswith("cuda") else None
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=mode)
-
-
-def new_cache(module, kv: KvSpec | None = None, static_len: int | None = None):
-    """DynamicCache, a StaticCache of `static_len` tokens (compiled decode), or a QuantizedCache."""
-    from transformers import DynamicCache, QuantizedCache, StaticCache
-
-    spec = KV_CACHES[kv.name] if kv else None
-    if spec is not None:
-        backend, bits = spec
-        return QuantizedCache(backend=backend, config=module.config, nbits=bits, q_group_size=kv.options["q_group_size"],
-                              residual_length=kv.options["residual_length"])
-    if static_len:
-        return StaticCache(config=module.config, max_cache_len=static_len)
-    return DynamicCache(config=module.config)
-
-
-def _hqq_meta_tensors(meta: dict):
-    for v in meta.values():
-        if torch.is_tensor(v):
-            yield v
-        elif isinstance(v, dict):  # quantized scales/zeros keep their own meta
-            yield from _hqq_meta_tensors(v)
-
-
-def reset_cache(cache) -> None:
-    """Empty a cache in place: a StaticCache keeps its tensors (zeroed, length 0), so CUDA graphs recorded over them
-    replay; a new StaticCache's tensors land wherever the allocator puts them, and every graph over other addresses is
-    recorded again (CUDA graph trees check the addresses of `mark_static_address` inputs; transformers marks them)."""
-    cache.reset()
-
-
-def cache_bytes(cache) -> int:
-    """Bytes the cache holds: full-precision keys/values (the residual, for a quantized cache) plus the quantized
-    states (quanto's packed tensor subclass flattened; HQQ's packed tensor plus the scale/zero in its meta)."""
-    seen: dict[int, int] = {}
-
-    def add(t) -> None:
-        for inner in stored_tensors(t):
-            if inner.numel():
-                seen.setdefault(inner.data_ptr(), inner.numel() * inner.element_size())
-
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                add(t)
-            elif isinstance(t, tuple):  # HQQ: (packed tensor, meta)
-                add(t[0])
-                for m in _hqq_meta_tensors(t[1]):
-                    add(m)
-    return sum(seen.values())
-
-
-def cache_element_size(cache) -> int | None:
-    """Bytes of one element in the cache's full-precision part (the model's activation dtype)."""
-    for layer in getattr(cache, "layers", []):
-        t = getattr(layer, "keys", None)
-        if t is not None and hasattr(t, "element_size"):
-            return t.element_size()
-    return None
+from tasks.weights import weight_stats
 
 
 def linear_class(module) -> str:
@@ -124,7 +38,7 @@ def library_version(distribution: str) -> str | None:
 
 @dataclass
 class HFModel:
-    """A loaded transformers model and the calls the measurements make (tasks.engines.Model)."""
+    """A loaded transformers model and the verbs the measurements call (tasks.engines.Model)."""
     module: Any
     tokenizer: Any | None
     device: str
@@ -143,41 +57,21 @@ class HFModel:
     def max_positions(self) -> int | None:
         return getattr(text_config(self.module.config), "max_position_embeddings", None)
 
-    def window_logits(self, ids):
+    def logits(self, ids):
         return self.module(input_ids=ids, use_cache=False).logits
 
-    def window_hidden(self, ids):
+    def hidden_states(self, ids):
         return self.module.base_model(input_ids=ids, use_cache=False).last_hidden_state
 
     def output_head(self):
         head = self.module.get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
 
-    def next_logits(self, ids, cache, positions=None):
-        return self.module(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                           cache_position=positions).logits[:, -1]
+    def logits_through_cache(self, ids, prefill: int, kv: KvSpec | None):
+        return hf_loop.logits_through_cache(self.module, ids, prefill, kv)
 
-    def prefill(self, ids, cache, positions=None):
-        return prefill(self.module, ids, cache, positions)
-
-    def decode_one_token(self, token, cache, positions=None):
-        return decode_one_token(self.module, token, cache, positions)
-
-    def compiled_decode(self):
-        step = compiled_decode_step(self.device)
-        return lambda token, cache, positions: step(self.module, token, cache, positions)
-
-    def new_cache(self, kv: KvSpec | None = None, static_len: int | None = None):
-        return new_cache(self.module, kv, static_len)
-
-    def reset_cache(self, cache) -> None:
-        reset_cache(cache)
-
-    def cache_bytes(self, cache) -> int:
-        return cache_bytes(cache)
-
-    def cache_element_size(self, cache) -> int | None:
-        return cache_element_size(cache)
+    def generation(self, ids, new_tokens: int, decode: str, kv: KvSpec | None) -> hf_loop.HFGeneration:
+        return hf_loop.HFGeneration(self.module, ids, new_tokens, decode, kv, self.device)
 
     def weight_stats(self) -> dict:
         return weight_stats(self.module, self.storage)
