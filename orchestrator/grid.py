@@ -15,7 +15,7 @@ from pydantic import (BaseModel, ByteSize, ConfigDict, Field, NonNegativeFloat, 
                       PositiveInt, ValidationError, field_validator, model_validator)
 
 from spec.untrusted import GRID_CAP, BadInput, expand, read_regular_file
-from spec.catalog import KV_CACHES, KV_DEFAULTS, kv_label
+from spec.catalog import KV_CACHES, KV_DEFAULTS, KV_GROUPED, kv_label
 from spec.models import SYNTHETIC_ARCHITECTURES
 from spec.units import ENGINES, KvSpec, ModelSpec
 from tasks.precisions import REGISTRY
@@ -135,9 +135,9 @@ class KvCacheEntry(Strict):
             near = difflib.get_close_matches(self.name, KV_CACHES, n=1)
             raise ValueError(f"unknown kv_cache {self.name!r}" + (f"; did you mean {near[0]!r}?" if near else "")
                              + f" (known: {', '.join(KV_CACHES)})")
-        if KV_CACHES[self.name] is None:
+        if self.name not in KV_GROUPED:
             if self.options:
-                raise ValueError("native takes no options")
+                raise ValueError(f"{self.name} takes no options")
         else:
             self.options = KvOptions(**self.options).model_dump()
         return self
@@ -243,7 +243,8 @@ class ReportSettings(Strict):
 class Grid(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: str | None = None
-    engine: Literal[ENGINES] = "hf"  # what runs the model: transformers (tasks/engines/hf.py)
+    # what runs the model, an axis: hf (transformers, tasks/engines/hf.py), vllm (tasks/engines/vllm.py)
+    engine: list[Literal[ENGINES]] = Field(default=["hf"], min_length=1)
     models: list[ModelEntry] = Field(min_length=1)
     precisions: list[PrecisionEntry] = Field(min_length=1)
     baseline: str | None = None
@@ -267,6 +268,16 @@ class Grid(Strict):
             else:
                 out.append(item)
         return out
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _one_engine(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("engine")
+    @classmethod
+    def _engines_once(cls, v):
+        return _once_each(v)
 
     @field_validator("perplexity", mode="before")
     @classmethod

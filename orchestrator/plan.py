@@ -19,7 +19,7 @@ from pathlib import Path
 from orchestrator import wikitext
 from orchestrator.grid import Grid
 from orchestrator.model_info import identify, model_shape, model_widths
-from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_decode_reason, measurement_version
+from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_reason, measurement_version
 from spec.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
                         ReferenceSpec, UnitSpec)
 from tasks.precisions import REGISTRY
@@ -37,10 +37,11 @@ class Unit:
     quality_key: str | None = None    # perplexity and distance measured once per key (reused from earlier rows)
     known_quality: dict | None = None  # those columns, when the output folder has them already
     reference_only: bool = False      # no cells: only make the baseline's reference for the other units
+    engine: str = "hf"                # what runs it (spec.units.ENGINES)
 
     @property
     def label(self) -> str:
-        return f"{self.model.label} × {self.precision.label}"
+        return f"{self.model.label} × {self.precision.label}" + (f" × {self.engine}" if self.engine != "hf" else "")
 
     def to_task(self, plan: "Plan", cells: list[CellSpec] | None = None) -> UnitSpec:
         """What the worker gets: these cells (all of the unit's by default), the settings, the calibration text."""
@@ -50,7 +51,7 @@ class Unit:
                 precision.calibration, text=plan.texts.get(precision.calibration.sha256)))
         return UnitSpec(plan.name, plan.run_id, self.unit_id, self.model, precision,
                         list(cells if cells is not None else self.cells), plan.generation, plan.perplexity,
-                        plan.gpus_per_task, plan.cpus_per_task, plan.baseline, self.attempt, plan.engine,
+                        plan.gpus_per_task, plan.cpus_per_task, plan.baseline, self.attempt, self.engine,
                         self.reference, self.known_quality, self.reference_only, self.quality_key,
                         plan.usd_per_gpu_hour)
 
@@ -66,7 +67,6 @@ class Plan:
     baseline: str
     texts: dict[str, bytes] = field(default_factory=dict)  # calibration texts by sha256, shipped with their units
     cpus_per_task: float | None = None  # what each unit asks Ray for, recorded on its rows (not part of the keys)
-    engine: str = "hf"
     usd_per_gpu_hour: float | None = None  # the grid's cost (not part of the keys: it changes no measurement)
 
     @property
@@ -107,7 +107,7 @@ def digest(identity, n: int) -> str:
 
 
 def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid, gpus_per_task: float,
-             options: dict) -> str:
+             options: dict, engine: str = "hf") -> str:
     """`cell`: new_tokens, batch_size, decode and kv (a KvSpec). `options`: the precision's options as they identify
     a cell (the backend's `Options.key()`: an option added later is left out at its default)."""
     quantized_kv = grid.generation.quantized_kv  # kv-continuation perplexity is measured only then
@@ -126,8 +126,8 @@ def cell_key(model: ModelSpec, precision: PrecisionSpec, cell: dict, grid: Grid,
     kv = cell["kv"]
     if kv.name != "native":
         identity["kv_cache"] = {"name": kv.name, "options": kv.options}
-    if grid.engine != "hf":
-        identity["engine"] = grid.engine
+    if engine != "hf":
+        identity["engine"] = engine
     if precision.calibration:  # calibrated methods: the calibration data by content, not by path
         identity["precision"]["options"] = {k: v for k, v in options.items() if k != "calib_path"}
         identity["calibration"] = precision.calibration.sha256 or precision.calibration.name
@@ -149,28 +149,9 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
     units = []
     for i, m in enumerate(grid.models):
         model = identify(m.spec(base_dir), f"models[{i}]")
-        for j, p in enumerate(grid.precisions):
-            backend = REGISTRY[p.name]
-            parsed = backend.parse_options(p.options)
-            calibration = None
-            if backend.calibrated:
-                source = {"name": RANDOM_IDS, "sha256": None} if m.synthetic else texts.calibration[j][1]
-                calibration = Calibration(source["name"], source["sha256"])
-            precision = PrecisionSpec(p.name, parsed.model_dump(), p.label, calibration)
-            cells = []
-            for kv in g.kv_cache:
-                for d in g.decode:
-                    for pt in g.prompt_tokens:
-                        for n in g.new_tokens:
-                            for b in g.batch_sizes:
-                                axes = {"prompt_tokens": pt, "new_tokens": n, "batch_size": b, "decode": d,
-                                        "kv": kv.spec()}
-                                key = cell_key(model, precision, axes, grid, gpus, parsed.key())
-                                cells.append(CellSpec(key, **axes))
-            size = unit_cost(model, backend, parsed, cells, generation)
-            uid = digest([model.identity(), model.label, precision.name, precision.options, precision.label,
-                          dataclasses.asdict(calibration) if calibration else None], 12)
-            units.append(Unit(uid, model, precision, cells, size))
+        for engine in grid.engine:
+            for j, p in enumerate(grid.precisions):
+                units += _units(grid, g, model, engine, j, p, texts, generation, gpus)
     units.sort(key=lambda u: -u.size)
     _quality_and_references(grid, units, gpus, (texts.test_source or {}).get("sha256"))
     ppl = None
@@ -179,8 +160,39 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
         source = texts.test_source or {}
         ppl = PerplexitySpec(q.protocol, q.seqlen, q.stride, q.max_windows, q.batch_size, source.get("dataset"),
                              source.get("sha256"), g.quantized_kv, q.kv_windows, q.kv_prefill, q.kv_continuation)
-    return Plan(grid.name, run_id, units, generation, ppl, gpus, grid.baseline, by_sha, engine=grid.engine,
+    return Plan(grid.name, run_id, units, generation, ppl, gpus, grid.baseline, by_sha,
                 usd_per_gpu_hour=grid.cost.usd_per_gpu_hour if grid.cost else None)
+
+
+def _units(grid: Grid, g, model: ModelSpec, engine: str, j: int, p, texts, generation: GenerationSpec,
+           gpus: float) -> list[Unit]:
+    """The units of one model at one precision on one engine: one for transformers (every cell, one load); for
+    vLLM one per decode path and KV cache, which are settings of its engine (enforce_eager, kv_cache_dtype)."""
+    backend = REGISTRY[p.name]
+    parsed = backend.parse_options(p.options)
+    calibration = None
+    if backend.calibrated:
+        source = {"name": RANDOM_IDS, "sha256": None} if model.synthetic else texts.calibration[j][1]
+        calibration = Calibration(source["name"], source["sha256"])
+    precision = PrecisionSpec(p.name, parsed.model_dump(), p.label, calibration)
+    groups: dict[tuple, list[CellSpec]] = {}
+    for kv in g.kv_cache:
+        for d in g.decode:
+            for pt in g.prompt_tokens:
+                for n in g.new_tokens:
+                    for b in g.batch_sizes:
+                        axes = {"prompt_tokens": pt, "new_tokens": n, "batch_size": b, "decode": d, "kv": kv.spec()}
+                        key = cell_key(model, precision, axes, grid, gpus, parsed.key(), engine)
+                        group = () if engine == "hf" else (d, kv.label)
+                        groups.setdefault(group, []).append(CellSpec(key, **axes))
+    out = []
+    for group, cells in groups.items():
+        size = unit_cost(model, backend, parsed, cells, generation)
+        uid = digest([model.identity(), model.label, precision.name, precision.options, precision.label,
+                      dataclasses.asdict(calibration) if calibration else None]
+                     + ([engine, *group] if engine != "hf" else []), 12)
+        out.append(Unit(uid, model, precision, cells, size, engine=engine))
+    return out
 
 
 def _quality_and_references(grid: Grid, units: list[Unit], gpus: float, dataset_sha256: str | None) -> None:
@@ -188,7 +200,7 @@ def _quality_and_references(grid: Grid, units: list[Unit], gpus: float, dataset_
     for a model whose baseline has other precisions beside it, who makes the baseline's reference and who uses it."""
     if not grid.perplexity:
         return
-    settings = {"perplexity": grid.perplexity.model_dump(exclude={"path"} | KV_PPL), "engine": grid.engine,
+    settings = {"perplexity": grid.perplexity.model_dump(exclude={"path"} | KV_PPL),
                 "dataset": dataset_sha256, "gpus_per_task": gpus, "measurement_version": MEASUREMENT_VERSION}
     by_model: dict[str, list[Unit]] = {}
     for u in units:
@@ -198,17 +210,29 @@ def _quality_and_references(grid: Grid, units: list[Unit], gpus: float, dataset_
                                 "options": {k: v for k, v in u.precision.options.items() if k != "calib_path"},
                                 "calibration": u.precision.calibration and (u.precision.calibration.sha256
                                                                             or u.precision.calibration.name)}
-                    for u in model_units}
-        base = next((u for u in model_units if u.precision.label == grid.baseline), None)
+                    | ({"unit": u.unit_id} if u.engine != "hf" else {}) for u in model_units}
+        # the reference is the baseline as the grid's first engine runs it: every other unit, the baseline on other
+        # engines included, is measured against it (that distance is the engines' own)
+        base = next((u for u in model_units if u.precision.label == grid.baseline and u.engine == grid.engine[0]),
+                    None)
         distance = base is not None and len(model_units) > 1 and not base.model.synthetic
-        key = digest({**settings, "baseline": identity[base.unit_id]}, 20) if distance else None
+        key = digest({**settings, "engine": base.engine, "baseline": identity[base.unit_id]}, 20) if distance \
+            else None
         for u in model_units:
             against = None if u is base or not distance else key
-            u.quality_key = digest({**settings, "unit": identity[u.unit_id], "reference": against}, 20)
+            u.quality_key = digest({**settings, "engine": u.engine, "unit": identity[u.unit_id],
+                                    "reference": against}, 20)
             if distance:
                 u.reference = ReferenceSpec(key, "make" if u is base else "use", grid.baseline)
             elif u is base:
                 u.reference = ReferenceSpec("", "self", grid.baseline)  # its own distance: 0 and 1 by definition
+
+
+def engine_reason(engine: str, device_type: str) -> str | None:
+    """Why an engine cannot run where the sweep runs, or None."""
+    if engine == "vllm" and device_type != "cuda":
+        return "vLLM runs on NVIDIA GPUs only (no vLLM wheel runs on a CPU-only machine); this sweep runs on CPU"
+    return None
 
 
 def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[str]) -> dict[str, str]:
@@ -221,8 +245,10 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
     for u in plan.units:
         p = REGISTRY[u.precision.name]
         opts = p.parse_options(u.precision.options)
-        reason = p.unsupported_reason(device_type, opts, None, capability)
-        widths = model_widths(u.model) if p.limits.shape_reason and not reason else None
+        reason = engine_reason(u.engine, device_type) or p.engine_reason(u.engine, opts) \
+            or p.unsupported_reason(device_type, opts, None, capability)
+        # projection widths against transformers' kernels (vLLM picks its own, and says so when it cannot)
+        widths = model_widths(u.model) if p.limits.shape_reason and not reason and u.engine == "hf" else None
         if widths:
             reason = p.shape_reason(opts, widths, capability)
         if reason:
@@ -238,8 +264,8 @@ def unsupported_cells(plan: Plan, device_type: str | None = None) -> dict[str, s
         precision = REGISTRY[u.precision.name]
         opts = precision.parse_options(u.precision.options)
         for c in u.cells:
-            reason = (precision.decode_reason(c.decode, device_type, opts, c.batch_size)
-                      or kv_decode_reason(c.kv.name, c.decode))
+            reason = ((precision.decode_reason(c.decode, device_type, opts, c.batch_size) if u.engine == "hf" else None)
+                      or kv_reason(c.kv.name, c.decode, u.engine))
             if reason:
                 out[c.key] = reason
     return out

@@ -31,26 +31,34 @@ HUB_VALIDATION = "hub:wikitext/wikitext-2-raw-v1/validation"
 RANDOM_IDS = "random token ids (seed 0)"  # the calibration data of a model without a tokenizer (synthetic weights)
 
 # ------------------------------------------------------------------------------------------------------- KV caches
-# name -> (transformers' QuantizedCache backend, bits); None: the native cache (DynamicCache in the model's dtype)
+# name -> (who quantizes it, bits); None: the native cache (in the model's dtype). quanto-* and hqq-*: transformers'
+# QuantizedCache (per group of q_group_size, a full-precision residual); fp8: vLLM's fp8 (e4m3) cache, scaled per tensor
 KV_CACHES: dict[str, tuple[str, int] | None] = {
     "native": None,
     "quanto-int4": ("quanto", 4), "quanto-int2": ("quanto", 2),
     "hqq-int8": ("hqq", 8), "hqq-int4": ("hqq", 4), "hqq-int2": ("hqq", 2),
+    "fp8": ("vllm", 8),
 }
-KV_DEFAULTS = {"q_group_size": 64, "residual_length": 128}  # a quantized cache's options (orchestrator.grid checks)
+KV_ENGINES = {name: ("vllm",) if spec and spec[0] == "vllm" else ("hf",) if spec else ("hf", "vllm")
+              for name, spec in KV_CACHES.items()}  # which engines run each cache
+KV_GROUPED = {name for name, spec in KV_CACHES.items() if spec and spec[0] in ("quanto", "hqq")}  # take KV_DEFAULTS
+KV_DEFAULTS = {"q_group_size": 64, "residual_length": 128}  # a grouped cache's options (orchestrator.grid checks)
 KV_COMPILE_REASON = ("a quantized KV cache is dynamic (dequantized, concatenated and re-quantized as it grows); the "
                      "compiled decode path needs a static cache")
 
 
 def kv_label(name: str, options: dict) -> str:
     """The cache's name plus the options that differ from the defaults, e.g. hqq-int4(residual_length=64)."""
-    defaults = KV_DEFAULTS if KV_CACHES[name] else {}
+    defaults = KV_DEFAULTS if name in KV_GROUPED else {}
     changed = {k: v for k, v in options.items() if defaults.get(k) != v}
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
 
 
-def kv_decode_reason(kv_name: str, decode: str) -> str | None:
-    if decode == "compiled" and KV_CACHES[kv_name] is not None:
+def kv_reason(kv_name: str, decode: str, engine: str = "hf") -> str | None:
+    """Why a cell with this KV cache cannot run with this decode path on this engine, or None."""
+    if engine not in KV_ENGINES[kv_name]:
+        return f"kv_cache {kv_name} runs on {' and '.join(KV_ENGINES[kv_name])} only, not on {engine}"
+    if engine == "hf" and decode == "compiled" and kv_name in KV_GROUPED:
         return f"kv_cache {kv_name} with decode: compiled: {KV_COMPILE_REASON}"
     return None
 

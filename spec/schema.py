@@ -19,7 +19,17 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_id", S, "the sweep run that produced the row"),
     ("unit_id", S, "hash of (model, precision): the Ray task that measured the cell"),
     ("attempt", I, "1 for the first try of the unit, 2.. for retries after a worker crash"),
-    ("engine", S, "what ran the model: hf (transformers, eager PyTorch)"),
+    ("engine", S, "what ran the model: hf (transformers: eager, or its decode step compiled) | vllm (vLLM's offline "
+                  "LLM, its engine core in the unit's process)"),
+    ("engine_version", S, "the engine's version where it is not transformers (vLLM's)"),
+    ("engine_options", S, "every setting the engine was made with, as JSON (vLLM: enforce_eager, kv_cache_dtype, "
+                          "max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory_bytes, block_size, "
+                          "enable_prefix_caching, async_scheduling, dtype, quantization)"),
+    ("attention_backend", S, "the attention backend the engine chose (vLLM: FLASH_ATTN, ...)"),
+    ("logprob_check_max_abs", F, "vLLM: the largest difference between each window's next-token log-probability "
+                                 "recomputed from the hidden states and head read off its logits processor, and "
+                                 "vLLM's own prompt_logprobs (the reference form for distances; the unit fails "
+                                 "beyond 2e-3)"),
     ("model", S, "model label"),
     ("model_spec", S, "the model entry as JSON (source, revision, path, ...)"),
     ("model_source", S, "hub | path | gguf | synthetic"),
@@ -49,7 +59,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("started_at", T, "cell start (UTC)"),
     ("ended_at", T, "cell end (UTC)"),
     ("prepare_s", F, "seconds to materialise the source (GGUF conversion, synthetic weights; 0 when cached)"),
-    ("load_s", F, "seconds to load the model at its precision (quantization included)"),
+    ("load_s", F, "seconds to load the model at its precision (quantization included; vLLM: making the LLM, its "
+                  "compilation and CUDA graph capture included)"),
     ("import_s", F, "seconds to import the loading code (transformers' modeling_utils, and with it torchao/hqq where "
                     "installed and the unit uses them: never preloaded, since they touch the GPU), the unit's first "
                     "model load only"),
@@ -227,7 +238,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                                  "states, scales and zero points, residual)"),
     ("kv_bytes_per_token", F, "kv_cache_tensor_bytes / (cached tokens x batch)"),
     ("kv_bytes_per_token_analytic", F, "kv_cache_bytes / (cached tokens x batch)"),
-    ("kv_cache_growth_bytes", I, "GPU allocated after decode minus before prefill"),
+    ("kv_cache_growth_bytes", I, "GPU allocated after decode minus before prefill (vLLM: the cell's KV blocks)"),
+    ("kv_pool_bytes", I, "vLLM: the KV pool it was given (a setting: sized to the unit's largest cell), allocated "
+                         "whole at start; a cell's peak counts only its own blocks of it"),
+    ("kv_block_tokens", I, "vLLM: tokens per KV block"),
+    ("kv_block_bytes", I, "vLLM: bytes of one KV block (keys and values of every layer)"),
     ("memory_before_bytes", I, "GPU allocated before prefill (weights and leftovers)"),
     ("prefill_peak_bytes", I, "peak GPU allocated during prefill (peak counters reset before)"),
     ("decode_peak_bytes", I, "peak GPU allocated during decode (peak counters reset before)"),

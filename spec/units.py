@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINES = ("hf",)  # engines a grid may name (tasks/engines/<name>.py); "hf": transformers in eager PyTorch
+# engines a grid may name (tasks/engines/<name>.py): transformers (eager, or its decode step compiled), vLLM
+ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ def analytic_bytes(geometry: dict, prompt: int, cached: float, batch: int, kv: K
         return per_token * cached * element
     _, bits = spec
     o = kv.options
+    if not o:  # scaled per tensor (vLLM's fp8): every element at `bits`
+        return per_token * cached * bits / 8
     residual = (cached - prompt) % o["residual_length"] if o["residual_length"] else 0
     quantized = cached - residual
     return per_token * (quantized * (bits / 8 + 2 * element / o["q_group_size"]) + residual * element)

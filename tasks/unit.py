@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from spec.cache import reference_path
-from spec.catalog import KV_CACHES, kv_decode_reason
+from spec.catalog import KV_CACHES, kv_reason
 from spec.rows import cell_fields, now, unit_rows_base
 from spec.units import CellSpec, UnitSpec
 from tasks import distance, engines, kv_cache, latency, memory, perplexity
@@ -124,7 +124,8 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
             yield {**base, **cell_fields(cell), "started_at": started, "ended_at": now(), **fields}
 
     capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
-    reason = precision.unsupported_reason(env["device"], options, bf16_ok, capability)
+    reason = precision.engine_reason(unit.engine, options) or \
+        precision.unsupported_reason(env["device"], options, bf16_ok, capability)
     if reason:
         yield from rows_for_remaining(unit.cells, {"status": "skipped", "error_type": "Unsupported",
                                                    "error_message": reason})
@@ -136,12 +137,12 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
     t_load = time.perf_counter()
     base["unit_setup_s"] = t_load - t_setup
     try:
-        model = engines.load(unit.engine, unit.model, precision, options, device, calibration_text(unit))
+        model = engines.load(unit.engine, unit.model, precision, options, device, calibration_text(unit), unit)
         _loads += 1
         facts = {**model.facts, **model.weight_stats(), "model_loads_in_worker": _loads,
                  "rss_after_load_bytes": memory.rss()}
-        if device.startswith("cuda"):
-            facts["weights_allocated_bytes"] = memory.allocated(device)
+        if device.startswith("cuda"):  # (an engine that allocates more than weights at load says what they take)
+            facts.setdefault("weights_allocated_bytes", memory.allocated(device))
     except Exception as exc:
         yield from rows_for_remaining(unit.cells, {**_failure(exc), "load_s": time.perf_counter() - t_load})
         return
@@ -149,6 +150,7 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
     t_quality = time.perf_counter()
     quality, reference = measure_quality(unit, model, wikitext, device)
     base.update(quality, quality_wall_s=time.perf_counter() - t_quality)
+    base.update({k: v for k, v in model.facts.items() if k not in base})  # what scoring found out (vLLM's check)
     if reference:  # the baseline's reference for the model's other units: the driver hands it to them
         yield {"_event": "reference", "key": unit.reference.key, "path": reference}
     bw_gbs, bw_source = peak_bandwidth(device)
@@ -158,8 +160,9 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
     for cell in unit.cells:
         t0 = time.perf_counter()
         row = {**base, **cell_fields(cell), "started_at": now()}
-        reason = (precision.decode_reason(cell.decode, env["device"], options, cell.batch_size)  # known before start
-                  or kv_decode_reason(cell.kv.name, cell.decode))
+        hf = unit.engine == "hf"  # known before start: the decode paths and caches the backend and engine cannot run
+        reason = ((precision.decode_reason(cell.decode, env["device"], options, cell.batch_size) if hf else None)
+                  or kv_reason(cell.kv.name, cell.decode, unit.engine))
         if reason:
             row.update(status="skipped", error_type="Unsupported", error_message=reason, ended_at=now())
             yield row

@@ -1,7 +1,8 @@
 """Engines: what loads a model and runs it. The measurements (perplexity, distance, latency, memory, energy) call a
 loaded model only through the verbs below, which any inference engine can serve: score whole windows, generate
 exactly N tokens for a batch of prompts with the timings it can give, and report memory and weights. An engine is one
-module here, `tasks/engines/<name>.py`, with `load(model, precision, options, device, calibration) -> Model`, plus
+module here, `tasks/engines/<name>.py`, with `load(model, precision, options, device, calibration, unit) -> Model`
+(`unit`: the spec.units.UnitSpec it serves, for engines whose settings follow its cells), plus
 its name in spec.units.ENGINES; the grid's `engine` field then accepts it. Step-level loops (transformers' prefill and
 decode_one_token, its KV caches) stay inside their engine's module.
 """
@@ -96,5 +97,7 @@ def own_process(engine: str, libraries: set[str]) -> None:
         hook(libraries)
 
 
-def load(engine: str, model: ModelSpec, precision, options, device: str, calibration: dict | None = None) -> Model:
-    return importlib.import_module(f"tasks.engines.{engine}").load(model, precision, options, device, calibration)
+def load(engine: str, model: ModelSpec, precision, options, device: str, calibration: dict | None = None,
+         unit=None) -> Model:
+    return importlib.import_module(f"tasks.engines.{engine}").load(model, precision, options, device, calibration,
+                                                                   unit)

@@ -104,9 +104,9 @@ def _absent(*args, **kwargs) -> bool:
     return False
 
 
-def load(model: ModelSpec, precision, options, device: str, calibration: dict | None = None) -> HFModel:
+def load(model: ModelSpec, precision, options, device: str, calibration: dict | None = None, unit=None) -> HFModel:
     """Load a model at a precision onto `device`. `calibration`: {"text": bytes or None, "name": str} for calibrated
-    precisions (gptq, awq)."""
+    precisions (gptq, awq). Every cell of a unit runs on the one loaded model (`unit` is not needed)."""
     t0 = time.perf_counter()
     import transformers.modeling_utils  # noqa: F401 - from_pretrained's code (with torchao/hqq unless own_process hid them)
     from transformers import AutoModelForCausalLM, AutoTokenizer

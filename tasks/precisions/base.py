@@ -96,6 +96,14 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Served:
+    """How an engine other than transformers runs the precision: its load arguments from the options (for vLLM:
+    `LLM(...)` keyword arguments), or why it cannot (said before the sweep starts)."""
+    args: Callable[[Options], dict[str, Any]] | None = None
+    reason: str | Callable[[Options], str | None] | None = None
+
+
+@dataclass(frozen=True)
 class Precision:
     name: str
     description: str
@@ -105,6 +113,22 @@ class Precision:
     # decode cost per layer relative to fp16 when launches dominate (only orders units, largest first); measured on
     # an H200 with SmolLM2-135M: nf4 1.9x, fp4 1.4x, int8 (threshold 0) 2.4x, int8 (threshold 6) 3.9x
     launch_cost: Callable[[Options], float] = field(default=lambda o: 1.0)
+    # engines other than transformers (hf, every precision's own) that run it, by engine name
+    engines: dict[str, Served] = field(default_factory=dict)
+
+    def engine_reason(self, engine: str, opts: Options) -> str | None:
+        """Why `engine` cannot run this precision with these options, or None."""
+        if engine == "hf":
+            return None
+        served = self.engines.get(engine)
+        if served is None:
+            return f"{self.name} has no {engine} path"
+        reason = served.reason(opts) if callable(served.reason) else served.reason
+        return f"{self.name} on {engine}: {reason}" if reason else None
+
+    def engine_args(self, engine: str, opts: Options) -> dict[str, Any]:
+        served = self.engines[engine]
+        return served.args(opts) if served.args else {}
 
     def parse_options(self, raw: dict[str, Any]) -> Options:
         return self.loading.options(**raw)

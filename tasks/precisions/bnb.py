@@ -11,7 +11,8 @@ import math
 
 from pydantic import Field
 
-from tasks.precisions.base import DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, Stored, torch_dtype
+from tasks.precisions.base import (TORCH_DTYPES, DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision,
+                                   Served, Stored, torch_dtype)
 
 
 class Int8Options(Options):
@@ -77,6 +78,24 @@ def _bf16(opts) -> bool:
     return opts.compute_dtype == "bf16"
 
 
+def _vllm_four_bit(quant_type: str) -> dict:
+    """vLLM quantizes with bitsandbytes in flight to nf4 with double quantization only, computing in the dtype it
+    is given."""
+    def reason(opts) -> str | None:
+        if quant_type != "nf4":
+            return "vLLM quantizes with bitsandbytes in flight to nf4 only (fp4 needs a checkpoint saved quantized)"
+        if not opts.double_quant:
+            return ("vLLM's in-flight bitsandbytes is nf4 with double quantization of the scales: use nf4-dq (or "
+                    "nf4 with double_quant: true)")
+        return None
+
+    return {"vllm": Served(lambda o: {"quantization": "bitsandbytes", "dtype": TORCH_DTYPES[o.compute_dtype]},
+                           reason)}
+
+
+VLLM_INT8 = {"vllm": Served(reason="vLLM runs LLM.int8 only from a checkpoint saved quantized, not in flight")}
+
+
 def _method(bits: int, **kw) -> Method:
     return Method("bitsandbytes", "bitsandbytes", "weight-only", bits, ("bitsandbytes",), **kw)
 
@@ -91,13 +110,13 @@ PRECISIONS = (
               Limits(needs_bf16=_bf16,
                      compile_reason_cuda="its first compiled cell failed on an H200 (torch 2.11, bitsandbytes 0.50.2) "
                                          "with 'storage data ptrs are not allocated in pool' from CUDA graph trees"),
-              launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4),
+              launch_cost=lambda o: 3.9 if o.threshold > 0 else 2.4, engines=VLLM_INT8),
     Precision("nf4", "bitsandbytes 4-bit NormalFloat", _method(4), Loading(FourBitOptions, _four_bit("nf4"),
                                                                           storage=stored),
-              Limits(needs_bf16=_bf16), launch_cost=lambda o: 1.9),
+              Limits(needs_bf16=_bf16), launch_cost=lambda o: 1.9, engines=_vllm_four_bit("nf4")),
     Precision("fp4", "bitsandbytes 4-bit float", _method(4), Loading(FourBitOptions, _four_bit("fp4"), storage=stored),
-              Limits(needs_bf16=_bf16), launch_cost=lambda o: 1.4),
+              Limits(needs_bf16=_bf16), launch_cost=lambda o: 1.4, engines=_vllm_four_bit("fp4")),
     Precision("nf4-dq", "bitsandbytes nf4 with double quantization of the scales", _method(4),
               Loading(DoubleQuantOptions, _four_bit("nf4"), storage=stored), Limits(needs_bf16=_bf16),
-              launch_cost=lambda o: 2.0),
+              launch_cost=lambda o: 2.0, engines=_vllm_four_bit("nf4")),
 )

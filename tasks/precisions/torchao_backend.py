@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.precisions.base import (DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision, Stored,
-                                   added_option, torch_dtype)
+from tasks.precisions.base import (TORCH_DTYPES, DTypeName, Limits, Loading, LoadPlan, Method, Options, Precision,
+                                   Served, Stored, added_option, torch_dtype)
 
 
 class AoOptions(Options):
@@ -34,9 +34,9 @@ class AoInt4Options(AoOptions):
 def _config(kind: str):
     def build(opts: AoOptions, device: str) -> dict:
         import torch
-        from torchao.quantization import (Float8WeightOnlyConfig, Int4WeightOnlyConfig,
-                                          Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                          IntxWeightOnlyConfig)
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                          Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                          Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerTensor)
         from torchao.quantization.granularity import PerGroup
         from transformers import TorchAoConfig
 
@@ -51,6 +51,9 @@ def _config(kind: str):
         elif kind == "int4wo":
             cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(opts.group_size))
             text = f"IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup({opts.group_size}))"
+        elif kind == "fp8w8a8":
+            cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
+            text = "Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())"
         else:  # float8: GPUs below compute capability 8.9 are refused by min_capability before loading
             cfg, text = Float8WeightOnlyConfig(), "Float8WeightOnlyConfig()"
         return LoadPlan({"quantization_config": TorchAoConfig(cfg), "dtype": torch_dtype(opts.compute_dtype)},
@@ -89,10 +92,20 @@ def _bf16(opts) -> bool:
     return opts.compute_dtype == "bf16"
 
 
-def _ao(kind: str, options, bits: int, scheme: str = "weight-only", **limits) -> dict:
+VLLM_TORCHAO = {"vllm": Served(reason="vLLM runs torchao only from a checkpoint saved quantized (or a serialized "
+                                      "config); not in flight here")}
+
+
+def _ao(kind: str, options, bits: int, scheme: str = "weight-only", engines=VLLM_TORCHAO, **limits) -> dict:
     return dict(method=Method("torchao", "torchao", scheme, bits, ("torchao",)),
                 loading=Loading(options, _config(kind), after_load=_unwrap, storage=_stored),
-                limits=Limits(needs_bf16=_bf16, **limits), launch_cost=lambda o: 1.5 if scheme == "weight-only" else 2.0)
+                limits=Limits(needs_bf16=_bf16, **limits), launch_cost=lambda o: 1.5 if scheme == "weight-only" else 2.0,
+                engines=engines)
+
+
+# the same scheme in vLLM: quantization="fp8" quantizes weights per tensor in flight and activations per tensor at
+# run time (W8A8 dynamic); not torchao's fp8 weight-only
+VLLM_FP8 = {"vllm": Served(lambda o: {"quantization": "fp8", "dtype": TORCH_DTYPES[o.compute_dtype]})}
 
 
 # stored bytes: torchao's tensor subclasses are counted by the plain tensors they flatten to (tasks.weights)
@@ -103,4 +116,8 @@ PRECISIONS = (
     Precision("torchao-int4wo", "torchao int4 weight-only (packing per device)", **_ao("int4wo", AoInt4Options, 4)),
     Precision("torchao-fp8wo", "torchao float8 (e4m3) weight-only",
               **_ao("fp8wo", AoOptions, 8, min_capability=lambda o: (8, 9))),
+    Precision("fp8-w8a8", "float8 (e4m3) weights and activations, each scaled per tensor, activations at run time "
+                          "(W8A8 dynamic): torchao under transformers, quantization=fp8 in vLLM",
+              **_ao("fp8w8a8", AoOptions, 8, "weight+activation", engines=VLLM_FP8, devices=("cuda",),
+                    min_capability=lambda o: (8, 9))),
 )

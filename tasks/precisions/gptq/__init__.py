@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt
 
-from tasks.precisions.base import Limits, Loading, LoadPlan, Method, Options, Precision, Stored
+from tasks.precisions.base import Limits, Loading, LoadPlan, Method, Options, Precision, Served, Stored
 
 
 class Calibrated(Options):
@@ -113,13 +113,25 @@ def _marlin_compile_cuda(method: str, kernels: tuple[str, ...]):
 
 
 METHOD = Method("gptqmodel", "gptqmodel", "weight-only", lambda o: o.bits, ("gptqmodel",))
+
+
+def _vllm(method: str) -> dict:
+    """vLLM loads the calibrated checkpoint this backend writes, and picks its own kernel for it (Marlin on compute
+    capability 8.0 and newer): `kernel` chooses gptqmodel's kernel under transformers only."""
+    def reason(opts) -> str | None:
+        if opts.kernel != "auto":
+            return (f"kernel {opts.kernel} chooses gptqmodel's kernel under transformers; vLLM picks its own for the "
+                    f"checkpoint (Marlin): use kernel auto")
+        return None
+
+    return {"vllm": Served(lambda o: {"dtype": "float16"}, reason)}
 PRECISIONS = (
     Precision("gptq", "GPTQ (calibrated, second-order weight rounding), gptqmodel 7.6", METHOD,
               _loading("gptq", GptqOptions),
               Limits(compile_reason_cuda=_marlin_compile_cuda("gptq", ("marlin",)), shape_reason=_shape_reason("gptq")),
-              launch_cost=lambda o: 2.0),
+              launch_cost=lambda o: 2.0, engines=_vllm("gptq")),
     Precision("awq", "AWQ (calibrated, activation-aware scaling), gptqmodel 7.6, GEMM format", METHOD,
               _loading("awq", AwqOptions),
               Limits(compile_reason_cuda=_marlin_compile_cuda("awq", ("auto", "marlin")), shape_reason=_shape_reason("awq")),
-              launch_cost=lambda o: 2.0),
+              launch_cost=lambda o: 2.0, engines=_vllm("awq")),
 )

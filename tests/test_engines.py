@@ -1,0 +1,185 @@
+"""The engine axis and vLLM as a second engine, on CPU: grid validation with `engine: [hf, vllm]`, the keys, units and
+skips the planner makes of it, each precision's explicit vLLM mapping, and tasks/engines/vllm.py itself driven by a
+stand-in for vLLM's offline API (tests/fake_vllm: the same calls, answered by transformers). Every vLLM figure the
+project publishes comes from a real vLLM on a GPU."""
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator.grid import load_grid
+from orchestrator.plan import make_plan, unsupported_before_start, unsupported_cells
+from spec.units import CellSpec, GenerationSpec, KvSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
+from spec.untrusted import BadInput
+from tasks.precisions import REGISTRY
+from tests.conftest import ROOT, SMOLLM2, TINY_LLAMA, write_grid
+
+FAKE = ROOT / "tests" / "fake_vllm"
+
+
+def grid(tmp_path, engine="[hf, vllm]", precisions="[fp16, nf4-dq]", extra=""):
+    return load_grid(write_grid(tmp_path / "g.yaml", textwrap.dedent(f"""
+        name: engines
+        models: [{{synthetic: {json.dumps(TINY_LLAMA)}, label: tiny}}]
+        precisions: {precisions}
+        engine: {engine}
+        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: [eager, compiled]}}
+        perplexity: false
+    """) + extra))
+
+
+# -------------------------------------------------------------------------------------------- grid and planner
+
+def test_engine_is_an_axis_of_the_cell_key(tmp_path):
+    both = make_plan(grid(tmp_path), "r", None, 1)
+    hf_only = make_plan(grid(tmp_path, engine="hf"), "r", None, 1)
+    by_engine = {e: [u for u in both.units if u.engine == e] for e in ("hf", "vllm")}
+    # transformers: one unit (one load) per precision; vLLM: one per decode path (enforce_eager is its setting)
+    assert len(by_engine["hf"]) == 2 and len(by_engine["vllm"]) == 4
+    assert {c.key for u in by_engine["hf"] for c in u.cells} == {c.key for c in hf_only.cells}  # hf keys unchanged
+    vllm_keys = {c.key for u in by_engine["vllm"] for c in u.cells}
+    assert len(vllm_keys) == 8 and vllm_keys.isdisjoint(c.key for c in hf_only.cells)
+    assert all({c.decode for c in u.cells} == {u.cells[0].decode} for u in by_engine["vllm"])
+    assert len({u.unit_id for u in both.units}) == 6
+    assert {u.label for u in by_engine["vllm"]} == {"tiny × fp16 × vllm", "tiny × nf4-dq × vllm"}
+    assert load_grid(write_grid(tmp_path / "one.yaml", (tmp_path / "g.yaml").read_text()
+                                .replace("engine: hf", "engine: vllm"))).engine == ["vllm"]
+
+
+@pytest.mark.parametrize("engine,expected", [("[hf, hf]", "listed twice"), ("[sglang]", "engine[0]")])
+def test_bad_engines_are_refused(tmp_path, engine, expected):
+    with pytest.raises(BadInput, match=expected.replace("[", r"\[")):
+        grid(tmp_path, engine=engine)
+
+
+def test_what_vllm_cannot_run_is_skipped_before_start_with_why(tmp_path):
+    g = grid(tmp_path, precisions="[fp16, nf4, int8, hqq, {name: gptq, kernel: torch}, gptq, fp8-w8a8]",
+             extra="baseline: fp16\n")
+    plan = make_plan(g, "r", None, 1)
+    on_gpu = unsupported_before_start(plan, "cuda", ["H100"])
+    reasons = {u.label: on_gpu.get(u.unit_id) for u in plan.units if u.engine == "vllm"}
+    assert reasons["tiny × fp16 × vllm"] is None and reasons["tiny × gptq × vllm"] is None
+    assert reasons["tiny × fp8-w8a8 × vllm"] is None
+    assert "use nf4-dq" in reasons["tiny × nf4 × vllm"]
+    assert "not in flight" in reasons["tiny × int8 × vllm"]
+    assert reasons["tiny × hqq × vllm"] == "hqq has no vllm path"
+    assert "vLLM picks its own" in reasons["tiny × gptq(kernel=torch) × vllm"]
+    on_cpu = unsupported_before_start(plan, "cpu", [])
+    assert all("vLLM runs on NVIDIA GPUs only" in on_cpu[u.unit_id] for u in plan.units if u.engine == "vllm")
+    assert "fp8-w8a8 does not run on cpu" in on_cpu[next(u.unit_id for u in plan.units
+                                                          if u.engine == "hf" and u.precision.name == "fp8-w8a8")]
+
+
+def test_kv_caches_belong_to_their_engine(tmp_path):
+    g = grid(tmp_path, precisions="[fp16]").model_copy()
+    text = (tmp_path / "g.yaml").read_text().replace("decode: [eager, compiled]}",
+                                                    "decode: [eager], kv_cache: [native, fp8, quanto-int4]}")
+    plan = make_plan(load_grid(write_grid(tmp_path / "kv.yaml", text)), "r", None, 1)
+    skipped = unsupported_cells(plan, "cuda")
+    why = {(u.engine, c.kv.name): skipped.get(c.key) for u in plan.units for c in u.cells}
+    assert why[("hf", "native")] is None and why[("vllm", "native")] is None and why[("vllm", "fp8")] is None
+    assert why[("hf", "fp8")] == "kv_cache fp8 runs on vllm only, not on hf"
+    assert why[("vllm", "quanto-int4")] == "kv_cache quanto-int4 runs on hf only, not on vllm"
+    with pytest.raises(BadInput, match="fp8 takes no options"):
+        load_grid(write_grid(tmp_path / "bad.yaml", text.replace("fp8,", "{name: fp8, q_group_size: 64},")))
+    assert g.engine == ["hf", "vllm"]
+
+
+def test_every_precision_says_how_vllm_runs_it_or_why_not():
+    """The mapping is explicit: each precision of the registry has vLLM arguments or a reason."""
+    args = {}
+    for name, p in REGISTRY.items():
+        opts = p.parse_options({})
+        reason = p.engine_reason("vllm", opts)
+        args[name] = reason or p.engine_args("vllm", opts)
+    assert args["fp16"] == {"dtype": "float16"} and args["bf16"] == {"dtype": "bfloat16"}
+    assert args["fp8-w8a8"] == {"quantization": "fp8", "dtype": "bfloat16"}
+    assert args["nf4-dq"] == {"quantization": "bitsandbytes", "dtype": "bfloat16"}
+    assert args["gptq"] == args["awq"] == {"dtype": "float16"}
+    assert all(isinstance(args[n], str) for n in ("nf4", "fp4", "int8", "hqq", "quanto-int8", "torchao-int4wo"))
+    nf4 = REGISTRY["nf4"]
+    assert nf4.engine_reason("vllm", nf4.parse_options({"double_quant": True})) is None
+
+
+def test_the_reference_is_the_first_engines_baseline_and_the_other_engines_baseline_is_measured_against_it(tmp_path):
+    """KL(hf fp16 || vllm fp16) is the engines' own distance: the vLLM fp16 unit uses the hf fp16 reference."""
+    from orchestrator.wikitext import Texts
+
+    grid(tmp_path)
+    text = (tmp_path / "g.yaml").read_text().replace(f"synthetic: {json.dumps(TINY_LLAMA)}", f"gguf: {SMOLLM2}")
+    g = load_grid(write_grid(tmp_path / "real.yaml", text.replace("perplexity: false", "perplexity: {}")))
+    plan = make_plan(g, "r", Texts(None, {"sha256": "s", "dataset": "d"}), 1)
+    refs = {(u.engine, u.precision.label, u.cells[0].decode): u.reference for u in plan.units}
+    make = refs[("hf", "fp16", "eager")]
+    assert make.role == "make" and make.baseline == "fp16"
+    uses = [r for k, r in refs.items() if k[0] == "vllm"]
+    assert len(uses) == 4 and all(r.role == "use" and r.key == make.key for r in uses)
+    assert refs[("hf", "nf4-dq", "eager")].key == make.key
+    keys = {u.quality_key for u in plan.units}
+    assert len(keys) == len(plan.units)  # each unit's quality is its own
+
+
+# ------------------------------------------------------------------------------- the vLLM engine, on a stand-in
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    monkeypatch.syspath_prepend(str(FAKE))
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import vllm
+
+    vllm.MADE.clear()
+    yield vllm
+
+
+def unit(engine="vllm", cells=((4, 2, "compiled"),), precision="fp16", perplexity=None):
+    p = REGISTRY[precision]
+    spec = PrecisionSpec(precision, p.parse_options({}).model_dump(), precision)
+    return UnitSpec("s", "r", "u", ModelSpec("synthetic", TINY_LLAMA, "tiny"), spec,
+                    [CellSpec(f"k{i}", n, b, d, prompt_tokens=8) for i, (n, b, d) in enumerate(cells)],
+                    GenerationSpec(warmup=1, repeats=2), perplexity, gpus=0, engine=engine)
+
+
+def test_a_vllm_unit_measures_its_cells_through_the_engine(fake_vllm):
+    from tasks import unit as U
+
+    rows = list(U.run_unit(unit(cells=((4, 2, "compiled"), (3, 1, "compiled")))))
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows[0].get("traceback")
+    r = rows[0]
+    assert r["engine"] == "vllm" and r["engine_version"] == "0.0.0+fake"
+    assert r["timing_source"].startswith("vLLM engine steps")
+    assert len(r["decode_ms_samples"]) == 2 * 3 and r["ttft_ms"] > 0  # 2 timed runs of 3 gaps each
+    options = json.loads(r["engine_options"])
+    assert options["enforce_eager"] is False and options["kv_cache_dtype"] == "auto"
+    assert options["max_num_seqs"] == 2 and options["enable_prefix_caching"] is False
+    assert options["max_model_len"] == 8 + 4 and options["block_size"] == 16
+    assert r["kv_block_tokens"] == 16 and r["kv_block_bytes"] == 2 * 2 * 2 * 16 * 16 * 2
+    assert r["kv_cache_tensor_bytes"] == 2 * r["kv_block_bytes"]  # two sequences of 12 tokens: a block each
+    assert len(fake_vllm.MADE) == 1  # one LLM for the unit
+    made = fake_vllm.MADE[0]
+    assert made["kv_cache_memory_bytes"] == r["kv_pool_bytes"] and made["dtype"] == "float16"
+
+
+def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm):
+    """hidden_states are what the logits processor received, in position order across its calls (the sampled
+    position first, prompt positions in chunks), and the log-probabilities recomputed from them must be vLLM's."""
+    import torch
+
+    from tasks.engines import hf, vllm as engine
+
+    p = REGISTRY["fp32"]
+    spec = ModelSpec("synthetic", TINY_LLAMA, "tiny")
+    u = unit(precision="fp32")
+    served = engine.load(spec, p, p.parse_options({}), "cpu", None, u)
+    plain = hf.load(spec, p, p.parse_options({}), "cpu")
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(served.logits(ids), plain.logits(ids), atol=1e-4)
+    assert served.facts["logprob_check_max_abs"] < 1e-5
+    weight, _ = served.output_head()
+    assert weight.shape == (1000, 64)
+    with pytest.raises(RuntimeError, match="prompt rows"):
+        engine._order([torch.zeros(3, 4)], 40)
+    with pytest.raises(NotImplementedError):
+        served.logits_through_cache(ids, 8, None)
