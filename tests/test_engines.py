@@ -158,6 +158,9 @@ def test_a_vllm_unit_measures_its_cells_through_the_engine(fake_vllm):
     assert r["kv_block_tokens"] == 16 and r["kv_block_bytes"] == 2 * 2 * 2 * 16 * 16 * 2
     assert r["kv_cache_tensor_bytes"] == 2 * r["kv_block_bytes"]  # two sequences of 12 tokens: a block each
     assert len(fake_vllm.MADE) == 1  # one LLM for the unit
+    from orchestrator.store import row_table
+
+    assert row_table(rows).num_rows == 2  # every column the engine writes is in the schema
     made = fake_vllm.MADE[0]
     assert made["kv_cache_memory_bytes"] == r["kv_pool_bytes"] and made["dtype"] == "float16"
 

@@ -304,7 +304,7 @@ class VLLMGeneration:
         t0 = time.perf_counter()
         done = {}
         for p in self.prompts:
-            rid = f"q{next(self.model._ids)}"
+            rid = f"r{next(self.model._ids)}:"  # a terminator: vLLM may append to it, and r1: is no prefix of r10:
             done[rid] = 0
             engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params)
         marks = []
