@@ -7,7 +7,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from spec.untrusted import BadInput, check_file_slot, kind_of, open_folder, replace_file
+from common.untrusted import BadInput, check_file_slot, kind_of, open_folder, replace_file
 from orchestrator.grid import Grid
 from orchestrator.model_info import check_source, context_length, hub_offline, identify
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from cluster.connect import local_gpus
 from orchestrator.checks import check_inputs, output_dir
 from orchestrator.signals import Interrupted, interruptible
-from spec.untrusted import BadInput, plain
+from common.untrusted import BadInput, plain
 from orchestrator.grid import load_grid
 from orchestrator.schedule import resources_for, schedule
 from orchestrator.wikitext import read_texts
-from spec.schema import markdown
+from common.schema import markdown
 from tasks.precisions import REGISTRY
 
 EPILOG = "Exit codes: 0 all cells ok, 1 some cells failed, 2 bad input."

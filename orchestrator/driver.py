@@ -22,8 +22,8 @@ from orchestrator import signals
 from orchestrator.forkserver import UnitProcessDied
 from orchestrator.plan import Plan, Unit
 from orchestrator.worker import unit_task
-from spec.rows import failure_rows
-from spec.units import CellSpec, UnitSpec
+from common.rows import failure_rows
+from common.units import CellSpec, UnitSpec
 
 CRASHES = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.LocalRayletDiedError,
            ray.exceptions.OutOfMemoryError, ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError)

@@ -14,10 +14,10 @@ import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, ValidationError, field_validator, model_validator)
 
-from spec.untrusted import GRID_CAP, BadInput, expand, read_regular_file
-from spec.catalog import KV_CACHES, KV_DEFAULTS, KV_GROUPED, kv_label
-from spec.models import SYNTHETIC_ARCHITECTURES
-from spec.units import ENGINES, KvSpec, ModelSpec
+from common.untrusted import GRID_CAP, BadInput, expand, read_regular_file
+from common.catalog import KV_CACHES, KV_DEFAULTS, KV_GROUPED, kv_label
+from common.models import SYNTHETIC_ARCHITECTURES
+from common.units import ENGINES, KvSpec, ModelSpec
 from tasks.precisions import REGISTRY
 
 
@@ -234,10 +234,17 @@ class Cost(Strict):
 MemoryBudget = Annotated[ByteSize, Field(ge=2 ** 20, le=2 ** 50)]  # 1 MiB to 1 PiB
 
 
+class QualityBudget(Strict):
+    # the most a precision may lose against the baseline and still be "within budget" in the report's decision
+    kl: PositiveFloat = 0.02             # mean KL(P_baseline || P) over scored positions, nats
+    ppl_change_pct: PositiveFloat = 1.0  # |Δ perplexity| in %, its paired 95% interval within ±this
+
+
 class ReportSettings(Strict):
     # GPU memory sizes for the fit table ("fits a 16 GiB GPU up to batch 6 at 4096 tokens"), beside the GPU that ran
     # the sweep: bytes, or text like 16GiB, 24GB
     memory_budgets: list[MemoryBudget] = Field(default_factory=list)
+    quality_budget: QualityBudget = Field(default_factory=QualityBudget)
 
 
 class Grid(Strict):

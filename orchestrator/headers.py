@@ -12,7 +12,7 @@ import stat
 import struct
 from pathlib import Path
 
-from spec.untrusted import BadInput, MiB, parse_json, read_regular_file
+from common.untrusted import BadInput, MiB, parse_json, read_regular_file
 
 CONFIG_CAP = 1 * MiB             # a config.json is a few KB
 SAFETENSORS_HEADER_CAP = 16 * MiB  # a 7B model's header is about 30 KB

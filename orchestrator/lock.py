@@ -12,7 +12,7 @@ import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
-from spec.untrusted import BadInput, kind_of
+from common.untrusted import BadInput, kind_of
 
 
 class OutputLock:

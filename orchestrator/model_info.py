@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from spec.untrusted import BadInput, read_regular_file
+from common.untrusted import BadInput, read_regular_file
 from orchestrator.headers import CONFIG_CAP, fingerprint, gguf_header, parse_json, read_config
-from spec.models import projection_widths, resolve_file, synthetic_shapes, widths_of
-from spec.units import ModelSpec
+from common.models import projection_widths, resolve_file, synthetic_shapes, widths_of
+from common.units import ModelSpec
 
 HUB_HINT = ("point at a local copy instead: `path:` a Hugging Face model folder (config.json and weights), or "
             "`gguf:` a GGUF file")

@@ -19,8 +19,8 @@ from pathlib import Path
 from orchestrator import wikitext
 from orchestrator.grid import Grid
 from orchestrator.model_info import identify, model_shape, model_widths
-from spec.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_reason, measurement_version
-from spec.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
+from common.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_reason, measurement_version
+from common.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
                         ReferenceSpec, UnitSpec)
 from tasks.precisions import REGISTRY
 
@@ -37,7 +37,7 @@ class Unit:
     quality_key: str | None = None    # perplexity and distance measured once per key (reused from earlier rows)
     known_quality: dict | None = None  # those columns, when the output folder has them already
     reference_only: bool = False      # no cells: only make the baseline's reference for the other units
-    engine: str = "hf"                # what runs it (spec.units.ENGINES)
+    engine: str = "hf"                # what runs it (common.units.ENGINES)
 
     @property
     def label(self) -> str:
@@ -174,7 +174,7 @@ def _units(grid: Grid, g, model: ModelSpec, engine: str, j: int, p, texts, gener
     if backend.calibrated:
         source = {"name": RANDOM_IDS, "sha256": None} if model.synthetic else texts.calibration[j][1]
         calibration = Calibration(source["name"], source["sha256"])
-    precision = PrecisionSpec(p.name, parsed.model_dump(), p.label, calibration)
+    precision = PrecisionSpec(p.name, parsed.model_dump(), p.label, calibration, backend.description)
     groups: dict[tuple, list[CellSpec]] = {}
     for kv in g.kv_cache:
         for d in g.decode:

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from spec.untrusted import plain
+from common.untrusted import plain
 
 
 def _fmt_s(s: float | None) -> str:

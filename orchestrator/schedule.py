@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestrator import wikitext
-from spec.untrusted import BadInput
+from common.untrusted import BadInput
 from orchestrator.grid import Grid
 from orchestrator.plan import Plan, Unit, make_plan, unsupported_before_start, unsupported_cells
-from spec.units import CellSpec
+from common.units import CellSpec
 from orchestrator.store import cell_statuses, known_quality
 
 

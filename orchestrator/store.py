@@ -4,8 +4,8 @@ reads whole rows. The folder is a cache of cells: rows of cells that the current
 are used again whenever a grid asks for them (`sweep.json` lists the latest grid's cells, which the report shows by
 default). Nothing is deleted or overwritten: a row replaced by a rerun moves to `<output>/history/<run_id>/`.
 
-The output folder is untrusted: every write goes through spec.untrusted (no link followed, none written through), and a
-file in `cells/` is counted only if it is the row of the cell its name claims (spec.schema.row_problem); any other
+The output folder is untrusted: every write goes through common.untrusted (no link followed, none written through), and a
+file in `cells/` is counted only if it is the row of the cell its name claims (common.schema.row_problem); any other
 is moved to `<output>/set-aside/<run_id>/` and named.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spec.untrusted import BadInput, kind_of, open_folder, replace_file, subfolder
-from spec.schema import NAMES, QUALITY_COLUMNS, SCHEMA, row_problem
+from common.untrusted import BadInput, kind_of, open_folder, replace_file, subfolder
+from common.schema import NAMES, QUALITY_COLUMNS, SCHEMA, row_problem
 
 _TIMES = {f.name for f in SCHEMA if pa.types.is_timestamp(f.type)}
 

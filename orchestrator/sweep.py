@@ -19,7 +19,7 @@ from orchestrator.schedule import new_run_id, resources_for, schedule
 from orchestrator.signals import Interrupted, install, interruptible
 from orchestrator.store import Store, StoreError
 from orchestrator.wikitext import read_texts
-from spec.untrusted import BadInput, plain
+from common.untrusted import BadInput, plain
 
 
 def _now() -> str:

@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spec.untrusted import TEXT_CAP, BadInput, expand, read_regular_file
+from common.untrusted import TEXT_CAP, BadInput, expand, read_regular_file
 from orchestrator.model_info import hub_offline
 from tasks.precisions import REGISTRY
-from spec.catalog import HUB_DATASET, HUB_VALIDATION, WIKITEXT2_TEST_SHA256
+from common.catalog import HUB_DATASET, HUB_VALIDATION, WIKITEXT2_TEST_SHA256
 
 HINT = ("point at a local copy of the raw test split (wiki.test.raw from wikitext-2-raw-v1): "
         "`export WIKITEXT2_PATH=../shared/data/wikitext-2-raw/wiki.test.raw` (relative to where you run the command), "

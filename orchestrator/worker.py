@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from orchestrator import forkserver
-from spec.cache import reference_path
+from common.cache import reference_path
 
 
 @ray.remote(max_retries=0, max_calls=0)

@@ -1,5 +1,6 @@
 """Render one self-contained HTML report (inline CSS, inline SVG charts, no request to any other host) from one or
-more sweep output folders. Reads only the Parquet rows and sweep.json, so any past sweep can be re-rendered."""
+more sweep output folders or studies. Reads only their Parquet rows and manifests, so any past sweep can be
+re-rendered; every row is upgraded to the current schema on read (reports/migrate.py)."""
 from __future__ import annotations
 
 import os
@@ -8,10 +9,10 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from reports import charts, fit, tables
-from spec.untrusted import check_file_slot, open_folder, write_into
-from reports.data import (colors, first, headline_cell, manifest, newest_per_cell, precision_order, read_results,
-                          report_baseline, with_axes, with_decode_energy_checked)
+from common.untrusted import check_file_slot, open_folder, write_into
+from reports import caveats, charts, decision, fit, speed, summary, tables
+from reports.data import colors, first, manifest, newest_per_cell, precision_order, read_results, report_baseline, \
+    with_decode_energy
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -45,68 +46,85 @@ def budgets_of(dirs, df) -> list[tuple[str, float]]:
         out.append((f"this {first(gpu.gpu_name)} ({gpu.gpu_memory_bytes.max() / fit.GiB:.0f} GiB)",
                     float(gpu.gpu_memory_bytes.max())))
     for d in dirs:
-        grid = manifest(d).get("grid")
-        report = grid.get("report") if isinstance(grid, dict) else None
-        listed = report.get("memory_budgets") if isinstance(report, dict) else None
-        for b in listed if isinstance(listed, list) else []:
+        for b in _report_settings(d).get("memory_budgets") or []:
             try:
                 size = fit.parse_size(b)
             except (TypeError, ValueError):
                 continue  # a manifest is untrusted: what is not a size is left out
-            if not 2 ** 20 <= size <= 2 ** 50:
-                continue
-            if all(abs(size - s) > 1 for _, s in out):
+            if 2 ** 20 <= size <= 2 ** 50 and all(abs(size - s) > 1 for _, s in out):
                 out.append((fit.budget_label(size), size))
     return out
+
+
+def _report_settings(d) -> dict:
+    grid = manifest(d).get("grid")
+    report = grid.get("report") if isinstance(grid, dict) else None
+    return report if isinstance(report, dict) else {}
+
+
+def quality_budget(dirs) -> dict:
+    """The grids' report.quality_budget (the first folder's that sets one), else the default."""
+    for d in dirs:
+        b = _report_settings(d).get("quality_budget")
+        if isinstance(b, dict):
+            ok = {k: float(v) for k, v in b.items() if k in summary.QUALITY_BUDGET
+                  and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6}
+            return {**summary.QUALITY_BUDGET, **ok}
+    return dict(summary.QUALITY_BUDGET)
+
+
+def model_context(every, budgets, palette, budget) -> dict:
+    d = newest_per_cell(every)  # a cell measured twice (report --all) counts with its newest run
+    baseline = report_baseline(d)
+    cell = summary.headline_cell(d)
+    entries = summary.entries(d, baseline, cell, budget)
+    variants = [e["precision"] for e in entries]
+    fits = fit.fits(d, variants, budgets)
+    cross = [c for c in speed.crossover(d, baseline, every)
+             if c["precision"] not in {e["precision"] for e in entries if e["broken"]}]
+    broken = {e["precision"] for e in entries if e["broken"]}
+    return {
+        "baseline": baseline, "cell": cell, "entries": entries,
+        "decision": decision.decide(entries, baseline, d, fits, budget, cross),
+        "findings": decision.findings(entries, baseline, cross),
+        "note": first(d.weights_note) if "weights_note" in d else None,
+        "fits": fits, "fit_table": tables.fit_table(fits, entries, decision.EXTRAPOLATED),
+        "fit_errors": fit.errors(d, variants), "fit_allocators": tables.fit_allocators(d),
+        "crossover": cross, "pays": speed.where_it_pays(cross),
+        "cells": tables.every_cell(every, newest=d),
+        "charts": [c for c in (charts.quality(entries, palette, cell, baseline),
+                               charts.decode_vs_length(d, baseline, palette, broken),
+                               charts.prompt_length(d, baseline, palette, broken),
+                               charts.memory(entries, cell), charts.energy(entries, cell),
+                               charts.crossover(cross)) if c],
+        "gpu": bool(d.device.eq("cuda").any()) if "device" in d else False,
+        "budget": budget,
+    }
 
 
 def context(dirs, every_row: bool = False) -> dict:
     unreadable: list[str] = []
     df = read_results(dirs, unreadable, every_row)
-    df = with_decode_energy_checked(with_axes(df)) if len(df) else df
+    df = with_decode_energy(df) if len(df) else df
     sweeps = sorted(set(df.sweep.dropna())) if "sweep" in df else []
     budgets = budgets_of(dirs, df) if len(df) else []
+    budget = quality_budget(dirs)
     palette = colors(precision_order(df, None)) if len(df) else {}
-    models = []
-    for model in list(dict.fromkeys(df.model.dropna())) if len(df) else []:
-        every = df[df.model == model]
-        d = newest_per_cell(every)  # a cell measured twice (report --all) counts with its newest run
-        baseline = report_baseline(d)
-        cell = headline_cell(d)
-        entries = tables.summary(d, baseline, cell)
-        fits = tables.fits(d, entries, budgets)
-        longest = max((f["context"] for f in fits), default=None)
-        decision = tables.decision(entries, [f for f in fits if f["context"] == longest])
-        broken = set(decision["broken"])
-        cross = [c for c in tables.crossover(d, baseline) if c["precision"] not in broken]
-        models.append({
-            "name": model, "baseline": baseline, "cell": cell, "entries": entries, "decision": decision,
-            "note": first(d.weights_note) if "weights_note" in d else None,
-            "findings": tables.findings(entries, baseline, model, cell, decision, cross),
-            "fits": fits, "fit_errors": tables.fit_errors(d, entries), "crossover": cross,
-            "pays": tables.where_it_pays(cross, baseline) if baseline else [],
-            "fit_allocators": tables.fit_allocators(d),
-            "cells": tables.every_cell(every, newest=d),
-            "charts": [c for c in (charts.quality(entries, palette, cell, baseline),
-                                   charts.decode_vs_length(d, baseline, palette, broken),
-                                   charts.prompt_length(d, baseline, palette, broken),
-                                   charts.memory(entries, cell), charts.energy(entries, cell),
-                                   charts.crossover(cross)) if c],
-            "gpu": bool(d.device.eq("cuda").any()) if "device" in d else False,
-        })
+    models = [{"name": model, **model_context(df[df.model == model], budgets, palette, budget)}
+              for model in (list(dict.fromkeys(df.model.dropna())) if len(df) else [])]
     return {
         "title": " + ".join(sweeps) or "empty sweep",
-        "header": tables.header(df, sweeps) if len(df) else None,
+        "header": tables.header(df, sweeps, dirs) if len(df) else None,
         "models": models,
         "failures": tables.failures(df) if len(df) else [],
-        "caveats": tables.caveats(df) if len(df) else [],
+        "caveats": caveats.caveats(df) if len(df) else [],
         "protocol": tables.protocol(df) if len(df) else None,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "sources": [str(d) for d in dirs],
         "unreadable": unreadable,
         "every_row": every_row,
         "reserve_gib": fit.RESERVE / fit.GiB,
-        "extrapolated": tables.EXTRAPOLATED,
+        "extrapolated": decision.EXTRAPOLATED,
     }
 
 

@@ -1,5 +1,6 @@
-"""Reading result folders, and the small facts the report's tables and charts share: which cell a model is shown at,
-precision order, method groups, one colour per precision. pandas and pyarrow only: no torch here."""
+"""Reading result folders and studies (untrusted: every file checked, every text made plain, older rows upgraded by
+reports.migrate), and the small facts the report's rooms share: variants (a precision on an engine), their order and
+colours, method labels, the baseline, the newest row of each cell. pandas and pyarrow only: no torch here."""
 from __future__ import annotations
 
 import math
@@ -9,15 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spec.catalog import H200_ENERGY_UPDATE_S
-from spec.untrusted import MANIFEST_CAP, BadInput, parse_json, plain, read_regular_file
-from spec.schema import row_problem
+from common.untrusted import MANIFEST_CAP, BadInput, parse_json, plain, read_regular_file
+from reports.migrate import upgrade
+from common.schema import row_problem, study_problem
 
 FAILED = ("error", "oom", "timeout")
 SCHEMES = {"none": 0, "weight-only": 1, "weight+activation": 2}
-# rows written before quant_scheme and weight_bits_nominal existed (bitsandbytes and unquantized only)
-LEGACY = {"fp32": ("none", 32), "fp16": ("none", 16), "bf16": ("none", 16), "int8": ("weight-only", 8),
-          "nf4": ("weight-only", 4), "fp4": ("weight-only", 4), "nf4-dq": ("weight-only", 4)}
+ENGINE_NAMES = {"hf": "transformers", "vllm": "vLLM"}
 # one colour per precision in every chart: tab20, then tab20b and tab20c, in the order precisions first appear
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
@@ -27,13 +26,16 @@ BROKEN_RATIO = 10.0  # perplexity more than this times the baseline's: broken, n
 
 
 def manifest(folder: Path) -> dict:
-    """A results folder's sweep.json (capped, of bounded depth), {} where there is none or it cannot be read."""
-    try:
-        data = parse_json(read_regular_file(Path(folder) / "sweep.json", MANIFEST_CAP, "sweep.json"), "sweep.json",
-                          str(folder))
-    except BadInput:
-        return {}
-    return data if isinstance(data, dict) else {}
+    """A results folder's sweep.json, or a study's study.json (capped, of bounded depth); {} where there is none or
+    it cannot be read."""
+    for name in ("sweep.json", "study.json"):
+        if (Path(folder) / name).is_file():
+            try:
+                data = parse_json(read_regular_file(Path(folder) / name, MANIFEST_CAP, name), name, str(folder))
+            except BadInput:
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
 def latest_cells(folder: Path) -> set[str] | None:
@@ -49,6 +51,18 @@ def read_results(dirs, unreadable: list[str] | None = None, every_row: bool = Tr
     tables = []
     for d in dirs:
         d = Path(d)
+        study = d / "cells.parquet"
+        if study.is_file() and not study.is_symlink():  # a study: one file, the newest row of each cell
+            try:
+                table = pq.read_table(study)
+                problem = study_problem(table)
+            except (OSError, pa.ArrowException) as e:
+                problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if problem is None:
+                tables.append(table)
+            elif unreadable is not None:
+                unreadable.append(f"{study}: {problem}")
+            continue
         cells = d / "cells" if (d / "cells").is_dir() else d
         wanted = None if every_row else latest_cells(d)
         for f in sorted(cells.glob("*.parquet")):
@@ -68,12 +82,18 @@ def read_results(dirs, unreadable: list[str] | None = None, every_row: bool = Tr
             elif unreadable is not None:
                 unreadable.append(f"{f}: {problem}")
     if not tables:
-        return pd.DataFrame(columns=["cell_key", "status", "model", "precision"])
-    return as_plain_text(pa.concat_tables(tables, promote_options="default").to_pandas())
+        return pd.DataFrame(columns=["cell_key", "status", "model", "precision", "variant", "engine"])
+    df = upgrade(as_plain_text(pa.concat_tables(tables, promote_options="default").to_pandas()))
+    return df.assign(variant=[variant(p, e) for p, e in zip(df.precision, df.engine)])
+
+
+def variant(precision, engine) -> str:
+    """What the report compares: a precision on an engine (transformers' own name is the precision's)."""
+    return str(precision) if engine in (None, "hf") else f"{precision} · {ENGINE_NAMES.get(engine, engine)}"
 
 
 def as_plain_text(df: pd.DataFrame) -> pd.DataFrame:
-    """Every text column with its control characters escaped (spec.untrusted.plain): rows come from a results folder,
+    """Every text column with its control characters escaped (common.untrusted.plain): rows come from a results folder,
     which is untrusted; tracebacks and messages keep their newlines."""
     out = df.copy()
     for name in out.columns:
@@ -111,70 +131,39 @@ def first(series: pd.Series):
     return val(s.iloc[0]) if len(s) else None
 
 
-def with_axes(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with every axis filled (rows from before an axis existed: its default)."""
-    return df.assign(decode=col(df, "decode").fillna("eager"), kv_cache=col(df, "kv_cache").fillna("native"),
-                     prompt_tokens=col(df, "prompt_tokens").fillna(32).astype(int))
-
-
 MIN_DECODE_SHARE = 0.2  # decode's share of its generations' energy below which its joules per token are not given
 MAX_DECODE_BOUND = 0.25  # the counter's bound on joules per decode token, relative, above which they are not given
 
 
-def with_decode_energy_checked(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with `decode_energy_share`: decode's share of the energy window's generations' energy, which tasks/energy
-    measures as their energy less their prefills' (at the prefill loop's joules per token), and `decode_energy_bound`:
-    the most NVML's counter updates can move joules per decode token, relative to them. The joules per decode token
-    are left out (the Parquet keeps them) below MIN_DECODE_SHARE, where a 2% error in the prefills' energy is over 8%
-    of decode's (on an H200 torchao-int4wo's 7B prefill took 15x fp16's, decode was 2-5% of its timed runs' energy,
-    and its joules per decode token at 1024 x 8 read 0.21, 0.27 and 0.36 on three hosts; fp16: 0.40-0.44), and above
-    MAX_DECODE_BOUND. Rows from before the energy window (2026-12-01c) have the timed runs' joules, however short
-    those were, and no bound of their own: theirs is one 100 ms update at each window's mean power, relative to the
-    decode share, (u / timed_s + u / prefill_s * (1 - share)) / share."""
+def with_decode_energy(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with `decode_energy_share`: decode's share of the energy window's generations' energy (tasks.energy
+    measures decode's as the generations' less their prefills', at the prefill loop's joules per token), and
+    `decode_energy_bound`: the most NVML's counter updates can move joules per decode token, relative to them. The
+    joules per decode token are left out (the Parquet keeps them) below MIN_DECODE_SHARE, where a 2% error in the
+    prefills' energy is over 8% of decode's, and above MAX_DECODE_BOUND."""
     runs = numeric(df, "energy_runs").fillna(numeric(df, "repeats_done"))
     j_token = numeric(df, "energy_j_per_decode_token")
     decode_j = j_token * runs * numeric(df, "batch_size") * (numeric(df, "new_tokens") - 1)
-    in_window = numeric(df, "energy_window_j")
-    window_j = in_window.fillna(numeric(df, "energy_timed_j"))
+    window_j = numeric(df, "energy_window_j")
     share = decode_j / window_j.where(window_j > 0)
-    u = H200_ENERGY_UPDATE_S
-    before_window = (u / numeric(df, "timed_s") + u / numeric(df, "energy_prefill_s") * (1 - share)) / share
-    bound = (numeric(df, "energy_j_per_decode_token_bound") / j_token.where(j_token > 0)).fillna(
-        before_window.where(in_window.isna()))
+    bound = numeric(df, "energy_j_per_decode_token_bound") / j_token.where(j_token > 0)
     out = df.assign(decode_energy_share=share, decode_energy_bound=bound)
     if "energy_j_per_decode_token" in out:
         out.loc[(share < MIN_DECODE_SHARE) | (bound > MAX_DECODE_BOUND), "energy_j_per_decode_token"] = None
     return out
 
 
-CELL = ["model", "precision", "decode", "kv_cache", "kv_cache_options", "prompt_tokens", "new_tokens", "batch_size"]
+CELL = ["model", "variant", "decode", "kv_cache", "kv_cache_options", "prompt_tokens", "new_tokens", "batch_size"]
 
 
 def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell's coordinates (model, precision, decode, KV cache, prompt, new tokens, batch): its newest run.
-    `report --all` can hold a cell twice (measured again under a later measurement version, or from two folders);
-    figures, charts and verdicts use the newest, the table of every cell shows both."""
+    """One row per cell's coordinates (model, variant, decode, KV cache, prompt, new tokens, batch): its newest run.
+    `report --all` can hold a cell twice (measured again, or from two folders); figures, charts and verdicts use the
+    newest, the table of every cell shows both."""
     keys = [c for c in CELL if c in df]
-    coords = df[keys].astype(str)  # options are dicts or strings; rows from before a column existed have NaN
+    coords = df[keys].astype(str)  # options are dicts or strings
     newest = coords.assign(_run=col(df, "run_id").fillna("").astype(str)).sort_values("_run", kind="stable")
     return df.loc[newest.drop_duplicates(keys, keep="last").index].sort_index()
-
-
-def headline_cell(df: pd.DataFrame) -> dict | None:
-    """The cell the per-precision table shows: eager, native KV cache, the smallest batch and prompt, the longest
-    generation among ok cells."""
-    ok = df[(df.status == "ok") & (df.decode == "eager") & (df.kv_cache == "native")]
-    if ok.empty:
-        return None
-    b = int(ok.batch_size.min())
-    p = int(ok[ok.batch_size == b].prompt_tokens.min())
-    n = int(ok[(ok.batch_size == b) & (ok.prompt_tokens == p)].new_tokens.max())
-    return {"batch_size": b, "prompt_tokens": p, "new_tokens": n}
-
-
-def at(df: pd.DataFrame, cell: dict, decode: str = "eager") -> pd.DataFrame:
-    return df[(df.batch_size == cell["batch_size"]) & (df.prompt_tokens == cell["prompt_tokens"])
-              & (df.new_tokens == cell["new_tokens"]) & (df.decode == decode) & (df.kv_cache == "native")]
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[str]:
@@ -187,31 +176,54 @@ def pareto(points: list[tuple[float, float, str]]) -> list[str]:
     return front
 
 
-def frontier(points: dict[str, tuple[float, ...]]) -> list[str]:
-    """Labels no other point beats on every coordinate (all better lower) and strictly on one."""
-    out = []
+def dominated_by(points: dict[str, tuple[float, ...]]) -> dict[str, str]:
+    """label -> a label that is at least as good on every coordinate (all better lower) and better on one."""
+    out = {}
     for p, a in points.items():
-        dominated = any(all(x <= y for x, y in zip(b, a)) and any(x < y for x, y in zip(b, a))
-                        for q, b in points.items() if q != p)
-        if not dominated:
-            out.append(p)
+        for q, b in points.items():
+            if q != p and all(x <= y for x, y in zip(b, a)) and any(x < y for x, y in zip(b, a)):
+                out[p] = q
+                break
     return out
 
 
 def precision_order(df: pd.DataFrame, baseline: str | None) -> list[str]:
-    """The baseline, then by method (unquantized, weight-only from more bits to fewer, weight+activation)."""
-    seen = list(dict.fromkeys(df.precision.dropna()))
-    rest = sorted((p for p in seen if p != baseline), key=lambda p: method_rank(df[df.precision == p]))
+    """Variants: the baseline, then by engine, then by method (unquantized, weight-only from more bits to fewer,
+    weight and activation)."""
+    seen = list(dict.fromkeys(df.variant.dropna()))
+    engines = {v: i for i, v in enumerate(dict.fromkeys(col(df, "engine").fillna("hf")))}
+    rest = sorted((p for p in seen if p != baseline),
+                  key=lambda p: (engines.get(first(col(df[df.variant == p], "engine")) or "hf", 0),
+                                 method_rank(df[df.variant == p])))
     return ([baseline] if baseline in seen else []) + rest
 
 
 def report_baseline(df: pd.DataFrame) -> str | None:
-    """What a model's speeds and qualities are compared against: the baseline its rows name (each sweep's own); where
-    merged sweeps name several that are among the rows (an fp16 sweep beside one of 4-bit methods alone, whose baseline
-    is then its first precision), the first of them in method order, unquantized first; else the first precision."""
+    """What a model's other variants are compared against: the baseline precision its rows name, on the first engine
+    that ran it; where merged sweeps name several baselines, the first of them in method order (unquantized first);
+    else the first variant."""
+    if not len(df):
+        return None
+    named = set(col(df, "baseline").dropna())
+    hf = df[col(df, "engine").fillna("hf") == "hf"]
+    for rows in (hf, df):
+        candidates = rows[rows.precision.isin(named)] if len(named) else rows.iloc[0:0]
+        if len(candidates):
+            order = precision_order(candidates, None)
+            if order:
+                return order[0]
     order = precision_order(df, None)
-    named = set(df.baseline.dropna()) & set(order) if "baseline" in df else set()
-    return next((p for p in order if p in named), order[0] if order else None)
+    return order[0] if order else None
+
+
+def engine_baseline(df: pd.DataFrame, baseline: str | None, engine: str) -> str | None:
+    """The baseline precision on `engine`, where that engine ran it (its own variants are compared against it for
+    speed); else the report's baseline."""
+    if baseline is None:
+        return None
+    precision = first(col(df[df.variant == baseline], "precision"))
+    mine = variant(precision, engine)
+    return mine if (df.variant == mine).any() else baseline
 
 
 def colors(precisions: list[str]) -> dict[str, str]:
@@ -219,18 +231,16 @@ def colors(precisions: list[str]) -> dict[str, str]:
 
 
 def _method(d: pd.DataFrame) -> tuple:
-    scheme, bits = first(col(d, "quant_scheme")), first(col(d, "weight_bits_nominal"))
-    if scheme is None:
-        scheme, bits = LEGACY.get(first(col(d, "precision_name")), (None, None))
-    return scheme, bits
+    return first(col(d, "quant_scheme")), first(col(d, "weight_bits_nominal"))
 
 
 def method_group(d: pd.DataFrame) -> str:
-    """How a precision quantizes, in the report's groups: unquantized, weight-only N-bit, weight+activation N-bit."""
+    """What a variant quantizes, in the report's words: unquantized; weights N-bit; weights and activations N-bit."""
     scheme, bits = _method(d)
     if scheme in (None, "none") or bits is None:
         return "unquantized" if scheme == "none" else "–"
-    return f"{scheme} {bits:g}-bit"
+    what = {"weight-only": "weights", "weight+activation": "weights and activations"}.get(scheme, scheme)
+    return f"{what} {bits:g}-bit"
 
 
 def method_rank(d: pd.DataFrame) -> tuple:

@@ -1,28 +1,24 @@
 """What fits a GPU: a model of peak memory from what a sweep measured, and the largest batch at each context length
 that fits a memory budget.
 
-    peak(batch, context) = weights + workspace + batch × context × (kv_per_token + activation_per_token)
+    peak(batch, context) = weights + workspace + batch × (KV bytes of a sequence of `context` tokens
+                                                          + context × activation_per_token)
 
 - weights: GPU memory allocated once the model is loaded (weights_allocated_bytes);
-- kv_per_token: the KV cache's bytes per cached token of one sequence, measured from the cache's own tensors
-  (kv_bytes_per_token: a quantized cache's scales and residual included);
+- a sequence's KV bytes: context × the cache's bytes per cached token, measured from the cache's own tensors
+  (kv_bytes_per_token: a quantized cache's scales and residual included); under vLLM, whole blocks of its paged
+  cache: ceil(context / kv_block_tokens) × kv_block_bytes, read off vLLM's own block layout;
 - workspace and activation_per_token: a line through what each measured cell held beyond its weights and its KV
-  cache (peak held − weights − the KV cache at its end) against the tokens it held (batch × context): the
-  least-squares slope, and the intercept raised until no measured cell lies above the line. The
-  workspace is what a run needs whatever its size (a layer's dequantized weights, kernels' scratch); the slope is
-  the prefill's activations per token. (A model of activations per token alone, fitted to the largest ratio, read a
-  4-bit layer's dequantized weights at a 160-token cell as 2 MB per token and under-predicted what fits by 2-3x.)
+  cache against the tokens it held (batch × context): the least-squares slope, and the intercept raised until no
+  measured cell lies above the line (the workspace is what a run needs whatever its size: a layer's dequantized
+  weights, kernels' scratch; the slope is the prefill's activations per token).
 "Held" is what PyTorch's caching allocator reserved from the GPU (peak_reserved_bytes), not what tensors allocated
-(peak_bytes): the difference is fragmentation, and it is what runs out. On an H200 the 7B in fp16 at 4064 + 32
-tokens x 32 sequences allocated 88 GiB and reserved 137 GiB; a model of allocated bytes predicted 53 sequences fit the
-card's 139.8 GiB, and batch 53 ran out of memory with 29 GiB reserved but unallocated (bench/fit_edge.py,
-docs/results/h200-2026-11-30c). Fragmentation is the default allocator's: with PYTORCH_CUDA_ALLOC_CONF=
-expandable_segments:True (rows record it, cuda_alloc_conf) it reserved within 1.5% of what it allocated, and fp16's
-batch 53 ran (docs/results/h200-2026-11-30d); the model, fitted to the rows it is given, follows the setting they ran
-with. Where no reserved figure was measured (CPU), the allocated peak stands in.
+(peak_bytes): the difference is fragmentation, and it is what runs out; rows record the allocator's setting
+(cuda_alloc_conf; `expandable_segments:True` reserves within a few percent of what it allocates), and the model
+follows the rows it is given. Where no reserved figure was measured (CPU), or the engine reserved its KV pool whole
+up front (vLLM), the allocated peak stands in.
 A budget is a GPU's memory less a reserve for the CUDA context and the allocator's slack (RESERVE: 1 GiB). The model
-is checked against every measured cell (predicted against measured peak) and on a GPU by running the predicted
-largest batch and one beyond it (bench/fit_edge.py).
+is checked against every measured cell (predicted against measured peak).
 """
 from __future__ import annotations
 
@@ -37,9 +33,42 @@ RESERVE = 1 * GiB
 
 
 def fitted_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows a memory model is made from: eager decode, native KV cache (a compiled static cache and a quantized
-    cache hold memory their own way)."""
-    return df[(df.get("decode", "eager") == "eager") & (df.get("kv_cache", "native") == "native")]
+    """The rows a memory model is made from: native KV cache; under transformers eager decode (a compiled static cache
+    holds memory its own way), under vLLM its default (compiled)."""
+    engine = col(df, "engine").fillna("hf")
+    decode = col(df, "decode").fillna("eager")
+    return df[(col(df, "kv_cache").fillna("native") == "native")
+              & (((engine == "hf") & (decode == "eager")) | ((engine != "hf") & (decode == "compiled")))]
+
+
+def fits(df: pd.DataFrame, variants: list[str], budgets: list[tuple[str, float]]) -> list[dict]:
+    """Per budget and context length (the longest three the sweep measured), the largest batch of each variant by
+    the memory model, beside the largest batch it measured."""
+    d = fitted_rows(df)
+    params = {v: parameters(d[d.variant == v]) for v in variants}
+    params = {v: p for v, p in params.items() if p}
+    if not params:
+        return []
+    ok = d[d.status == "ok"]
+    contexts = sorted({int(x) for x in (ok.prompt_tokens + ok.new_tokens).dropna()})[-3:]
+    measured = int(ok.batch_size.max())
+    new_tokens = int(ok.new_tokens.max())
+    return [{"label": label, "bytes": size, "context": context, "measured_batch": measured, "new_tokens": new_tokens,
+             "batches": {v: largest_batch(p, context, size) for v, p in params.items()}}
+            for label, size in budgets for context in contexts]
+
+
+def errors(df: pd.DataFrame, variants: list[str]) -> dict[str, float]:
+    """Each variant's model's largest relative error against its measured cells."""
+    d = fitted_rows(df)
+    out = {}
+    for v in variants:
+        cells = d[d.variant == v]
+        p = parameters(cells)
+        err = check(p, cells) if p else None
+        if err is not None:
+            out[v] = err
+    return out
 
 
 def parameters(cells: pd.DataFrame) -> dict | None:
@@ -52,16 +81,23 @@ def parameters(cells: pd.DataFrame) -> dict | None:
     if weights is None or kv is None:
         return None
     tokens = (ok.batch_size * (ok.prompt_tokens + ok.new_tokens)).astype(float).to_numpy()
-    extra = (held(ok) - weights - col(ok, "kv_cache_bytes").fillna(0)).clip(lower=0)  # what else was held
+    kv_held = col(ok, "kv_cache_tensor_bytes").fillna(col(ok, "kv_cache_bytes")).fillna(0)
+    extra = (held(ok) - weights - kv_held).clip(lower=0)  # what else was held
     workspace, slope = upper_line(tokens, extra.astype(float).to_numpy())
-    return {"weights": float(weights), "kv_per_token": float(kv), "workspace": workspace,
-            "activation_per_token": slope, "cells": len(ok)}
+    out = {"weights": float(weights), "kv_per_token": float(kv), "workspace": workspace,
+           "activation_per_token": slope, "cells": len(ok)}
+    block_tokens, block_bytes = val(col(ok, "kv_block_tokens").max()), val(col(ok, "kv_block_bytes").max())
+    if block_tokens and block_bytes:
+        out.update(block_tokens=int(block_tokens), block_bytes=float(block_bytes))
+    return out
 
 
 def held(cells: pd.DataFrame) -> pd.Series:
-    """What each cell held on the GPU: the allocator's reserved peak, or the allocated one where that is missing."""
-    return pd.concat([cells.peak_bytes.astype(float), col(cells, "peak_reserved_bytes").astype(float)],
-                     axis=1).max(axis=1)
+    """What each cell held on the GPU: the allocator's reserved peak, or the allocated one where that is missing or
+    where the engine reserved its KV pool whole (vLLM)."""
+    reserved = pd.to_numeric(col(cells, "peak_reserved_bytes"), errors="coerce").astype(float)
+    reserved = reserved.where(col(cells, "engine").fillna("hf") == "hf")
+    return pd.concat([cells.peak_bytes.astype(float), reserved], axis=1).max(axis=1)
 
 
 def upper_line(x, y) -> tuple[float, float]:
@@ -76,14 +112,22 @@ def upper_line(x, y) -> tuple[float, float]:
     return max(0.0, float(max(y - slope * x))), slope
 
 
+def sequence_bytes(p: dict, context: int) -> float:
+    """What one sequence of `context` tokens holds: its KV cache (whole blocks where the engine pages it) and its
+    activations."""
+    kv = (math.ceil(context / p["block_tokens"]) * p["block_bytes"] if p.get("block_tokens") else
+          context * p["kv_per_token"])
+    return kv + context * p["activation_per_token"]
+
+
 def peak(p: dict, batch: int, context: int) -> float:
-    return p["weights"] + p.get("workspace", 0.0) + batch * context * (p["kv_per_token"] + p["activation_per_token"])
+    return p["weights"] + p.get("workspace", 0.0) + batch * sequence_bytes(p, context)
 
 
 def largest_batch(p: dict, context: int, budget: float, reserve: float = RESERVE) -> int:
     """The largest batch whose predicted peak fits `budget` less `reserve` at `context` tokens (0: not even one)."""
     room = budget - reserve - peak(p, 0, context)  # what a batch has once the weights and workspace are held
-    per = context * (p["kv_per_token"] + p["activation_per_token"])
+    per = sequence_bytes(p, context)
     return max(0, math.floor(room / per)) if per > 0 and room > 0 else 0
 
 

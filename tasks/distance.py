@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from spec.cache import reference_path
-from spec.stats import percentile
+from common.cache import reference_path
+from common.stats import percentile
 
 SELF = "self (the baseline)"
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from spec.catalog import ENERGY_WINDOW_S as MIN_WINDOW_S  # 20 of the H200's counter updates: edges move 5% at most
+from common.catalog import ENERGY_WINDOW_S as MIN_WINDOW_S  # 20 of the H200's counter updates: edges move 5% at most
 from tasks.hardware import nvml_handle
 
 CPU_REASON = "no energy counter on CPU (NVML's counter is an NVIDIA GPU's)"

@@ -1,4 +1,4 @@
-"""The hardware's limit: peak memory bandwidth of known GPUs (spec.catalog), or a measured device copy for anything
+"""The hardware's limit: peak memory bandwidth of known GPUs (common.catalog), or a measured device copy for anything
 else; the roofline of a decode step against it; and the environment fingerprint every row carries."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from importlib import metadata
 
 import torch
 
-from spec.catalog import datasheet_bandwidth_gbs
-from spec.units import KvSpec
+from common.catalog import datasheet_bandwidth_gbs
+from common.units import KvSpec
 from tasks.kv_cache import analytic_bytes
 
 def measure_copy_bandwidth_gbs(device: str, nbytes: int | None = None, repeats: int = 10) -> float:

@@ -4,8 +4,8 @@ tokens past the residual at `bits` per element plus a scale and a zero point per
 residual (decode tokens since the last flush) at full precision."""
 from __future__ import annotations
 
-from spec.catalog import KV_CACHES
-from spec.units import KvSpec
+from common.catalog import KV_CACHES
+from common.units import KvSpec
 
 
 def analytic_bytes(geometry: dict, prompt: int, cached: float, batch: int, kv: KvSpec | None, element: int) -> float:

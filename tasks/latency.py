@@ -2,7 +2,7 @@
 generation (tasks.engines.Generation), which times each run on the device. Warm-up runs are untimed; the last one
 measures memory phase by phase, on a freshly emptied allocator cache, so that no extra run is spent on it (with no
 warm-up, one untimed run after the timed runs does). On a GPU the timed runs' energy is read around a window of at
-least spec.catalog.ENERGY_WINDOW_S (tasks.energy), and a prefill-only loop gives the prompt's share.
+least common.catalog.ENERGY_WINDOW_S (tasks.energy), and a prefill-only loop gives the prompt's share.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from spec.stats import mean_interval, relative_halfwidth
-from spec.units import KvSpec
+from common.stats import mean_interval, relative_halfwidth
+from common.units import KvSpec
 from tasks import energy, host_cpu
 from tasks.engines import MemoryRun
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spec.cache import cache_root
-from spec.stats import paired_log_ratio, perplexity_interval
+from common.cache import cache_root
+from common.stats import paired_log_ratio, perplexity_interval
 from tasks.distance import Capture, Reference, check_head, windows_digest
 
 LOSS_CHUNK = 512  # positions per fp32 cross-entropy chunk

@@ -4,7 +4,7 @@ that every precision is loaded the same way.
   sha256 (transformers refuses a quantization config together with `gguf_file`);
 - a synthetic model (random weights, seed 0, in a named architecture or a mapping of shapes) is built once and saved
   to a cache folder keyed by its configuration.
-The cache lives in $QSWEEP_CACHE, else ~/.cache/quant-sweep (spec.cache). Folders are written under a temporary name and renamed,
+The cache lives in $QSWEEP_CACHE, else ~/.cache/quant-sweep (common.cache). Folders are written under a temporary name and renamed,
 so two workers building the same folder at once cannot leave a half-written one.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from spec.cache import cache_root
-from spec.models import resolve_file, synthetic_shapes
-from spec.units import ModelSpec
+from common.cache import cache_root
+from common.models import resolve_file, synthetic_shapes
+from common.units import ModelSpec
 
 
 def synthetic_config(spec: str | dict):

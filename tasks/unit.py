@@ -1,7 +1,7 @@
 """The one entry point of tasks/: `run_unit(unit)` loads one model at one precision through its engine, measures
 perplexity once, then measures every cell of that pair, yielding one row per cell as soon as it is done.
 
-A unit is a spec.units.UnitSpec: the model entry, the precision and its options, the cells with their keys, the
+A unit is a common.units.UnitSpec: the model entry, the precision and its options, the cells with their keys, the
 generation and perplexity settings, the GPUs asked for. Failures never escape: a load that fails makes every cell a
 failure row; a cell that fails (out of memory included) becomes a failure row and the next cell goes on.
 """
@@ -16,10 +16,10 @@ from typing import Iterator
 
 import torch
 
-from spec.cache import reference_path
-from spec.catalog import KV_CACHES, kv_reason
-from spec.rows import cell_fields, now, unit_rows_base
-from spec.units import CellSpec, UnitSpec
+from common.cache import reference_path
+from common.catalog import KV_CACHES, kv_reason
+from common.rows import cell_fields, now, unit_rows_base
+from common.units import CellSpec, UnitSpec
 from tasks import distance, engines, kv_cache, latency, memory, perplexity
 from tasks.distance import Capture, Reference
 from tasks.hardware import fingerprint, peak_bandwidth, roofline

@@ -35,7 +35,7 @@ def wikitext_bytes():
 @pytest.fixture(scope="session")
 def smollm2(model_cache):
     """SmolLM2-135M (real weights, fp32, dequantized Q4_1) loaded by the transformers engine, and its tokenizer."""
-    from spec.units import ModelSpec
+    from common.units import ModelSpec
     from tasks.engines.hf import load
     from tasks.precisions import REGISTRY
 

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from spec.cache import reference_path
-from spec.rows import cell_fields, now, unit_rows_base
+from common.cache import reference_path
+from common.rows import cell_fields, now, unit_rows_base
 
 
 def quality(unit) -> tuple[dict, str | None]:

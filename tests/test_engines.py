@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan, unsupported_before_start, unsupported_cells
-from spec.units import CellSpec, GenerationSpec, KvSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
-from spec.untrusted import BadInput
+from common.units import CellSpec, GenerationSpec, KvSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
+from common.untrusted import BadInput
 from tasks.precisions import REGISTRY
 from tests.conftest import ROOT, SMOLLM2, TINY_LLAMA, write_grid
 

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from orchestrator.cli import main
-from spec.untrusted import BadInput
+from common.untrusted import BadInput
 from orchestrator.grid import load_grid
 from tests.conftest import ROOT
 

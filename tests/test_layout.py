@@ -1,5 +1,5 @@
-"""One room per kind of knowledge, imports one way: spec (the contract) imports no project module and no torch;
-orchestrator -> spec, tasks (the precision registry only), reports, cluster; tasks never imports Ray or the driver;
+"""One room per kind of knowledge, imports one way: common (what the driver, the workers and the report share) imports no project module and no torch;
+orchestrator -> common, tasks (the precision registry only), reports, cluster; tasks never imports Ray or the driver;
 reports never torch; no module imports another's private names. And the schema document matches the code."""
 import ast
 import re
@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from spec.schema import markdown
+from common.schema import markdown
 from tests.conftest import ROOT
 
-PROJECT = {"spec", "orchestrator", "tasks", "reports", "cluster"}
+PROJECT = {"common", "orchestrator", "tasks", "reports", "cluster"}
 
 
 def imports(package: str) -> list[tuple[str, str, list[str]]]:
@@ -31,7 +31,7 @@ def roots(package: str) -> set[str]:
 
 
 @pytest.mark.parametrize("package,forbidden", [
-    ("spec", PROJECT - {"spec"} | {"torch", "transformers", "ray", "numpy", "pandas"}),
+    ("common", PROJECT - {"common"} | {"torch", "transformers", "ray", "numpy", "pandas"}),
     ("tasks", {"ray", "orchestrator", "reports", "cluster"}),
     ("reports", {"torch", "ray", "orchestrator", "tasks", "transformers"}),
     ("cluster", {"torch", "orchestrator", "tasks", "reports"})])
@@ -50,7 +50,7 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
-@pytest.mark.parametrize("modules", ["spec.schema, spec.rows, spec.units, spec.catalog, spec.models",
+@pytest.mark.parametrize("modules", ["common.schema, common.rows, common.units, common.catalog, common.models",
                                      "reports.build"])
 def test_contract_and_report_load_without_torch(modules):
     code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch was imported'"

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from orchestrator.store import Store
-from spec.catalog import datasheet_bandwidth_gbs
-from spec.schema import NAMES
-from spec.units import CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
+from common.catalog import datasheet_bandwidth_gbs
+from common.schema import NAMES
+from common.units import CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
 from tasks import latency, sources, unit as U
 from tasks.engines import hf, hf_loop
 from tasks.precisions import REGISTRY

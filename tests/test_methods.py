@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from spec.untrusted import BadInput
+from common.untrusted import BadInput
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan, unsupported_cells
-from spec.catalog import RANDOM_IDS
-from spec.schema import NAMES
-from spec.units import Calibration, CellSpec, KvSpec, ModelSpec
+from common.catalog import RANDOM_IDS
+from common.schema import NAMES
+from common.units import Calibration, CellSpec, KvSpec, ModelSpec
 from orchestrator.store import Store
 from tasks import perplexity, unit as U
 from tasks.precisions.gptq.calibration import calibration_ids

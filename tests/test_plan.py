@@ -95,7 +95,7 @@ def test_smollm2_bitsandbytes_units_go_first(tmp_path):
 
 def test_unsupported_before_start_by_device_and_accelerator(tmp_path):
     from orchestrator.plan import unsupported_before_start
-    from spec.catalog import capability_of
+    from common.catalog import capability_of
 
     g = tmp_path / "g.yaml"
     g.write_text("""
@@ -166,8 +166,8 @@ perplexity: false
 def test_a_decode_mode_s_own_measurement_version_keys_its_cells_alone(tmp_path, monkeypatch):
     """Compiled decode's measurement changed alone (one static cache per cell, version 3): its cells get new keys, so
     a results folder's compiled rows of version 2 are measured again, while eager cells keep their keys and reuse."""
-    from spec import catalog
-    from spec.rows import cell_fields
+    from common import catalog
+    from common.rows import cell_fields
 
     g = tmp_path / "g.yaml"
     g.write_text("""

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from cluster.connect import init_embedded
 from orchestrator import sweep
-from spec.stats import mean_interval, paired_log_ratio, perplexity_interval, t975
-from spec.units import ModelSpec
+from common.stats import mean_interval, paired_log_ratio, perplexity_interval, t975
+from common.units import ModelSpec
 from tasks import latency, perplexity as P
 from tasks.distance import Capture, Reference
 from tasks.engines import hf
@@ -113,15 +113,18 @@ def test_perplexity_interval_holds_the_point_and_narrows(smollm2, wikitext_bytes
 
 def test_intervals_by_hand():
     assert t975(1) == 12.706 and t975(30) == 2.042 and 1.96 < t975(1000) < 1.965
-    m, lo, hi = mean_interval([1.0, 2.0, 3.0])
-    assert m == 2 and hi - m == pytest.approx(4.303 * 1 / math.sqrt(3))
-    assert mean_interval([5.0]) is None
+    m, lo, hi = mean_interval([1.0, 2.0, 3.0])  # on the log scale: mean × exp(±t × se / mean)
+    assert m == 2 and hi == pytest.approx(2 * math.exp(4.303 / math.sqrt(3) / 2))
+    assert lo == pytest.approx(2 * math.exp(-4.303 / math.sqrt(3) / 2)) and lo > 0
+    assert mean_interval([5.0]) is None and mean_interval([5.0, 6.0]) is None  # too few for an interval
     # equal windows: the ratio interval is the plain interval on window means
     nll, tok = [10.0, 12.0, 11.0, 13.0], [5, 5, 5, 5]
-    ppl, lo, hi = perplexity_interval(nll, tok)
+    ppl, lo, hi = perplexity_interval(nll, tok)  # the interval on the mean loss per token, through exp
     means = [x / 5 for x in nll]
-    m, a, b = mean_interval(means)
-    assert ppl == pytest.approx(math.exp(m)) and lo == pytest.approx(math.exp(a)) and hi == pytest.approx(math.exp(b))
+    m = sum(means) / 4
+    half = t975(3) * (sum((x - m) ** 2 for x in means) / 3) ** 0.5 / 2
+    assert ppl == pytest.approx(math.exp(m)) and lo == pytest.approx(math.exp(m - half))
+    assert hi == pytest.approx(math.exp(m + half))
     r, lo, hi = paired_log_ratio([11.0, 13.0, 12.0, 14.0], nll, tok)  # every window 1 nat worse: exactly 0.2/token
     assert r == pytest.approx(0.2) and lo == pytest.approx(0.2) and hi == pytest.approx(0.2)
 
@@ -151,7 +154,7 @@ def test_llm_int8_depends_on_batching_and_the_default_gives_one_window(wikitext_
     from one at a time (seen on an H200: 22.0331 with 8 per pass, 22.015 alone). The default batch for it is 1."""
     from tasks import unit as U
     from tests.test_measurements import make_unit
-    from spec.units import PerplexitySpec
+    from common.units import PerplexitySpec
 
     int8 = REGISTRY["int8"]
     opts = int8.parse_options({"compute_dtype": "fp32"})

@@ -27,7 +27,7 @@ from orchestrator.cli import main
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan
 from orchestrator.store import Store
-from spec.untrusted import BadInput
+from common.untrusted import BadInput
 from tests.conftest import ROOT, SMOLLM2, TINY_LLAMA, write_grid
 
 RUNNER = "tests.scripted:run_unit"
@@ -247,7 +247,7 @@ def test_a_model_replaced_in_place_is_a_new_cell(tmp_path):
 
 def test_quality_is_never_reused_across_fingerprints(tmp_path):
     from orchestrator import plan as plan_module
-    from spec.units import ModelSpec
+    from common.units import ModelSpec
 
     a = ModelSpec("path", "/m", "m", fingerprint="aaaa")
     b = ModelSpec("path", "/m", "m", fingerprint="bbbb")

@@ -2,8 +2,8 @@
 loaded model only through the verbs below, which any inference engine can serve: score whole windows, generate
 exactly N tokens for a batch of prompts with the timings it can give, and report memory and weights. An engine is one
 module here, `tasks/engines/<name>.py`, with `load(model, precision, options, device, calibration, unit) -> Model`
-(`unit`: the spec.units.UnitSpec it serves, for engines whose settings follow its cells), plus
-its name in spec.units.ENGINES; the grid's `engine` field then accepts it. Step-level loops (transformers' prefill and
+(`unit`: the common.units.UnitSpec it serves, for engines whose settings follow its cells), plus
+its name in common.units.ENGINES; the grid's `engine` field then accepts it. Step-level loops (transformers' prefill and
 decode_one_token, its KV caches) stay inside their engine's module.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
-from spec.units import KvSpec, ModelSpec
+from common.units import KvSpec, ModelSpec
 
 
 @dataclass

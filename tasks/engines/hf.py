@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from spec.models import kv_geometry, text_config
-from spec.units import KvSpec, ModelSpec
+from common.models import kv_geometry, text_config
+from common.units import KvSpec, ModelSpec
 from tasks.engines import hf_loop
 from tasks.sources import source_folder
 from tasks.weights import weight_stats

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from spec.catalog import KV_CACHES
-from spec.units import KvSpec
+from common.catalog import KV_CACHES
+from common.units import KvSpec
 from tasks import memory
 from tasks.engines import MemoryRun, Run
 from tasks.weights import stored_tensors

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from spec.units import KvSpec, ModelSpec
+from common.units import KvSpec, ModelSpec
 from tasks.engines import MemoryRun, Run
 from tasks.sources import source_folder
 
@@ -109,7 +109,7 @@ class VLLMModel:
                  options, need: Serving):
         import torch
         import vllm
-        from spec.models import kv_geometry, text_config
+        from common.models import kv_geometry, text_config
 
         self.tokenizer, self.device, self.facts, self.need = tokenizer, device, facts, need
         self.source, self.config = source, config

@@ -96,16 +96,17 @@ def _vllm_four_bit(quant_type: str) -> dict:
 VLLM_INT8 = {"vllm": Served(reason="vLLM runs LLM.int8 only from a checkpoint saved quantized, not in flight")}
 
 
-def _method(bits: int, **kw) -> Method:
-    return Method("bitsandbytes", "bitsandbytes", "weight-only", bits, ("bitsandbytes",), **kw)
+def _method(bits: int, scheme: str = "weight-only", **kw) -> Method:
+    return Method("bitsandbytes", "bitsandbytes", scheme, bits, ("bitsandbytes",), **kw)
 
 
 PRECISIONS = (
     # with a threshold, LLM.int8 takes the input columns whose largest value passes it out of the int8 matmul, per
     # input matrix: which windows share a forward pass changes the numbers (seen on an H200: SmolLM2 22.0331 with 8
     # windows per pass, 22.015 one at a time)
-    Precision("int8", "bitsandbytes LLM.int8 (8-bit weights, fp16 outliers)",
-              _method(8, batch_invariant=lambda o: o.threshold == 0),
+    Precision("int8", "bitsandbytes LLM.int8: int8 weights and activations multiplied in int8, input columns with "
+                      "an outlier above the threshold in fp16",
+              _method(8, "weight+activation", batch_invariant=lambda o: o.threshold == 0),
               Loading(Int8Options, _int8, storage=stored),
               Limits(needs_bf16=_bf16,
                      compile_reason_cuda="its first compiled cell failed on an H200 (torch 2.11, bitsandbytes 0.50.2) "

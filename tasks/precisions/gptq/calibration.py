@@ -24,10 +24,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-from spec.catalog import RANDOM_IDS
-from spec.models import widths_of
+from common.catalog import RANDOM_IDS
+from common.models import widths_of
 from tasks.precisions.gptq import machete_picked, shape_problem
-from spec.cache import cache_root
+from common.cache import cache_root
 from tasks.sources import publish
 
 
