@@ -1,4 +1,4 @@
-"""Where a sweep's time goes (issue 14, item 9): the notebook's own case from command to report, and per unit the
+"""Where a sweep's time goes: the notebook's own case from command to report, and per unit the
 seconds outside loading and measuring, and latency_s against the timed work.
 
   python benchmarks/unit_overhead.py [--grid examples/notebook.yaml] [--output DIR] [--set KEY=VALUE ...]
@@ -52,7 +52,7 @@ def main() -> int:
     for uid, g in df.groupby("unit_id"):
         unit_s = next((v for k, v in manifest.get("per_unit_s", {}).items() if k.startswith(uid)), None)
         first = g.iloc[0]
-        walls = pd.notna(first.get("load_wall_s"))  # rows with the unit's own walls (from the seventh session on)
+        walls = pd.notna(first.get("load_wall_s"))  # rows that record the unit's own walls
         if walls:
             # the unit's own walls: its setup, the whole load step, the whole quality step, every cell
             inside = sum(float(first[k]) for k in ("unit_setup_s", "load_wall_s", "quality_wall_s"))
@@ -65,7 +65,7 @@ def main() -> int:
         t_start, t_end = parts.pop("driver_started_at", None), parts.pop("driver_ended_at", None)
         before_start = {"fork_s": parts.pop("fork_s")} if "fork_s" in parts else {}  # before the unit's span
         # the worker hands the baseline's reference to the object store while the unit goes on measuring: alongside
-        # the unit's own time, not outside it (11-30e's fp16 unit: 0.40 s, and "unaccounted" came out at -0.40 s)
+        # the unit's own time, not outside it (else "unaccounted" comes out negative by as much)
         alongside = {"reference_put_s": parts.pop("reference_put_s")} if "reference_put_s" in parts else {}
         if t_start and pd.notna(first.get("unit_started_at")):
             # the driver's clock against the unit's: from the start event to the unit's entry, and from its last

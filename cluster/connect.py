@@ -20,7 +20,7 @@ from pathlib import Path
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_TOKEN", "QSWEEP_CACHE",
                  "TRANSFORMERS_VERBOSITY")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHIP_EXCLUDES = [".venv", ".git", "results", ".stage", ".whl", "docs/results", "**/__pycache__", "*.parquet"]
+SHIP_EXCLUDES = [".venv", ".git", "results", ".stage", ".whl", "studies", "**/__pycache__", "*.parquet"]
 
 
 @dataclass

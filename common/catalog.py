@@ -33,6 +33,7 @@ KV_CACHES: dict[str, tuple[str, int] | None] = {
 KV_ENGINES = {name: ("vllm",) if spec and spec[0] == "vllm" else ("hf",) if spec else ("hf", "vllm")
               for name, spec in KV_CACHES.items()}  # which engines run each cache
 KV_GROUPED = {name for name, spec in KV_CACHES.items() if spec and spec[0] in ("quanto", "hqq")}  # take KV_DEFAULTS
+KV_LIBRARIES = {"quanto": ("optimum-quanto", "quanto"), "hqq": ("hqq", "hqq")}  # backend -> (distribution, extra)
 KV_DEFAULTS = {"q_group_size": 64, "residual_length": 128}  # a grouped cache's options (orchestrator.grid checks)
 KV_COMPILE_REASON = ("a quantized KV cache is dynamic (dequantized, concatenated and re-quantized as it grows); the "
                      "compiled decode path needs a static cache")
@@ -46,11 +47,20 @@ def kv_label(name: str, options: dict) -> str:
 
 
 def kv_reason(kv_name: str, decode: str, engine: str = "hf") -> str | None:
-    """Why a cell with this KV cache cannot run with this decode path on this engine, or None."""
+    """Why a cell with this KV cache cannot run with this decode path on this engine (or here: its library not
+    installed), or None."""
     if engine not in KV_ENGINES[kv_name]:
         return f"kv_cache {kv_name} runs on {' and '.join(KV_ENGINES[kv_name])} only, not on {engine}"
     if engine == "hf" and decode == "compiled" and kv_name in KV_GROUPED:
         return f"kv_cache {kv_name} with decode: compiled: {KV_COMPILE_REASON}"
+    library = KV_LIBRARIES.get((KV_CACHES[kv_name] or ("",))[0])
+    if library:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            version(library[0])
+        except PackageNotFoundError:
+            return f"kv_cache {kv_name} needs {library[0]}, not installed: pip install -e '.[{library[1]}]'"
     return None
 
 

@@ -208,8 +208,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("energy_runs", I, "generations in the energy window (repeats_done timed, the rest untimed)"),
     ("energy_counter_update_ms", F, "ms between updates of NVML's energy counter, measured once per GPU and process "
                                     "(100 on an H200)"),
-    ("energy_timed_j", F, "rows before 2026-12-01c (no energy_window_j): joules of all timed runs together, however "
-                          "short"),
+    ("energy_timed_j", F, "rows of measurements before the energy window (no energy_window_j): joules of all timed "
+                          "runs together, however short"),
     ("energy_method", S, "how the energy was read (NVML's counter moves in steps of 100 ms on an H200: read around "
                          "windows of 2 s at least, the generations' and a prefill-only loop's)"),
     ("energy_missing", S, "why there is no energy (CPU: no counter; an older GPU)"),

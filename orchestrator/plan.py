@@ -246,7 +246,7 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
         p = REGISTRY[u.precision.name]
         opts = p.parse_options(u.precision.options)
         reason = engine_reason(u.engine, device_type) or p.engine_reason(u.engine, opts) \
-            or p.unsupported_reason(device_type, opts, None, capability)
+            or p.method.missing() or p.unsupported_reason(device_type, opts, None, capability)
         # projection widths against transformers' kernels (vLLM picks its own, and says so when it cannot)
         widths = model_widths(u.model) if p.limits.shape_reason and not reason and u.engine == "hf" else None
         if widths:

@@ -40,7 +40,7 @@ def unit_task(runner: str, unit, wikitext: bytes | None):
             parts["reference_put_s"] += time.perf_counter() - t0
         yield item
         last = time.perf_counter()
-    # where the unit's time outside loading and measuring goes (bench/unit_overhead.py reads it from sweep.json)
+    # where the unit's time outside loading and measuring goes (benchmarks/unit_overhead.py reads it from sweep.json)
     yield {"_event": "end", **parts, "exit_s": time.perf_counter() - last}
 
 

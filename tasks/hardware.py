@@ -116,7 +116,7 @@ def fingerprint(device: str) -> dict:
 def sdpa_backends() -> str:
     """The attention backends torch may pick from, in its order of preference (which one runs depends on the
     shapes): cuDNN attention decodes ~20% faster on an H200 once it has built a plan for each sequence length, and
-    building them makes a process's first generation 3-4x slower (docs/results/h200-2026-11-30c)."""
+    building them makes a process's first generation 3-4x slower."""
     from torch.nn.attention import SDPBackend
 
     enabled = {"FLASH_ATTENTION": torch.backends.cuda.flash_sdp_enabled(),

@@ -1,6 +1,6 @@
 """What else ran on the unit's CPUs while its runs were timed. Host-bound decode (eager on a GPU, and compiled cells
-whose host issues each step slower than the GPU runs it) moves with it: on a 2-GPU host (11-30h) one GPU's eager steps
-went from 64 to 82-130 ms in stretches while the other GPU's sweep compiled cells (likely: inductor's workers take
+whose host issues each step slower than the GPU runs it) moves with it: on a 2-GPU host one GPU's eager steps went
+from 64 to 82-130 ms in stretches while the other GPU's sweep compiled cells (likely: inductor's workers take
 every CPU they see; the 1-minute load average could not tell). Linux's /proc/stat counts each CPU's busy time (in
 clock ticks, 10 ms); the busy time on the CPUs this process may use, less this process's own CPU time, over a span's
 wall time is how many of them other processes kept busy. A tick per CPU is a large share of a short run (a tiny

@@ -31,10 +31,9 @@ from tasks.precisions import REGISTRY, library_imports
 # when installed (torchao's import queries the GPU's compute capability; found on the GPU host; tests/test_methods.py
 # checks that none of them is preloaded)
 # torch's inductor compiler (compile_fx, lowering) and transformers.cache_utils neither: after importing them, a
-# forked child could not use the GPU on the H200 host although torch.cuda.is_initialized() said no
-# (bench/import_cost.py, docs/results/h200-2026-11-30c): their CUDA availability check calls the driver's cuInit,
-# which no fork survives. With PYTORCH_NVML_BASED_CUDA_CHECK=1 torch asks NVML instead, a child forked after each
-# still used the GPU (11-30j), and QSWEEP_PRELOAD may name them; not the default: a unit's import_s did not fall.
+# forked child cannot use the GPU although torch.cuda.is_initialized() says no: their CUDA availability check calls
+# the driver's cuInit, which no fork survives. With PYTORCH_NVML_BASED_CUDA_CHECK=1 torch asks NVML instead, a child
+# forked after each still uses the GPU, and QSWEEP_PRELOAD may name them (not the default: import_s does not fall).
 CUINIT_ON_IMPORT = ("transformers.cache_utils", "torch._inductor.compile_fx", "torch._inductor.lowering")
 NEVER_PRELOAD = library_imports() + ("transformers.modeling_utils",)
 
@@ -45,19 +44,18 @@ def nvml_check() -> bool:
 
 
 def extra_preload(names: str) -> tuple[str, ...]:
-    """QSWEEP_PRELOAD: more modules for the fork server, comma-separated (a GPU campaign passes those that
-    bench/import_cost.py found a forked child survives); the ones in NEVER_PRELOAD are left out, and those in
-    CUINIT_ON_IMPORT unless torch checks for a GPU through NVML."""
+    """QSWEEP_PRELOAD: more modules for the fork server, comma-separated (those a forked child survives on the GPU
+    at hand); the ones in NEVER_PRELOAD are left out, and those in CUINIT_ON_IMPORT unless torch checks for a GPU
+    through NVML."""
     refused = NEVER_PRELOAD + (() if nvml_check() else CUINIT_ON_IMPORT)
     wanted = [m.strip() for m in names.split(",") if m.strip()]
     return tuple(m for m in wanted if not any(m == n or m.startswith(n + ".") for n in refused))
 
 
-# torch._dynamo, torch.distributed.tensor, sympy and networkx: ~6 of a unit's 11-12 s of import_s on the H200 host,
-# moved into the fork server's start (paid once); a forked child still uses the GPU after each (import_cost.py there).
-# sklearn.metrics: transformers 5.17 imports it with its generation code whenever scikit-learn is installed (1.5-2 s);
-# a child forked after it still used the GPU, and preloaded it took the notebook's import_s from 2.1 to 0.95 s
-# (docs/results/h200-2026-12-01). The fork server skips a module that is not installed.
+# torch._dynamo, torch.distributed.tensor, sympy and networkx: ~6 of a unit's 11 to 12 s of import_s on an H200 host,
+# moved into the fork server's start (paid once); a forked child still uses the GPU after each. sklearn.metrics:
+# transformers imports it with its generation code whenever scikit-learn is installed (1.5-2 s); preloaded, the
+# notebook's import_s falls from 2.1 to 0.95 s. The fork server skips a module that is not installed.
 PRELOAD = ("torch", "transformers", "accelerate", "numpy", "torch.distributed.tensor", "torch._dynamo", "sympy",
            "networkx", "sklearn.metrics") + extra_preload(os.environ.get("QSWEEP_PRELOAD", ""))
 _loads = 0  # models loaded by this process; each unit runs in a process of its own

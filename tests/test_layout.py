@@ -67,3 +67,24 @@ def test_schema_table_has_three_cells_per_row():
     rows = [line for line in markdown().splitlines() if line.startswith("| `")]
     assert len(rows) > 100 and any("\\|" in r for r in rows)
     assert all(len(re.findall(r"(?<!\\)\|", r)) == 4 for r in rows)
+
+
+HISTORY = re.compile(r"(?<![\d.-])1[12]-[0-3]\d[a-j]?(?![\d.])|session ?\d+|\b\w+(?:th|st|nd|rd) session\b|"
+                     r"issue \d+|" + "h200" + "-2026|docs/" + "results", re.I)  # (split: this line is scanned too)
+
+
+def test_code_docs_and_names_state_rules_not_history():
+    """No dated run tags, run numbering or issue numbers in code, examples, docs or file names: history lives in
+    git and CHANGELOG.md (whose versions are the measurement's, not dates of runs)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.split()
+    found = []
+    for name in files:
+        path = ROOT / name
+        if HISTORY.search(name):
+            found.append(name)
+        if path.suffix in (".py", ".md", ".yaml", ".yml", ".sh", ".j2", ".toml", ".txt", ".cfg") and path.is_file():
+            for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if HISTORY.search(line.replace('scope="session"', "")):
+                    found.append(f"{name}:{i}: {line.strip()[:100]}")
+    assert found == [], "\n".join(found[:30])

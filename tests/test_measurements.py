@@ -101,7 +101,7 @@ def test_quantization_shrinks_weights(rows_by_precision):
     assert json.loads(rows_by_precision["nf4-dq"][0]["precision_options"])["double_quant"] is True
 
 
-# issue 6: one small module per library; every one of these runs on CPU (torchao int4 with the packing CPU has)
+# one small module per library; every one of these runs on CPU (torchao int4 with the packing CPU has)
 MORE = {"torchao-int8wo": {}, "torchao-int8dq": {}, "torchao-int4wo": {"group_size": 32}, "torchao-fp8wo": {},
         "quanto-int8": {}, "quanto-int4": {}, "quanto-int2": {},
         "hqq": {"bits": 4, "compute_dtype": "bf16"}, "hqq-2": {"bits": 2, "compute_dtype": "bf16"}}
@@ -178,8 +178,8 @@ def test_cell_failure_does_not_stop_the_unit(monkeypatch):
 
 @pytest.mark.parametrize("warmup", [0, 1, 2])
 def test_memory_run_starts_without_earlier_runs_caches(monkeypatch, warmup):
-    """Found on an H200: the last timed run's KV cache was still referenced during the memory run, so every peak
-    counted one KV cache twice (Llama-2-7B, 1024 tokens x 16: 31.4 GB for 22.4 GB of weights + cache). Memory is
+    """No earlier run's KV cache may still be referenced during the memory run, or every peak counts one KV cache
+    twice (Llama-2-7B, 1024 tokens x 16: 31.4 GB for 22.4 GB of weights + cache). Memory is
     read in the last warm-up run (with none, in a run after the timed ones). On CPU the allocator cannot tell, so
     check that no earlier run's cache is alive when any run starts, the memory run's included."""
     import weakref
@@ -320,7 +320,7 @@ def test_a_compiled_cell_runs_every_generation_in_one_static_cache(monkeypatch):
 def test_decode_starts_from_an_idle_gpu_and_the_host_clock_restarts_there(monkeypatch):
     """A run's decode steps are issued only after the GPU has finished the prefill (one sync after the prefill's
     event), and the host's first decode gap is counted from there: else the GPU ran the first steps from the
-    prefill's queue while a slower host fell behind (11-30g: torchao-int4wo's host 4.0 ms a step, its GPU 3.1, and
+    prefill's queue while a slower host fell behind (torchao-int4wo's host 4.0 ms a step, its GPU 3.1, and
     the cell's figure the GPU's). The order of a run's calls, and the clock's GPU side with the sync spied."""
     import torch
 
@@ -397,7 +397,7 @@ def test_other_processes_on_the_unit_s_cpus_are_counted_over_the_timed_runs(monk
 
     monkeypatch.setattr(host_cpu, "MIN_SPAN_S", 0.0)  # this tiny cell's runs take milliseconds: count each
     # a run's span lasts until its device marks are read (a GPU's host returns from a run while its steps still
-    # run: 11-30i's compiled 7B nf4 at 128 x 8 spanned 0.13 s of its runs' 1.3 s and had no figure)
+    # run: a compiled 7B's cell spanned 0.13 s of its runs' 1.3 s and had no figure)
     tracked, read_inside = [], []
     track = host_cpu.HostCpu.run
 
@@ -435,7 +435,7 @@ def test_local_folder_source(smollm2, model_cache):
 @pytest.mark.slow
 def test_torchao_unwrap_drops_the_per_weight_python_work_of_a_compiled_step_and_changes_no_number(model_cache):
     """torchao's weights are tensor subclasses: a compiled step evaluates a Python metadata guard and flattens each one
-    on every call (the host work that made torchao-int4wo's compiled decode host-bound on an H200, 11-30f).
+    on every call (the host work that makes torchao-int4wo's compiled decode host-bound on an H200).
     `unwrap: true` makes them parametrizations of plain tensors: no guard and no flatten a step, the same tokens (eager
     and compiled), the same parameters and bytes, and the row says so."""
     import cProfile

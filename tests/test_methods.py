@@ -326,7 +326,7 @@ def test_extra_preload_leaves_out_what_touches_the_gpu(monkeypatch):
     assert extra_preload("") == ()
     assert extra_preload(" sympy, torch._dynamo ,,torchao, torchao.quantization, transformers.modeling_utils") == (
         "sympy", "torch._dynamo")
-    # found on the H200 host: a child forked after these could not use the GPU (bench/import_cost.py)
+    # on a GPU host a child forked after these cannot use the GPU
     cuinit = "torch._inductor.compile_fx,torch._inductor.lowering,transformers.cache_utils"
     assert extra_preload(cuinit) == ()
     # unless torch asks NVML, not the CUDA driver, whether there is a GPU; the libraries stay out either way

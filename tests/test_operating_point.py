@@ -1,4 +1,4 @@
-"""The operating point (issue 16) on CPU: prompt length is an axis with keys of its own, long prompts are refused where
+"""The operating point on CPU: prompt length is an axis with keys of its own, long prompts are refused where
 the model cannot hold them, energy is empty with the reason on CPU, the grid's cost prices the tokens, budgets parse,
 prompts are cut up to any length, the energy counter bench reads a counter. (An `oom` cell beside finishing ones:
 tests/test_measurements.py.)"""
@@ -72,7 +72,7 @@ def test_prompts_are_cut_from_real_text_up_to_any_length():
 
 
 def test_energy_windows_span_the_counters_updates_and_carry_its_bound():
-    """tasks/energy on a counter that moves every 100 ms (an H200's, 12-01c), read on a clock that a poll moves by
+    """tasks/energy on a counter that moves every 100 ms (an H200's), read on a clock that a poll moves by
     1 ms: the update interval is 100 ms. Timed runs shorter than the window are followed by untimed runs until it spans
     2 s (none where they were long enough). The columns by hand: 3 timed runs and 1 untimed, 400 J in 2 s; 8
     prefill-only runs of batch 2 x 10 tokens, 4 J in 2 s: 0.025 J a prompt token, (400 - 4 x 0.5) / (4 x 2 x 4) J a

@@ -185,8 +185,8 @@ perplexity: false
 
 
 def test_an_option_added_later_keeps_the_cells_measured_before_it(tmp_path, monkeypatch):
-    """torchao's `unwrap` came after torchao cells were measured (11-30f): at its default the cell keys are those of
-    options without it, so a grid that does not set it reuses those rows (11-30g measured 3 cells again before this);
+    """An option added after cells were measured (torchao's `unwrap`): at its default the cell keys are those of
+    options without it, so a grid that does not set it reuses those rows;
     set, it keys cells of its own. An option that is not marked added (group_size) stays in the key at its default."""
     from orchestrator import plan as P
     from tasks.precisions import REGISTRY
@@ -199,7 +199,7 @@ def test_an_option_added_later_keeps_the_cells_measured_before_it(tmp_path, monk
     assert REGISTRY["torchao-int4wo"].parse_options({}).key() == {"compute_dtype": "bf16", "group_size": 128}
     grid = load_grid(tmp_path / "g.yaml", [])
     model = default.model
-    before = {k: v for k, v in default.precision.options.items() if k != "unwrap"}  # as a row of 11-30f was keyed
+    before = {k: v for k, v in default.precision.options.items() if k != "unwrap"}  # as a row measured before the option was keyed
     for c in default.cells:
         axes = {"prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens, "batch_size": c.batch_size,
                 "decode": c.decode, "kv": c.kv}

@@ -1,4 +1,4 @@
-"""Quality you can decide on (issue 15): the distance to the baseline (KL over the whole vocabulary, top-1 agreement,
+"""Quality you can decide on: the distance to the baseline (KL over the whole vocabulary, top-1 agreement,
 Δp of the correct token, ln perplexity ratio) from the baseline's reference, intervals on perplexity and its paired
 difference, adaptive repeats, LLM.int8's batch dependence, and the driver's handling of references and reuse."""
 import json

@@ -1,4 +1,4 @@
-"""Safe by default, and nothing a user runs is ever lost (issue 13): every class of bad input is refused before
+"""Safe by default, and nothing a user runs is ever lost: every class of bad input is refused before
 anything starts (exit 2, one line naming the field or file, no traceback), the embedded Ray listens on loopback only
 with token authentication on, repeated axis values and concurrent sweeps cannot lose rows, history never
 overwrites, keys are canonical, a folder that cannot be written stops the sweep cleanly, and user text is never read

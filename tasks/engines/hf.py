@@ -79,7 +79,7 @@ class HFModel:
 
 # quantization libraries transformers imports with modeling_utils whenever they are installed, and the availability
 # check it asks first (transformers 5.17 and 5.24: quantizer_torchao, integrations.torchao and cache_utils, at module
-# level). A unit's import_s on the 2-core CPU machine: 2.5 s -> 0.8 s without them (bench/unit_overhead.py).
+# level). A unit's import_s on a 2-core CPU machine: 2.5 s -> 0.8 s without them (benchmarks/unit_overhead.py).
 EAGER_IMPORTS = {"torchao": "is_torchao_available", "hqq": "is_hqq_available"}
 
 

@@ -65,6 +65,23 @@ class Method:
     # whether its numbers are the same whichever windows share a forward pass (LLM.int8 with outliers is not: it
     # picks outlier columns per batch)
     batch_invariant: Callable[[Options], bool] = field(default=lambda o: True)
+    extra: str | None = None                      # the project's pip extra that installs its library
+
+    def missing(self) -> str | None:
+        """Why its library cannot be loaded here (not installed: found from installed distributions' metadata,
+        nothing imported), naming what installs it; None where it is installed or part of the core."""
+        if not self.distribution and self.library == "torch":
+            return None
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            version(self.distribution or self.library)
+            return None
+        except PackageNotFoundError:
+            how = f"pip install -e '.[{self.extra}]'" if self.extra else f"pip install {self.distribution}"
+            more = " and pip install --no-deps gptqmodel==7.6.0 (scripts/setup.sh --test does both)" \
+                if self.extra == "gptq" else ""
+            return f"{self.distribution or self.library} is not installed: {how}{more}"
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def stored(module) -> Stored | None:
 
 PRECISIONS = (
     Precision("hqq", "HQQ half-quadratic weight quantization (no calibration)",
-              Method("hqq", "hqq", "weight-only", lambda o: o.bits, ("hqq",)),
+              Method("hqq", "hqq", "weight-only", lambda o: o.bits, ("hqq",), extra="hqq"),
               Loading(HqqOptions, _load_plan, after_load=_quantize, storage=stored),
               Limits(needs_bf16=lambda o: o.compute_dtype == "bf16"), launch_cost=lambda o: 2.0),
 )

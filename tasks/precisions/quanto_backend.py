@@ -23,7 +23,7 @@ def _weights(kind: str):
 
 
 def _quanto(kind: str, bits: int, **limits) -> dict:
-    return dict(method=Method("quanto", "optimum-quanto", "weight-only", bits, ("optimum.quanto",)),
+    return dict(method=Method("quanto", "optimum-quanto", "weight-only", bits, ("optimum.quanto",), extra="quanto"),
                 loading=Loading(QuantoOptions, _weights(kind)),
                 limits=Limits(needs_bf16=lambda o: o.compute_dtype == "bf16", **limits), launch_cost=lambda o: 2.0)
 

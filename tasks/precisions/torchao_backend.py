@@ -8,9 +8,9 @@ Int4WeightOnlyConfig fails in 0.18, `IntxWeightOnlyConfig(int4, PerGroup)`, whic
 
 `unwrap: true` turns each quantized weight into a parametrization over the plain tensors it flattens to
 (`torchao.utils.unwrap_tensor_subclass`): the same tokens, and a compiled decode step no longer evaluates a Python
-metadata guard and two flattens for every weight on every call (bench/step_host_cost.py), the host work that made
-torchao-int4wo's compiled decode host-bound on an H200 (11-30f). Eager, the module rebuilds the subclass at every
-access instead.
+metadata guard and two flattens for every weight on every call, host work (4-5 ms a step for a 7B) that makes
+torchao-int4wo's compiled decode host-bound on an H200. Eager, the module rebuilds the subclass at every access
+instead.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ VLLM_TORCHAO = {"vllm": Served(reason="vLLM runs torchao only from a checkpoint 
 
 
 def _ao(kind: str, options, bits: int, scheme: str = "weight-only", engines=VLLM_TORCHAO, **limits) -> dict:
-    return dict(method=Method("torchao", "torchao", scheme, bits, ("torchao",)),
+    return dict(method=Method("torchao", "torchao", scheme, bits, ("torchao",), extra="torchao"),
                 loading=Loading(options, _config(kind), after_load=_unwrap, storage=_stored),
                 limits=Limits(needs_bf16=_bf16, **limits), launch_cost=lambda o: 1.5 if scheme == "weight-only" else 2.0,
                 engines=engines)

@@ -112,7 +112,7 @@ def _marlin_compile_cuda(method: str, kernels: tuple[str, ...]):
     return reason
 
 
-METHOD = Method("gptqmodel", "gptqmodel", "weight-only", lambda o: o.bits, ("gptqmodel",))
+METHOD = Method("gptqmodel", "gptqmodel", "weight-only", lambda o: o.bits, ("gptqmodel",), extra="gptq")
 
 
 def _vllm(method: str) -> dict:
