@@ -4,10 +4,12 @@ re-rendered; every row is upgraded to the current schema on read (reports/migrat
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 
 from common.untrusted import check_file_slot, open_folder, write_into
 from reports import caveats, charts, decision, fit, speed, summary, tables
@@ -30,9 +32,15 @@ def _interval(pair, fmt="{:.2f}"):
     return "" if lo is None or hi is None else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
+def _code(text) -> Markup:
+    """Plain text, escaped, with `backticked` spans as code (the decision's commands and grid fields)."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
 def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(mb=_mb, num=_num, interval=_interval,
+    env.filters.update(mb=_mb, num=_num, interval=_interval, code=_code,
+                       signed=lambda p: "" if not p or p[0] is None else f"[{p[0]:+.1f}, {p[1]:+.1f}]",
                        pct=lambda x: "–" if x is None else f"{x:+.1f}%",
                        share=lambda x: "–" if x is None else (f"{x:.1%}" if x < 0.9995 else "100%"))
     return env

@@ -530,9 +530,9 @@ CHECKS = """() => {
 
 
 def negative_bounds(text: str) -> list[str]:
-    """Intervals of positive quantities printed with a bound below zero: "-4.2–3.1" after a time, a perplexity or a
-    ratio (Δ perplexity, a signed change, prints its sign and is left out)."""
-    return re.findall(r"(?<![+\d])-\d[\d.,]*\s*[–-]\s*-?\d[\d.,]*(?!\s*%)", text)
+    """Intervals printed with a bound below zero ("-417.7–1,263.4"): every interval the page prints low–high is of a
+    positive quantity (a signed change prints "[+1.5, +2.0]" or "[-0.01 to +0.03]" instead)."""
+    return re.findall(r"(?:^|[\s(\[])-\d[\d,]*\.\d+\s*–\s*-?\d[\d,]*\.\d+", text, re.M)
 
 
 @pytest.mark.slow
@@ -584,3 +584,35 @@ def test_real_reports_in_headless_chromium(tmp_path, study):
     assert found["overlaps"] == [], found["overlaps"][:5]
     assert negative_bounds(text) == [], negative_bounds(text)[:5]
     assert shot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_study_renders_with_one_command(tmp_path, no_charts, study):
+    """`python -m orchestrator report studies/<study>`: every row readable, a decision with picks per model."""
+    from orchestrator.cli import main
+
+    assert main(["report", str(study), "-o", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "could not be read" not in html and html.count('<div class="decision">') >= 1
+    assert re.search(r'<div class="decision">.*?<li>\S', html, re.S)
+    meta = json.loads((study / "study.json").read_text())
+    assert meta["question"] and meta["sources"] and all(s["command"].startswith("python -m orchestrator sweep")
+                                                         for s in meta["sources"])
+
+
+@pytest.mark.slow
+def test_the_findings_page_holds_what_the_studies_give():
+    """docs/findings.md's tables are made from the studies (studies/harness/findings.py): regenerating them changes
+    nothing."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "studies" / "harness"))
+    import findings
+
+    page = (ROOT / "docs" / "findings.md").read_text()
+    assert findings.write(page, findings.render_all()) == page, "run: python studies/harness/findings.py --write"
+
+
+def test_published_studies_stay_small():
+    size = sum(p.stat().st_size for p in (ROOT / "studies").rglob("*") if p.is_file())
+    assert size < 10e6, size

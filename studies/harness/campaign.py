@@ -11,6 +11,7 @@ A campaign file:
       grid: grids/quality.yaml           # relative to the campaign file
       set: ["generation.repeats=5"]      # optional --set overrides
       env: {PYTORCH_CUDA_ALLOC_CONF: "expandable_segments:True"}   # optional
+      output: quality                    # optional: another sweep's folder (its cells done there are not measured again)
 DIR/exits.txt gets "<name> exit <code> after <s> s" per sweep, DIR/all.done when every sweep has ended, and
 DIR/versions.json the versions of what ran.
 """
@@ -53,7 +54,7 @@ def versions() -> dict:
 
 def command(sweep: dict, campaign_dir: Path, results: Path) -> list[str]:
     cmd = [sys.executable, "-m", "orchestrator", "sweep", str(campaign_dir / sweep["grid"]),
-           "--output", str(results / sweep["name"])]
+           "--output", str(results / sweep.get("output", sweep["name"]))]
     for s in sweep.get("set") or []:
         cmd += ["--set", s]
     return cmd
