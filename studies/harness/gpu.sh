@@ -3,6 +3,8 @@
 #   unstage I            append staged part I (.stage/part-I, carried by the call); after the last, install the
 #                        wheels into /tmp/site and the data into /tmp/stage/data (studies/harness/stage.sh)
 #   env                  versions, GPUs and CPUs; builds pypcre where staged (gptqmodel imports it)
+#   check-vllm           the vLLM engine against transformers on SmolLM2 (stage: model vllm): windows scored by both
+#                        (the distance between them, vLLM's own log-probabilities against the hook's), a generation
 #   run CAMPAIGN         start studies/<CAMPAIGN>/campaign.yaml in the background (once), then watch it until DEADLINE
 #                        seconds (default 560) or its end, copying its results to $OUT/CAMPAIGN.tgz every minute (a
 #                        call cut short still returns them); later calls with the same name only watch
@@ -38,6 +40,9 @@ case $verb in
       python3 -c "import importlib.util as u; print('$m', 'ok' if u.find_spec('$m') else 'MISSING')"; done
     nproc; free -g | head -2
     ;;
+  check-vllm)
+    python3 studies/harness/check_vllm.py | tee "$OUT/check-vllm.json"
+    ;;
   run)
     name=$1; R=/tmp/campaign-$name; mkdir -p "$R"
     if [ ! -f "$R/launched" ]; then
@@ -60,5 +65,5 @@ case $verb in
     done
     tail -5 "$R/campaign.log"; cat "$R/exits.txt" 2>/dev/null
     ;;
-  *) echo "unknown verb $verb (unstage I, env, run CAMPAIGN)" >&2; exit 2 ;;
+  *) echo "unknown verb $verb (unstage I, env, check-vllm, run CAMPAIGN)" >&2; exit 2 ;;
 esac

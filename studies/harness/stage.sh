@@ -2,7 +2,7 @@
 # Stage what a GPU host lacks for a campaign (studies/harness/gpu.sh): the pinned wheels of the sets named
 # (wheels.txt: core, vllm, gptq) and the WikiText-2 files, as .stage/part-1..N, each small enough that it and the
 # working tree fit one 64 MiB upload. Run from anywhere:
-#   DATA=../shared/data bash studies/harness/stage.sh core vllm
+#   DATA=../shared/data bash studies/harness/stage.sh core model vllm
 # DATA: the folder holding wikitext-2-raw/wiki.test.raw and wikitext-2/wiki.valid.tokens (checked on the host against
 # the sha256 the project knows). Each part is uploaded by one call that carries .stage/part-I and runs
 # `bash studies/harness/gpu.sh unstage I`, one after another with nothing in between: the host keeps /tmp only while
