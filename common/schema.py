@@ -177,6 +177,19 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                                     "an idle GPU): the GPU ran steps queued during the prefill"),
     ("e2e_s", F, "prefill + decode seconds, mean of repeats"),
     ("e2e_tokens_per_s", F, "batch_size x new_tokens / e2e_s"),
+    ("throughput_tokens_per_s", F, "offline throughput, measured once per unit: generation.throughput's requests "
+                                   "(throughput_requests prompts of throughput_prompt_tokens) handed to the engine "
+                                   "together, each generating exactly throughput_new_tokens; generated tokens per "
+                                   "wall-clock second, prefill included, mean over timed runs after one warm-up. "
+                                   "The same on every row of the unit"),
+    ("throughput_ci_low", F, "offline throughput, 95% interval on the mean over its timed runs, low end"),
+    ("throughput_ci_high", F, "offline throughput, 95% interval, high end"),
+    ("throughput_s_samples", LF, "raw: wall seconds of each timed throughput run"),
+    ("throughput_requests", I, "offline throughput: requests handed over together"),
+    ("throughput_prompt_tokens", I, "offline throughput: prompt tokens per request"),
+    ("throughput_new_tokens", I, "offline throughput: tokens generated per request"),
+    ("throughput_decode", S, "offline throughput: the decode path it ran (eager, or compiled: CUDA graphs in vLLM)"),
+    ("throughput_missing", S, "why the unit has no throughput figure although the grid asked for one"),
     ("cv_ttft", F, "coefficient of variation of ttft over repeats"),
     ("cv_decode", F, "coefficient of variation of per-repeat mean decode gap"),
     ("noisy_timing", B, "cv_ttft or cv_decode over 5%"),

@@ -83,6 +83,7 @@ class GenerationSpec:
     max_repeats: int = 30            # auto: at most this many timed runs,
     max_seconds: float = 60.0        # and this much timed work,
     target_halfwidth: float = 0.02   # stopping once the 95% interval's half-width / mean is this small
+    throughput: tuple[int, int, int] | None = None  # offline throughput: (requests, prompt_tokens, new_tokens)
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,14 @@ class KvCacheEntry(Strict):
         return KvSpec(self.name, self.options, self.label)
 
 
+class Throughput(Strict):
+    # one offline figure per unit: `requests` prompts of `prompt_tokens` handed to the engine together, each generating
+    # exactly `new_tokens`; generated tokens per wall-clock second (the serving engine schedules them as it would)
+    requests: PositiveInt = 64
+    prompt_tokens: PositiveInt = 512
+    new_tokens: PositiveInt = 128
+
+
 class Generation(Strict):
     new_tokens: list[PositiveInt] = Field(min_length=1)
     batch_sizes: list[PositiveInt] = Field(default=[1], min_length=1)
@@ -165,6 +173,7 @@ class Generation(Strict):
     decode: list[Literal["eager", "compiled"]] = Field(default=["eager"], min_length=1)
     # one more decode step per cell under torch.profiler: its top kernels (CUDA) or operators (CPU), after the timing
     profile: bool = False
+    throughput: Throughput | None = None  # off unless given
     # native: DynamicCache in the model's dtype; quanto-int4/int2, hqq-int8/int4/int2: transformers' QuantizedCache
     kv_cache: list[KvCacheEntry] = Field(default=[KvCacheEntry(name="native")], min_length=1)
 

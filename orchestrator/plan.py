@@ -144,7 +144,9 @@ def make_plan(grid: Grid, run_id: str, texts: wikitext.Texts | None = None,
     gpus = grid.resources.gpus_per_task if gpus_per_task is None else gpus_per_task
     g = grid.generation
     generation = GenerationSpec(g.warmup, 0 if g.repeats == "auto" else g.repeats, g.profile,
-                                g.max_repeats, g.max_seconds, g.target_halfwidth)
+                                g.max_repeats, g.max_seconds, g.target_halfwidth,
+                                (g.throughput.requests, g.throughput.prompt_tokens, g.throughput.new_tokens)
+                                if g.throughput else None)
     by_sha = {source["sha256"]: raw for raw, source in texts.calibration.values() if raw is not None}
     units = []
     for i, m in enumerate(grid.models):

@@ -98,7 +98,7 @@ def model_context(every, budgets, palette, budget) -> dict:
         "note": first(d.weights_note) if "weights_note" in d else None,
         "fits": fits, "fit_table": tables.fit_table(fits, entries, decision.EXTRAPOLATED),
         "fit_errors": fit.errors(d, variants), "fit_allocators": tables.fit_allocators(d),
-        "crossover": cross, "pays": speed.where_it_pays(cross),
+        "crossover": cross, "pays": speed.where_it_pays(cross), "throughput": speed.throughput(d, baseline),
         "cells": tables.every_cell(every, newest=d),
         "charts": [c for c in (charts.quality(entries, palette, cell, baseline),
                                charts.decode_vs_length(d, baseline, palette, broken),

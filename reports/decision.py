@@ -4,7 +4,7 @@ cites measured cells only; where the data cannot support one, the sentence says 
 from __future__ import annotations
 
 from common.stats import MIN_SAMPLES
-from reports.speed import NOISY_HALFWIDTH, compare
+from reports.speed import compare
 
 EXTRAPOLATED = 4  # a predicted largest batch over 4× the largest measured batch is the memory model's, not a pick
 ENGINES_APART = 10  # the engines' own distance must be this many times smaller than the closest quantized variant's

@@ -161,3 +161,30 @@ def where_it_pays(cross: list[dict]) -> list[str]:
 def _and(items: list) -> str:
     items = [str(i) for i in items]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def throughput(df: pd.DataFrame, baseline: str | None) -> list[dict]:
+    """Per variant with an offline throughput figure (one per unit, the same on its rows): tokens/s with its 95%
+    interval, the requests it ran, and its ratio to its engine's baseline measured with the same requests on the same
+    machine (None where there is none; the ratio's interval from both sides' timed runs)."""
+    if "throughput_tokens_per_s" not in df:
+        return []
+    d = df[df.throughput_tokens_per_s.notna()]
+    settings = ["throughput_requests", "throughput_prompt_tokens", "throughput_new_tokens", "throughput_decode"]
+    first_rows = {v: g.iloc[0] for v, g in d.groupby("variant", sort=False)}
+    out = []
+    for v in precision_order(d, baseline):
+        r = first_rows[v]
+        base_v = engine_baseline(df, baseline, val(r.get("engine")) or "hf")
+        b = first_rows.get(base_v)
+        same = (b is not None and v != base_v and machine(b) == machine(r)
+                and all(val(b.get(k)) == val(r.get(k)) for k in settings))
+        seconds = ratio_interval(list(r.throughput_s_samples), list(b.throughput_s_samples)) if same else None
+        ratio = (1 / seconds[0], 1 / seconds[2], 1 / seconds[1]) if seconds else None  # tokens/s over the baseline's
+        out.append({"variant": v, "tokens_per_s": val(r.throughput_tokens_per_s),
+                    "interval": (val(r.throughput_ci_low), val(r.throughput_ci_high)),
+                    "requests": int(r.throughput_requests), "prompt_tokens": int(r.throughput_prompt_tokens),
+                    "new_tokens": int(r.throughput_new_tokens), "decode": val(r.throughput_decode),
+                    "versus": base_v if ratio else None, "ratio": ratio,
+                    "verdict": VERDICT_WORDS[verdict(seconds)] if seconds else None})
+    return out

@@ -221,3 +221,31 @@ def _measure(gen, device, walls, batch_size, new_tokens, prompt_tokens, warmup, 
         walls["profile_s"] = time.perf_counter() - t0
     return CellMeasurement(record, mem, gen.compile_s, counters, kernels, used, others.columns(), walls,
                            gen.timing_source)
+
+
+def measure_throughput(model, device: str, *, requests: int, prompt_tokens: int, new_tokens: int, decode: str,
+                       repeats: int) -> dict:
+    """Offline throughput: `requests` prompts of `prompt_tokens` handed to the engine together, each generating
+    exactly `new_tokens`; generated tokens per wall-clock second from handing them over to the last token (prefill
+    included), one warm-up then `repeats` timed runs (at least 3), device-synchronised at both ends."""
+    ids = prompt_ids(model.tokenizer, model.vocab_size, prompt_tokens, requests, device)
+    gen = model.generation(ids, new_tokens, decode, None)
+    try:
+        gen.run_untimed()
+        walls = []
+        for _ in range(max(repeats, 3)):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            gen.run_untimed()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            walls.append(time.perf_counter() - t0)
+    finally:
+        gen.close()
+    rates = [requests * new_tokens / w for w in walls]
+    mean, low, high = mean_interval(rates)
+    return {"throughput_tokens_per_s": mean, "throughput_ci_low": low, "throughput_ci_high": high,
+            "throughput_s_samples": walls, "throughput_requests": requests,
+            "throughput_prompt_tokens": prompt_tokens, "throughput_new_tokens": new_tokens,
+            "throughput_decode": decode}

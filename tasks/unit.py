@@ -153,6 +153,8 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
         yield {"_event": "reference", "key": unit.reference.key, "path": reference}
     bw_gbs, bw_source = peak_bandwidth(device)
     base.update(peak_bandwidth_gbs=bw_gbs, peak_bandwidth_source=bw_source)
+    if unit.generation.throughput:
+        base.update(measure_throughput(model, device, unit))
 
     kv_quality: dict[str, dict] = {}  # kv_cache label -> kv-continuation perplexity, measured once per unit
     for cell in unit.cells:
@@ -278,6 +280,20 @@ def measure_kv_perplexity(unit: UnitSpec, model, wikitext: bytes | None, device:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         return {"ppl_kv_error": f"{f['error_type']}: {f['error_message']}"}
+
+
+def measure_throughput(model, device: str, unit: UnitSpec) -> dict:
+    """The unit's offline throughput figure, on the decode path of its first cell (vLLM: CUDA graphs unless the
+    unit is eager); a failure is written on the rows and the cells still run."""
+    requests, prompt_tokens, new_tokens = unit.generation.throughput
+    decode = unit.cells[0].decode if unit.cells else "eager"
+    try:
+        return latency.measure_throughput(model, device, requests=requests, prompt_tokens=prompt_tokens,
+                                          new_tokens=new_tokens, decode=decode, repeats=unit.generation.repeats)
+    except Exception as exc:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return {"throughput_missing": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def measure_latency_memory(model, device: str, unit: UnitSpec, cell: CellSpec, facts: dict, bw_gbs) -> dict:

@@ -5,13 +5,12 @@ project publishes comes from a real vLLM on a GPU."""
 import json
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from orchestrator.grid import load_grid
 from orchestrator.plan import make_plan, unsupported_before_start, unsupported_cells
-from common.units import CellSpec, GenerationSpec, KvSpec, ModelSpec, PerplexitySpec, PrecisionSpec, UnitSpec
+from common.units import CellSpec, GenerationSpec, ModelSpec, PrecisionSpec, UnitSpec
 from common.untrusted import BadInput
 from tasks.precisions import REGISTRY
 from tests.conftest import ROOT, SMOLLM2, TINY_LLAMA, write_grid
@@ -134,12 +133,12 @@ def fake_vllm(monkeypatch):
     yield vllm
 
 
-def unit(engine="vllm", cells=((4, 2, "compiled"),), precision="fp16", perplexity=None):
+def unit(engine="vllm", cells=((4, 2, "compiled"),), precision="fp16", perplexity=None, throughput=None):
     p = REGISTRY[precision]
     spec = PrecisionSpec(precision, p.parse_options({}).model_dump(), precision)
     return UnitSpec("s", "r", "u", ModelSpec("synthetic", TINY_LLAMA, "tiny"), spec,
                     [CellSpec(f"k{i}", n, b, d, prompt_tokens=8) for i, (n, b, d) in enumerate(cells)],
-                    GenerationSpec(warmup=1, repeats=2), perplexity, gpus=0, engine=engine)
+                    GenerationSpec(warmup=1, repeats=2, throughput=throughput), perplexity, gpus=0, engine=engine)
 
 
 def test_a_vllm_unit_measures_its_cells_through_the_engine(fake_vllm):
@@ -186,3 +185,53 @@ def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm
         engine._order([torch.zeros(3, 4)], 40)
     with pytest.raises(NotImplementedError):
         served.logits_through_cache(ids, 8, None)
+
+
+def test_offline_throughput_is_a_generation_setting_off_by_default(tmp_path):
+    assert make_plan(grid(tmp_path), "r", None, 1).generation.throughput is None
+    g = load_grid(write_grid(tmp_path / "t.yaml", (tmp_path / "g.yaml").read_text().replace(
+        "decode: [eager, compiled]}", "decode: [eager], throughput: {requests: 32}}")))
+    plan = make_plan(g, "r", None, 1)
+    assert plan.generation.throughput == (32, 512, 128)
+    assert plan.units[0].to_task(plan).generation.throughput == (32, 512, 128)
+    with pytest.raises(BadInput, match="throughput"):
+        load_grid(write_grid(tmp_path / "bad.yaml", (tmp_path / "g.yaml").read_text().replace(
+            "decode: [eager, compiled]}", "throughput: {requests: 0}}")))
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_offline_throughput_is_one_figure_per_unit_on_every_row(fake_vllm, engine):
+    """Six requests of 10 prompt tokens handed over together, 5 tokens each: tokens/s with its interval over at
+    least 3 timed runs, the same on both cells' rows; vLLM's LLM is sized to hold all six at once."""
+    from orchestrator.store import row_table
+    from tasks import unit as U
+
+    rows = list(U.run_unit(unit(engine, cells=((4, 2, "eager"), (3, 1, "eager")), precision="fp32",
+                                throughput=(6, 10, 5))))
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows[0].get("traceback")
+    r = rows[0]
+    assert "throughput_missing" not in r
+    assert len(r["throughput_s_samples"]) == 3  # repeats=2 asked for; an interval needs 3
+    rates = [6 * 5 / s for s in r["throughput_s_samples"]]
+    assert r["throughput_ci_low"] < r["throughput_tokens_per_s"] < r["throughput_ci_high"]
+    assert min(rates) <= r["throughput_tokens_per_s"] <= max(rates)
+    assert (r["throughput_requests"], r["throughput_prompt_tokens"], r["throughput_new_tokens"]) == (6, 10, 5)
+    assert rows[1]["throughput_tokens_per_s"] == r["throughput_tokens_per_s"]
+    assert row_table(rows).num_rows == 2
+    if engine == "vllm":
+        made = fake_vllm.MADE[0]
+        assert made["max_num_seqs"] == 6 and made["max_model_len"] == 15
+        assert made["kv_cache_memory_bytes"] >= 6 * 1 * (2 * 2 * 2 * 16 * 16 * 4)  # six sequences, a block each
+
+
+def test_a_throughput_that_fails_is_written_down_and_the_cells_still_run(monkeypatch):
+    from tasks import latency, unit as U
+
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    import torch
+
+    monkeypatch.setattr(latency, "measure_throughput", boom)
+    rows = list(U.run_unit(unit("hf", cells=((4, 2, "eager"),), precision="fp32", throughput=(6, 10, 5))))
+    assert rows[0]["status"] == "ok" and rows[0]["throughput_missing"].startswith("OutOfMemoryError: CUDA out of")

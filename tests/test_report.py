@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.store import Store
 from reports import caveats, charts, decision, fit, migrate, speed, summary, tables
-from reports.build import context, render
+from reports.build import render
 from reports.data import colors, newest_per_cell, pareto, read_results, report_baseline
 from tests.conftest import ROOT
 
@@ -87,8 +87,8 @@ def model_rows(model="m", precisions=None, prompts=(128, 1024), batches=(1, 8), 
                  "ln_ppl_ratio_ci_low": 0.0, "ln_ppl_ratio_ci_high": 0.0}
         for prompt in prompts:
             for b in batches:
-                for decode, speed in (("eager", 1.0), ("compiled", 0.2)):
-                    t = timing(ms * speed * (1 + prompt / 4096) * (1 + b / 32), 8, n, jitter=0.01, seed=hash(p) % 97)
+                for decode, factor in (("eager", 1.0), ("compiled", 0.2)):
+                    t = timing(ms * factor * (1 + prompt / 4096) * (1 + b / 32), 8, n, jitter=0.01, seed=hash(p) % 97)
                     out.append(row(model, p, n, b, prompt, decode, **q, **t, ttft_ms=ms * prompt / 100,
                                    **memory(2e9 * size, 50_000, 20_000, b, prompt, n), bits_per_param=16 * size,
                                    quant_scheme="none" if p == "fp16" else "weight-only",
@@ -247,6 +247,31 @@ def test_crossover_over_batch_and_prompt(tmp_path):
     assert m["batches"] == [1, 8] and m["prompts"] == [128, 1024] and m["against"] == "fp16"
     assert all(v == pytest.approx(0.7, rel=0.05) for v in m["ratios"].values())
     assert maps[("int8", "compiled")]["ratios"][(8, 1024)] == pytest.approx(1.2, rel=0.05)
+
+
+def test_offline_throughput_against_its_engines_baseline(tmp_path, no_charts):
+    """fp16 on hf and vLLM, nf4 on vLLM, 64 × (512 + 128): nf4's ratio is against vLLM's fp16 (same requests, same
+    GPU), vLLM's fp16 against nothing (it is its engine's baseline); a unit without the figure has no line."""
+    seconds = {("fp16", "hf"): [4.0, 4.1, 3.9], ("fp16", "vllm"): [2.0, 2.02, 1.98], ("nf4", "vllm"): [1.6, 1.61, 1.59]}
+    rows = []
+    for (p, engine), s in seconds.items():
+        for b in (1, 8):
+            rows.append(row("m", p, 64, b, engine=engine, cell_key=f"{p}-{engine}-{b}", **timing(10, 5, 64),
+                            throughput_s_samples=s, throughput_tokens_per_s=64 * 128 / (sum(s) / 3),
+                            throughput_ci_low=64 * 128 / max(s), throughput_ci_high=64 * 128 / min(s),
+                            throughput_requests=64, throughput_prompt_tokens=512, throughput_new_tokens=128,
+                            throughput_decode="compiled"))
+    rows.append(row("m", "int8", 64, 1, engine="hf", cell_key="int8", **timing(10, 5, 64)))
+    df = newest_per_cell(read_results([write(tmp_path / "s", rows)]))
+    by = {t["variant"]: t for t in speed.throughput(df, "fp16")}
+    assert set(by) == {"fp16", "fp16 · vLLM", "nf4 · vLLM"}
+    assert by["nf4 · vLLM"]["versus"] == "fp16 · vLLM" and by["nf4 · vLLM"]["verdict"] == "faster"
+    assert by["nf4 · vLLM"]["ratio"][0] == pytest.approx(2.0 / 1.6, rel=1e-3)
+    assert by["nf4 · vLLM"]["ratio"][1] < 1.25 < by["nf4 · vLLM"]["ratio"][2]
+    assert by["fp16 · vLLM"]["ratio"] is None and by["fp16"]["ratio"] is None
+    html = render([tmp_path / "s"], tmp_path / "r.html")[0].read_text()
+    assert "Offline throughput" in html and "64 × (512 prompt + 128 new), compiled" in html
+    assert "1.25× [" in html
 
 
 def test_where_quantization_pays_in_words():

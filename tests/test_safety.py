@@ -26,7 +26,7 @@ from orchestrator.lock import OutputLock
 from orchestrator.plan import make_plan
 from orchestrator.store import Store
 from orchestrator.grid import load_grid
-from tests.conftest import ROOT, TINY_LLAMA, WIKITEXT, write_grid
+from tests.conftest import ROOT, TINY_LLAMA, write_grid
 
 RUNNER = "tests.scripted:run_unit"
 GRID = textwrap.dedent(f"""

@@ -48,19 +48,27 @@ class Serving:
     max_prefill: int = 2048
 
 
-def serving(cells, perplexity=None) -> Serving:
-    """The settings an LLM needs for these cells (one decode path and KV cache: a vLLM unit's) and this perplexity
-    protocol (one window of seqlen tokens at a time, plus one generated)."""
+def serving(cells, perplexity=None, throughput=None) -> Serving:
+    """The settings an LLM needs for these cells (one decode path and KV cache: a vLLM unit's), this perplexity
+    protocol (one window of seqlen tokens at a time, plus one generated) and the offline throughput's requests
+    (requests, prompt_tokens, new_tokens: all held at once, so that they are scheduled together)."""
     lengths = [c.prompt_tokens + c.new_tokens for c in cells]
     held = [c.batch_size * (c.prompt_tokens + c.new_tokens) for c in cells]
     prefill = [c.batch_size * c.prompt_tokens for c in cells]
+    batches = [c.batch_size for c in cells] or [1]
+    if throughput:
+        requests, prompt_tokens, new_tokens = throughput
+        lengths.append(prompt_tokens + new_tokens)
+        held.append(requests * (prompt_tokens + new_tokens))
+        prefill.append(prompt_tokens)  # chunked prefill: one request's prompt at a time is enough to schedule
+        batches.append(requests)
     if perplexity:
         lengths.append(perplexity.seqlen + 1)
         held.append(perplexity.seqlen + 1)
         prefill.append(perplexity.seqlen + 1)
     first = cells[0] if cells else None
     return Serving(first.decode if first else "compiled", first.kv.name if first else "native", max(lengths),
-                   max([c.batch_size for c in cells] or [1]), max(held), max(prefill))
+                   max(batches), max(held), max(prefill))
 
 
 def _setenv() -> None:
@@ -79,7 +87,7 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     """An LLM for the unit's cells and perplexity protocol (`serving`) at the precision's vLLM arguments
     (tasks.precisions: `engines["vllm"]`); calibrated precisions load the checkpoint their backend calibrates."""
     _setenv()
-    need = serving(unit.cells, unit.perplexity) if unit is not None else Serving()
+    need = serving(unit.cells, unit.perplexity, unit.generation.throughput) if unit is not None else Serving()
     t0 = time.perf_counter()
     import vllm  # noqa: F401 - imported here (its import cost is the unit's), never in the fork server
     from transformers import AutoConfig, AutoTokenizer
