@@ -164,9 +164,11 @@ def test_a_vllm_unit_measures_its_cells_through_the_engine(fake_vllm):
     assert made["kv_cache_memory_bytes"] == r["kv_pool_bytes"] and made["dtype"] == "float16"
 
 
-def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm):
+@pytest.mark.parametrize("covers_last", [False, True])
+def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm, monkeypatch, covers_last):
     """hidden_states are what the logits processor received, in position order across its calls (the sampled
-    position first, prompt positions in chunks), and the log-probabilities recomputed from them must be vLLM's."""
+    position first, prompt positions in chunks, which may or may not cover the last position), and the
+    log-probabilities recomputed from them must be vLLM's."""
     import torch
 
     from tasks.engines import hf, vllm as engine
@@ -174,6 +176,7 @@ def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm
     p = REGISTRY["fp32"]
     spec = ModelSpec("synthetic", TINY_LLAMA, "tiny")
     u = unit(precision="fp32")
+    monkeypatch.setattr(fake_vllm, "PROMPT_COVERS_LAST", covers_last)
     served = engine.load(spec, p, p.parse_options({}), "cpu", None, u)
     plain = hf.load(spec, p, p.parse_options({}), "cpu")
     ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))

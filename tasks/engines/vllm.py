@@ -269,16 +269,17 @@ class VLLMModel:
 
 def _order(captured: list, tokens: int):
     """The window's hidden states in position order: the prompt positions' (tokens - 1 rows, in one or more calls)
-    then the last position's (the sampling call, one row)."""
+    then the last position's (the sampling call, one row); where the prompt calls already cover every position
+    (tokens rows), those. _check holds the order to vLLM's own log-probabilities."""
     import torch
 
     prompt = [h for h in captured if h.shape[0] != 1]
     last = [h for h in captured if h.shape[0] == 1]
     rows = sum(h.shape[0] for h in prompt)
-    if rows != tokens - 1 or len(last) != 1:
+    if rows not in (tokens - 1, tokens) or len(last) != 1:
         raise RuntimeError(f"vLLM's logits processor saw {rows} prompt rows and {len(last)} sampling calls for a "
-                           f"window of {tokens} tokens (expected {tokens - 1} and 1)")
-    return torch.cat(prompt + last)
+                           f"window of {tokens} tokens (expected {tokens - 1} or {tokens}, and 1)")
+    return torch.cat(prompt if rows == tokens else prompt + last)
 
 
 @dataclass

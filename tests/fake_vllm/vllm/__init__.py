@@ -16,6 +16,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.0.0+fake"
 CHUNK = 1024
+PROMPT_COVERS_LAST = False  # True: the prompt chunks cover every position, the last too (vLLM 0.26 on an H100 did)
 MADE: list = []  # every LLM made, with its settings (the tests read them)
 
 
@@ -103,10 +104,11 @@ class LLM:
             hidden = self.served.hidden(ids)
             last = self.served.compute_logits(hidden[-1:])  # the sampled position first, as vLLM does
             lp = []
-            for lo in range(0, len(ids) - 1, CHUNK):  # then prompt_logprobs, chunk by chunk
-                logits = self.served.compute_logits(hidden[lo:min(lo + CHUNK, len(ids) - 1)])
+            end = len(ids) if PROMPT_COVERS_LAST else len(ids) - 1
+            for lo in range(0, end, CHUNK):  # then prompt_logprobs, chunk by chunk
+                logits = self.served.compute_logits(hidden[lo:min(lo + CHUNK, end)])
                 lp.append(torch.log_softmax(logits.float(), -1))
-            lp = torch.cat(lp)
+            lp = torch.cat(lp)[:len(ids) - 1]
             prompt_logprobs = [None] + [{t: Logprob(float(lp[i, t]))} for i, t in enumerate(ids[1:])]
             outs.append(SimpleNamespace(prompt_logprobs=prompt_logprobs,
                                         outputs=[SimpleNamespace(token_ids=[int(last.argmax(-1))])]))
