@@ -13,6 +13,7 @@ Safe by default:
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,8 +169,12 @@ def shutdown_started_here() -> None:
     """Stop the Ray this process connected to (an embedded one: its processes too) unless a caller had started it;
     also after an interrupted start."""
     global _started_here
-    import ray
+    if _started_here:  # never import ray otherwise: a signal may have cut its import short (a half-made module)
+        import ray
 
-    if _started_here:
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         ray.shutdown()
+        for s, handler in handlers.items():  # Ray's shutdown gives SIGTERM back to its default action, beneath
+            if handler is not None:          # what Python's signal module believes is installed
+                signal.signal(s, handler)
         _started_here = False

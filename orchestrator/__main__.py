@@ -4,6 +4,10 @@ from orchestrator import signals
 
 signals.install()  # first: a signal during the imports below is an interruption too
 
-from orchestrator.cli import main  # noqa: E402
+try:
+    from orchestrator.cli import main
+except signals.Interrupted as e:
+    print(f"interrupted ({e})", file=sys.stderr)
+    signals.exit_with(e.exit_code)
 
-sys.exit(main())
+signals.exit_with(main())

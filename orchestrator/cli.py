@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cluster.connect import local_gpus
 from orchestrator.checks import check_inputs, output_dir
-from orchestrator.signals import Interrupted, interruptible
+from orchestrator.signals import Interrupted, clear, interruptible
 from common.untrusted import BadInput, plain
 from orchestrator.grid import load_grid
 from orchestrator.schedule import resources_for, schedule
@@ -132,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + "\n".join(plain(line) for line in str(e).split("\n")), file=sys.stderr)
         return 2
     except Interrupted as e:
+        clear()
         print(f"interrupted ({e})", file=sys.stderr)
         return e.exit_code
 
 
-def entry() -> int:
+def entry() -> None:
     """The console script: signals are an interruption from the first moment."""
     from orchestrator import signals
 
     signals.install()
-    return main()
+    signals.exit_with(main())
 
 
 def report(args) -> int:

@@ -16,7 +16,7 @@ from orchestrator.grid import load_grid
 from orchestrator.lock import OutputLock
 from orchestrator.progress import Progress, summary_table
 from orchestrator.schedule import new_run_id, resources_for, schedule
-from orchestrator.signals import Interrupted, install, interruptible
+from orchestrator.signals import Interrupted, check, clear, finishing, install, interruptible
 from orchestrator.store import Store, StoreError
 from orchestrator.wikitext import read_texts
 from common.untrusted import BadInput, plain
@@ -52,7 +52,9 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
                 for line in store.set_aside():
                     print(f"note: set aside (not the row its name claims, moved to {out / 'set-aside' / run_id}): "
                           f"{plain(line)}")
-                return _run(grid, out, store, manifest, texts, address, force, runner, live, ray_init, t0)
+                rc = _run(grid, out, store, manifest, texts, address, force, runner, live, ray_init, t0)
+                check()  # a signal a finalizer swallowed on the way
+                return rc
             except StoreError as e:
                 print(f"error: {plain(str(e))}; the rows written before it are intact in {out / 'cells'}; run the "
                       f"same command again to resume once the folder can be written", file=sys.stderr)
@@ -62,6 +64,7 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
                 e = caught if isinstance(caught, Interrupted) else caught.__context__
                 if not isinstance(e, Interrupted):
                     raise
+                clear()
                 manifest.update(state="interrupted", interrupted=True, signal=str(e), ended_at=_now(),
                                 wall_s=time.monotonic() - t0)
                 try:
@@ -72,8 +75,9 @@ def run(grid_path: str, overrides: list[str], address: str | None = None, output
                       f"resume", file=sys.stderr)
                 return e.exit_code
             finally:
-                store.close()
-                _shutdown_ray()
+                with finishing():
+                    store.close()
+                    _shutdown_ray()
 
 
 def _shutdown_ray() -> None:
@@ -87,9 +91,9 @@ def _embedded(address: str | None) -> bool:
     return address is None and not os.environ.get("RAY_ADDRESS")
 
 
-def _nothing_to_do(grid, out: Path, texts, force: bool, ray_init: dict | None) -> bool:
-    """Whether every cell is already ok (or cannot run) on this machine, known without starting Ray: for an embedded
-    Ray, whose resources are this machine's."""
+def _nothing_to_do(grid, out: Path, texts, force: bool, ray_init: dict | None) -> int | None:
+    """The number of cells when every one is already ok on this machine (known without starting Ray: for an
+    embedded Ray, whose resources are this machine's), else None."""
     from cluster.connect import local_gpus
 
     gpus = (ray_init or {}).get("num_gpus")
@@ -97,10 +101,10 @@ def _nothing_to_do(grid, out: Path, texts, force: bool, ray_init: dict | None) -
     resources = resources_for(grid, [float(local_gpus() if gpus is None else gpus)], [float(cpus)])
     sched = schedule(grid, out, resources, texts, force)
     if sched.to_run or sched.skipping:
-        return False
+        return None
     print(f"sweep {plain(grid.name)}: nothing to do: all {len(sched.plan.cells)} cells are already ok in {out} "
           f"(--force measures them again)")
-    return True
+    return len(sched.plan.cells)
 
 
 def _run(grid, out: Path, store: Store, manifest: dict, texts, address, force, runner, live, ray_init,
@@ -108,8 +112,9 @@ def _run(grid, out: Path, store: Store, manifest: dict, texts, address, force, r
     from cluster.connect import ClusterError, connect
     from orchestrator.driver import DEFAULT_RUNNER, failure_rows, run_units
 
-    if _embedded(address) and _nothing_to_do(grid, out, texts, force, ray_init):
-        manifest.update(state="nothing to do", ended_at=_now())
+    done = _nothing_to_do(grid, out, texts, force, ray_init) if _embedded(address) else None
+    if done is not None:  # its own manifest; sweep.json keeps describing the run that measured
+        manifest.update(state="nothing to do", cells=done, cells_to_run=0, already_ok=done, ended_at=_now())
         store.write_manifest(manifest, latest=False)
         report = render_report(out)
         if report:

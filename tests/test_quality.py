@@ -59,8 +59,9 @@ def test_known_distributions_give_the_exact_kl(tmp_path):
 def test_a_model_against_itself(smollm2, wikitext_bytes, tmp_path, model_cache):
     model, tok = smollm2
     rows = P.rows_from_raw(wikitext_bytes)
-    base, path = make_reference(model, tok, rows, "self-test", tmp_path)
-    again = P.perplexity(model, tok, rows, **WINDOWS, reference=Reference(path, "cpu"))
+    three = {**WINDOWS, "max_windows": 3}  # an interval needs 3 windows
+    base, path = make_reference(model, tok, rows, "self-test", tmp_path, **three)
+    again = P.perplexity(model, tok, rows, **three, reference=Reference(path, "cpu"))
     assert again["perplexity"] == pytest.approx(base["perplexity"], rel=1e-6)
     assert again["kl_mean"] < 1e-9 and again["kl_max"] < 1e-7
     assert again["top1_agreement"] == 1.0 and abs(again["delta_p_mean"]) < 1e-7
@@ -102,13 +103,15 @@ def test_perplexity_interval_holds_the_point_and_narrows(smollm2, wikitext_bytes
     model, tok = smollm2
     rows = P.rows_from_raw(wikitext_bytes)
     two = P.perplexity(model, tok, rows, **WINDOWS)
+    assert two["ppl_ci_low"] is None and two["ppl_ci_high"] is None  # two windows are too few for an interval
+    three = P.perplexity(model, tok, rows, **{**WINDOWS, "max_windows": 3})
     eight = P.perplexity(model, tok, rows, **{**WINDOWS, "max_windows": 8, "batch_size": 4})
-    for r in (two, eight):
+    for r in (three, eight):
         assert r["ppl_ci_low"] < r["perplexity"] < r["ppl_ci_high"]
         assert len(r["ppl_window_nll"]) == r["ppl_windows"] and sum(r["ppl_window_tokens"]) == r["ppl_tokens_scored"]
         again = perplexity_interval(r["ppl_window_nll"], r["ppl_window_tokens"])  # anyone can recompute it
         assert again == pytest.approx((r["perplexity"], r["ppl_ci_low"], r["ppl_ci_high"]), rel=1e-9)
-    assert eight["ppl_ci_high"] - eight["ppl_ci_low"] < two["ppl_ci_high"] - two["ppl_ci_low"]
+    assert eight["ppl_ci_high"] - eight["ppl_ci_low"] < three["ppl_ci_high"] - three["ppl_ci_low"]
 
 
 def test_intervals_by_hand():
@@ -249,7 +252,7 @@ def test_distances_through_ray_with_the_real_worker(cpu_ray, tmp_path, model_cac
         models: [{{gguf: '{SMOLLM2}', label: smollm2}}]
         precisions: [fp32, {{name: nf4, compute_dtype: fp32}}]
         generation: {{new_tokens: [2], batch_sizes: [1], prompt_tokens: 8, warmup: 0, repeats: 2}}
-        perplexity: {{path: {WIKITEXT}, seqlen: 256, max_windows: 2}}
+        perplexity: {{path: {WIKITEXT}, seqlen: 256, max_windows: 3}}
         resources: {{timeout_s: 600, retries: 0}}
     """))
     assert sweep.run(str(g), [], output=str(out), live=False) == 0
@@ -257,7 +260,7 @@ def test_distances_through_ray_with_the_real_worker(cpu_ray, tmp_path, model_cac
     base, nf4 = df.loc["fp32"], df.loc["nf4(compute_dtype=fp32)"]
     assert base.distance_reference == "self (the baseline)" and base.kl_mean == 0 and base.top1_agreement == 1
     assert nf4.distance_reference == "fp32" and 0 < nf4.kl_mean < 1 and 0.5 < nf4.top1_agreement < 1
-    assert nf4.distance_positions == base.ppl_tokens_scored == 2 * 255
+    assert nf4.distance_positions == base.ppl_tokens_scored == 3 * 255
     assert nf4.ln_ppl_ratio == pytest.approx(math.log(nf4.perplexity / base.perplexity), rel=1e-9)
     assert nf4.ln_ppl_ratio_ci_low < nf4.ln_ppl_ratio < nf4.ln_ppl_ratio_ci_high
     assert list(nf4.ppl_window_nll) and base.ppl_ci_low < base.perplexity < base.ppl_ci_high

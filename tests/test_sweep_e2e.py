@@ -72,11 +72,11 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     # one leaves PYTORCH_ALLOC_CONF set, as gptqmodel's import would)
     assert "attention backends allowed" in html and " · allocator " in html
     r = sweep(tmp_path)
-    assert r.returncode == 0 and "0 to run (16 already ok, 0 skipped)" in r.stdout
+    assert r.returncode == 0 and "nothing to do: all 16 cells are already ok" in r.stdout
     assert pd.read_parquet(out / "cells").run_id.nunique() == 1
-    # each run keeps its own manifest; sweep.json is the latest
+    # each run keeps its own manifest; sweep.json is the latest run that measured
     runs = sorted(json.loads(p.read_text())["cells_to_run"] for p in (out / "runs").glob("*.json"))
-    assert runs == [0, 16] and json.loads((out / "sweep.json").read_text())["cells_to_run"] == 0
+    assert runs == [0, 16] and json.loads((out / "sweep.json").read_text())["cells_to_run"] == 16
 
 
 def test_offline_without_wikitext_stops_at_once(tmp_path):

@@ -390,11 +390,71 @@ def test_control_characters_and_markup_in_labels_stay_plain(cpu_ray, tmp_path, c
 # ------------------------------------------------------------------ signals are an interruption, whenever they come
 
 @pytest.mark.slow
+def test_sigterm_still_reaches_the_sweep_after_its_ray_is_shut_down(tmp_path):
+    """ray.shutdown() puts SIGTERM's default action back beneath Python's signal module: the sweep's handler must
+    still run after it (a SIGTERM during the last cleanup would otherwise kill the process with its rows half-told)."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        from cluster.connect import connect, shutdown_started_here
+        got = []
+        connect(num_cpus=1)
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+        shutdown_started_here()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("handled", got)
+    """)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(tmp_path),
+           "PYTHONPATH": str(ROOT), "RAY_TMPDIR": tempfile.mkdtemp(prefix="qs-", dir="/tmp")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "handled [15]" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_a_signal_that_a_finalizer_swallowed_is_raised_at_the_next_check(capsys):
+    """Python only prints what a finalizer raises: a signal that lands in one must not be lost (nor print a
+    traceback); the next check raises it, until whoever catches it clears it."""
+    from orchestrator import signals
+
+    before, hook = {s: signal.getsignal(s) for s in signals.SIGNALS}, sys.unraisablehook
+
+    class Finalized:
+        def __del__(self):
+            signals._raise(signal.SIGINT, None)  # as if SIGINT arrived while the finalizer ran
+
+    try:
+        signals.install()
+        Finalized()
+        with pytest.raises(signals.Interrupted, match="SIGINT"):
+            signals.check()
+        with pytest.raises(signals.Interrupted):
+            signals.check()  # still noted: nobody has handled it
+        signals.clear()
+        signals.check()
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        signals.clear()
+        sys.unraisablehook = hook
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_stopping_a_ray_never_started_does_not_import_it(monkeypatch):
+    """A signal that cuts `import ray` short leaves a half-made module behind; the cleanup that follows (stop the Ray
+    this process started: none) must not import it again, or it fails with a traceback instead of "interrupted"."""
+    from cluster import connect
+
+    monkeypatch.setattr(connect, "_started_here", False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing it now raises
+    connect.shutdown_started_here()
+
+
+@pytest.mark.slow
 def test_signals_at_random_moments_interrupt_cleanly_and_a_rerun_resumes(tmp_path):
     """SIGINT or SIGTERM at a random moment (imports, Ray starting, units running, the report): exit 130 or 143 with
     "interrupted" and no traceback, the run marked interrupted in its manifest once the lock was taken, the rows so far
     intact, no Ray process left, the token file private; a rerun finishes the rest. (A signal that lands after the
-    sweep ended finds it done: exit 0.)"""
+    sweep ended finds it done: exit 0; or, while its Ray stops, which puts SIGTERM's default action back beneath
+    Python for a moment, the signal itself ends the process, everything written.)"""
     g = sweep_grid(tmp_path, labels=("sleep-0.5", "sleep-0.7"))
     home = tmp_path / "home"
     home.mkdir()
@@ -402,7 +462,7 @@ def test_signals_at_random_moments_interrupt_cleanly_and_a_rerun_resumes(tmp_pat
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(home),
            "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
     code = ("from orchestrator import signals; signals.install(); import sys; from orchestrator import sweep; "
-            f"sys.exit(sweep.run({str(g)!r}, [], output=sys.argv[1], runner={RUNNER!r}, live=False))")
+            f"signals.exit_with(sweep.run({str(g)!r}, [], output=sys.argv[1], runner={RUNNER!r}, live=False))")
     rng = random.Random(0)
     seen = set()
     for i in range(6):
@@ -414,7 +474,8 @@ def test_signals_at_random_moments_interrupt_cleanly_and_a_rerun_resumes(tmp_pat
         proc.send_signal(signum)
         output, _ = proc.communicate(timeout=120)
         assert "Traceback" not in output, output
-        if proc.returncode == 0:
+        if proc.returncode in (0, -signum):
+            assert proc.returncode == 0 or json.loads((out / "sweep.json").read_text())["state"] == "ended", output
             seen.add("done")
             continue
         assert proc.returncode == 128 + signum, (proc.returncode, output)
