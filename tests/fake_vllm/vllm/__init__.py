@@ -76,8 +76,9 @@ class Engine:
             token = int(self.served.compute_logits(h).argmax(-1))
             r.made.append(token)
             finished = len(r.made) >= r.params.max_tokens
+            delta = r.params.output_kind is RequestOutputKind.DELTA  # else every token so far, as vLLM does
             out.append(SimpleNamespace(request_id=rid, finished=finished,
-                                       outputs=[SimpleNamespace(token_ids=[token])]))
+                                       outputs=[SimpleNamespace(token_ids=[token] if delta else list(r.made))]))
             if finished:
                 del self.requests[rid]
         return out
