@@ -213,9 +213,9 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                                      "less their prefills', over their decode tokens"),
     ("energy_j_per_decode_token_bound", F, "± joules: the most the counter's update interval can move the figure "
                                            "(one update's energy at each window's mean power)"),
-    ("power_mean_w", F, "the GPU's mean power over the energy window's generations"),
+    ("power_mean_w", F, "the unit's GPUs' mean power (summed) over the energy window's generations"),
     ("tokens_per_kwh", F, "generated tokens per kilowatt-hour over the energy window (prefill included)"),
-    ("energy_window_j", F, "joules of the energy window: the timed runs, and untimed ones after them where they "
+    ("energy_window_j", F, "joules of the energy window (every GPU the unit holds): the timed runs, and untimed ones after them where they "
                            "lasted under 2 s (energy_runs in all)"),
     ("energy_window_s", F, "seconds of the energy window"),
     ("energy_runs", I, "generations in the energy window (repeats_done timed, the rest untimed)"),
@@ -258,8 +258,10 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("kv_block_tokens", I, "vLLM: tokens per KV block"),
     ("kv_block_bytes", I, "vLLM: bytes of one KV block (keys and values of every layer)"),
     ("memory_before_bytes", I, "GPU allocated before prefill (weights and leftovers)"),
-    ("prefill_peak_bytes", I, "peak GPU allocated during prefill (peak counters reset before)"),
-    ("decode_peak_bytes", I, "peak GPU allocated during decode (peak counters reset before)"),
+    ("prefill_peak_bytes", I, "peak GPU allocated during prefill, summed over the unit's GPUs (peak counters reset "
+                            "before)"),
+    ("decode_peak_bytes", I, "peak GPU allocated during decode, summed over the unit's GPUs (peak counters reset "
+                           "before)"),
     ("peak_bytes", I, "max of the two phase peaks"),
     ("peak_reserved_bytes", I, "peak reserved by PyTorch's caching allocator during decode"),
     ("alloc_retries", I, "caching-allocator retries (cache freed, cudaMalloc retried) in the unit's process so far; "

@@ -316,6 +316,7 @@ class Grid(Strict):
         plabels = [p.label for p in self.precisions]
         if len(set(plabels)) != len(plabels):
             raise ValueError(f"precisions: an entry is listed twice ({plabels})")
+        self._several_gpus()
         if self.baseline is None:
             self.baseline = plabels[0]
         elif self.baseline not in plabels:
@@ -325,6 +326,24 @@ class Grid(Strict):
             else:
                 raise ValueError(f"baseline {self.baseline!r} is not one of the precisions ({', '.join(plabels)})")
         return self
+
+
+    def _several_gpus(self):
+        """A unit over several GPUs: transformers splits its layers across them (eager decode: its compiled static
+        cache lives on one GPU), vLLM runs one tensor-parallel rank per GPU (no perplexity: the hidden states it is
+        scored from are read in the unit's own process, and the ranks run in others)."""
+        gpus = self.resources.gpus_per_task
+        if gpus <= 1:
+            return
+        if gpus != int(gpus):
+            raise ValueError(f"resources.gpus_per_task: a unit over several GPUs holds a whole number of them, not "
+                             f"{gpus:g}")
+        if "hf" in self.engine and "compiled" in self.generation.decode:
+            raise ValueError(f"resources.gpus_per_task: {gpus:g} GPUs per unit: engine hf splits the model's layers "
+                             f"across them and decodes eager only (generation.decode: [eager])")
+        if "vllm" in self.engine and self.perplexity:
+            raise ValueError(f"resources.gpus_per_task: {gpus:g} GPUs per unit: engine vllm runs tensor parallel and "
+                             f"scores no perplexity there (perplexity: false, or measure quality with one GPU)")
 
 
 # ---------------------------------------------------------------------------------------------------------- loading

@@ -46,7 +46,8 @@ def update_interval_ms(read, clock=time.perf_counter, max_s: float = 1.0) -> flo
 
 
 class EnergyMeter:
-    """Reads the unit's GPU's energy counter (joules), after the GPU has finished its queued work."""
+    """Reads the energy counters of the unit's GPUs (joules, summed over every GPU the process sees: Ray makes those
+    the unit's own), after the GPUs have finished their queued work."""
 
     def __init__(self, device: str):
         self.device, self.handle, self.missing, self.update_ms = device, None, None, None
@@ -56,23 +57,28 @@ class EnergyMeter:
         try:
             import pynvml
 
-            self.handle = nvml_handle(device)
-            pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self.devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or [device]
+            self.handles = [nvml_handle(d) for d in self.devices]
+            self.handle = self.handles[0]
+            self.reading()
         except Exception as e:  # an older GPU, no NVML: the columns stay empty with the reason
             self.handle, self.missing = None, f"NVML energy counter unavailable ({type(e).__name__}: {e})"
             return
         if device not in _UPDATE_MS:
-            _UPDATE_MS[device] = update_interval_ms(self.reading)
+            # one GPU's counter: the sum over several changes whenever any of them updates, out of phase
+            _UPDATE_MS[device] = update_interval_ms(
+                lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3)
         self.update_ms = _UPDATE_MS[device]
 
     def reading(self) -> float:
         """The counter now (joules), whatever the GPU still has queued."""
         import pynvml
 
-        return pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+        return sum(pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles) / 1e3
 
     def joules(self) -> float:
-        torch.cuda.synchronize(self.device)
+        for d in self.devices:
+            torch.cuda.synchronize(d)
         return self.reading()
 
 

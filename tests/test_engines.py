@@ -2,6 +2,7 @@
 skips the planner makes of it, each precision's explicit vLLM mapping, and tasks/engines/vllm.py itself driven by a
 stand-in for vLLM's offline API (tests/fake_vllm: the same calls, answered by transformers). Every vLLM figure the
 project publishes comes from a real vLLM on a GPU."""
+import dataclasses
 import json
 import sys
 import textwrap
@@ -238,3 +239,76 @@ def test_a_throughput_that_fails_is_written_down_and_the_cells_still_run(monkeyp
     monkeypatch.setattr(latency, "measure_throughput", boom)
     rows = list(U.run_unit(unit("hf", cells=((4, 2, "eager"),), precision="fp32", throughput=(6, 10, 5))))
     assert rows[0]["status"] == "ok" and rows[0]["throughput_missing"].startswith("OutOfMemoryError: CUDA out of")
+
+
+# -------------------------------------------------------------------------------------------- several GPUs a unit
+
+def wide_grid(tmp_path, engine: str, gpus, decode="[eager]", perplexity="false"):
+    return load_grid(write_grid(tmp_path / "wide.yaml", textwrap.dedent(f"""
+        name: wide
+        models: [{{synthetic: {json.dumps(TINY_LLAMA)}, label: tiny}}]
+        precisions: [fp16]
+        engine: {engine}
+        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: {decode}}}
+        perplexity: {perplexity}
+        resources: {{gpus_per_task: {gpus}}}
+    """)))
+
+
+@pytest.mark.parametrize("engine, gpus, decode, perplexity, refusal", [
+    ("hf", 2, "[eager, compiled]", "false", "engine hf splits the model's layers across them and decodes eager only"),
+    ("vllm", 4, "[compiled]", "{max_windows: 3}", "engine vllm runs tensor parallel and scores no perplexity there"),
+    ("hf", 1.5, "[eager]", "false", "holds a whole number of them, not 1.5"),
+])
+def test_a_unit_over_several_gpus_is_refused_where_its_engine_cannot_serve_it(tmp_path, engine, gpus, decode,
+                                                                              perplexity, refusal):
+    with pytest.raises(BadInput, match=f"resources.gpus_per_task: .*{refusal}"):
+        wide_grid(tmp_path, engine, gpus, decode, perplexity)
+
+
+@pytest.mark.parametrize("engine, decode", [("hf", "[eager]"), ("vllm", "[eager, compiled]")])
+def test_a_unit_over_several_gpus_is_planned_where_its_engine_can_serve_it(tmp_path, engine, decode):
+    plan = make_plan(wide_grid(tmp_path, engine, 2, decode), "r", None, 2)
+    assert plan.units and plan.gpus_per_task == 2 and all(u.to_task(plan).gpus == 2 for u in plan.units)
+    one = {c.key for c in make_plan(wide_grid(tmp_path, engine, 1, decode), "r", None, 1).cells}
+    assert {c.key for c in plan.cells}.isdisjoint(one)  # the GPUs a unit holds are part of its cells' keys
+
+
+def test_several_gpus_split_hf_layers_and_make_vllm_tensor_parallel(fake_vllm, monkeypatch):
+    import torch
+
+    from tasks.engines import hf, vllm as engine
+
+    wide = dataclasses.replace(unit(cells=((4, 2, "eager"),)), gpus=2)
+    assert hf.device_map("cpu", wide) == {"": "cpu"}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert hf.device_map("cuda:0", wide) == "auto" and hf.device_map("cuda:0", unit()) == {"": "cuda:0"}
+    p = REGISTRY["fp32"]
+    one = engine.load(wide.model, p, p.parse_options({}), "cpu", None, unit(cells=((4, 2, "eager"),)))
+    two = engine.load(wide.model, p, p.parse_options({}), "cpu", None, wide)
+    assert "tensor_parallel_size" not in one.options and two.options["tensor_parallel_size"] == 2
+    assert two.options["kv_cache_memory_bytes"] * 2 >= one.options["kv_cache_memory_bytes"] \
+        > two.options["kv_cache_memory_bytes"]  # the pool is per GPU: each rank holds half of every block
+    assert two.pool_bytes == one.pool_bytes  # the unit's whole pool
+
+
+def test_energy_is_summed_over_the_units_gpus(monkeypatch):
+    import types
+
+    import torch
+
+    from tasks import energy
+
+    counters = {"cuda:0": iter(range(1000, 10 ** 6, 7)), "cuda:1": iter(range(5000, 10 ** 6, 3))}
+    fake = types.SimpleNamespace(nvmlDeviceGetTotalEnergyConsumption=lambda h: next(counters[h]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(energy, "nvml_handle", lambda d: d)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(energy, "update_interval_ms", lambda read: read() and 100.0)
+    meter = energy.EnergyMeter("cuda:0")
+    assert meter.devices == ["cuda:0", "cuda:1"] and meter.missing is None
+    a = meter.joules()
+    b = meter.joules()
+    assert a == pytest.approx((1000 + 7 * 2 + 5000 + 3 * 1) / 1e3)  # both GPUs' counters, millijoules to joules
+    assert b - a == pytest.approx((7 + 3) / 1e3)

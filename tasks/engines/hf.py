@@ -104,9 +104,18 @@ def _absent(*args, **kwargs) -> bool:
     return False
 
 
+def device_map(device: str, unit=None):
+    """Every weight on `device`, or, for a unit holding several GPUs (Ray made them its only visible ones), layers
+    split across all of them."""
+    if device.startswith("cuda") and unit is not None and unit.gpus > 1 and torch.cuda.device_count() > 1:
+        return "auto"
+    return {"": device}
+
+
 def load(model: ModelSpec, precision, options, device: str, calibration: dict | None = None, unit=None) -> HFModel:
     """Load a model at a precision onto `device`. `calibration`: {"text": bytes or None, "name": str} for calibrated
-    precisions (gptq, awq). Every cell of a unit runs on the one loaded model (`unit` is not needed)."""
+    precisions (gptq, awq). Every cell of a unit runs on the one loaded model; a unit that holds several GPUs has its
+    layers split across them in order (accelerate's device_map "auto"; inputs and the first layers on `device`)."""
     t0 = time.perf_counter()
     import transformers.modeling_utils  # noqa: F401 - from_pretrained's code (with torchao/hqq unless own_process hid them)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,7 +138,7 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     facts.update(quant_config=plan.description, quant_library=method.library,
                  quant_library_version=library_version(method.distribution or method.library),
                  quant_scheme=method.scheme, weight_bits_nominal=float(precision.bits(options)))
-    m = AutoModelForCausalLM.from_pretrained(where, device_map={"": device}, **plan.kwargs, **common)
+    m = AutoModelForCausalLM.from_pretrained(where, device_map=device_map(device, unit), **plan.kwargs, **common)
     m.eval()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

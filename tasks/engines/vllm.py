@@ -107,14 +107,15 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     tokenizer = None if model.synthetic else AutoTokenizer.from_pretrained(folder)
     facts["tokenizer_s"] = time.perf_counter() - t0
     args = precision.engine_args("vllm", options)
-    return VLLMModel(where, folder, args, config, tokenizer, device, facts, precision, options, need)
+    tp = int(unit.gpus) if unit is not None and unit.gpus > 1 else 1  # the unit's GPUs, one tensor-parallel rank each
+    return VLLMModel(where, folder, args, config, tokenizer, device, facts, precision, options, need, tp)
 
 
 class VLLMModel:
     """A model served by vLLM and the verbs the measurements call (tasks.engines.Model)."""
 
     def __init__(self, where: str, source: str, args: dict, config, tokenizer, device: str, facts: dict, precision,
-                 options, need: Serving):
+                 options, need: Serving, tp: int = 1):
         import torch
         import vllm
         from common.models import kv_geometry, text_config
@@ -133,8 +134,10 @@ class VLLMModel:
         self.options = {**args, "enforce_eager": need.decode == "eager", "kv_cache_dtype": KV_DTYPE[need.kv],
                         "max_model_len": need.max_len, "max_num_seqs": need.max_batch,
                         "max_num_batched_tokens": max(need.max_prefill, need.max_len),
-                        "kv_cache_memory_bytes": blocks * self.block_bytes, "block_size": BLOCK,
+                        "kv_cache_memory_bytes": math.ceil(blocks * self.block_bytes / tp), "block_size": BLOCK,
                         "enable_prefix_caching": False, "skip_tokenizer_init": True, "seed": 0}
+        if tp > 1:  # each rank holds 1/tp of every block (its share of the KV heads): the pool is per GPU
+            self.options["tensor_parallel_size"] = tp
         t0 = time.perf_counter()
         self.llm = vllm.LLM(model=where, **self.options)
         if self.cuda:

@@ -92,7 +92,8 @@ class LLM:
         MADE.append({"model": model, "dtype": dtype, "kv_cache_memory_bytes": kv_cache_memory_bytes, **settings})
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.served = Served(hf)
-        self.llm_engine = Engine(self.served, max(1, kv_cache_memory_bytes // 4096))
+        ranks = settings.get("tensor_parallel_size", 1)  # the pool is per GPU; each rank holds 1/ranks of a block
+        self.llm_engine = Engine(self.served, max(1, kv_cache_memory_bytes * ranks // 4096))
         self._ids = itertools.count()
 
     def apply_model(self, fn):
