@@ -39,7 +39,7 @@ def slow_host(df: pd.DataFrame) -> pd.DataFrame:
     if "host_probe_before_ms" not in df or "host_probe_after_ms" not in df:
         return df.iloc[0:0]
     probes = df[["host_probe_before_ms", "host_probe_after_ms"]].apply(pd.to_numeric, errors="coerce")
-    host = col(df, "host").fillna("")
+    host = col(df, "host").astype(object).fillna("")
     usual = pd.concat([probes.host_probe_before_ms, probes.host_probe_after_ms]).groupby(
         pd.concat([host, host]).values).median()
     counted = probes.notna().any(axis=1).groupby(host.values).sum()

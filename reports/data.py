@@ -162,7 +162,8 @@ def newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
     newest, the table of every cell shows both."""
     keys = [c for c in CELL if c in df]
     coords = df[keys].astype(str)  # options are dicts or strings
-    newest = coords.assign(_run=col(df, "run_id").fillna("").astype(str)).sort_values("_run", kind="stable")
+    run = col(df, "run_id").astype(object).fillna("").astype(str)  # object first: an all-missing column is floats
+    newest = coords.assign(_run=run).sort_values("_run", kind="stable")
     return df.loc[newest.drop_duplicates(keys, keep="last").index].sort_index()
 
 

@@ -34,6 +34,13 @@ def _col(df: pd.DataFrame, name: str, default=None) -> pd.Series:
     return df[name] if name in df else pd.Series([default] * len(df), index=df.index, dtype=object)
 
 
+def _filled(s: pd.Series, value) -> pd.Series:
+    """`s` with its gaps filled by `value`; a column no row had comes back from Parquet as all-NaN floats, and text
+    is filled into it as text (pandas refuses a string into a float column)."""
+    text = isinstance(value, str) or (isinstance(value, pd.Series) and not pd.api.types.is_numeric_dtype(value))
+    return (s.astype(object) if text and s.dtype.kind == "f" else s).fillna(value)
+
+
 def _num(df: pd.DataFrame, name: str) -> pd.Series:
     return pd.to_numeric(_col(df, name), errors="coerce")
 
@@ -46,16 +53,16 @@ def upgrade(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     # axes added after the first rows: their values then
     for name, default in (("engine", "hf"), ("decode", "eager"), ("kv_cache", "native"), ("prompt_tokens", 32)):
-        out[name] = _col(out, name).fillna(default)
+        out[name] = _filled(_col(out, name), default)
     out["prompt_tokens"] = out["prompt_tokens"].astype(int)
     # what a method quantizes, for rows written before it was recorded; LLM.int8 multiplies in int8 (with fp16
     # outlier columns): its activations are quantized too, whatever an older row said
-    name = _col(out, "precision_name").fillna(_col(out, "precision"))
+    name = _filled(_col(out, "precision_name"), _col(out, "precision"))
     known = name.map(lambda n: SCHEMES.get(n, (None, None)))
-    out["quant_scheme"] = _col(out, "quant_scheme").fillna(known.map(lambda s: s[0]))
+    out["quant_scheme"] = _filled(_col(out, "quant_scheme"), known.map(lambda s: s[0]))
     out.loc[name == "int8", "quant_scheme"] = "weight+activation"
     out["weight_bits_nominal"] = _num(out, "weight_bits_nominal").fillna(known.map(lambda s: s[1]))
-    out["memory_measured_in"] = _col(out, "memory_measured_in").fillna("a run after the timed runs")
+    out["memory_measured_in"] = _filled(_col(out, "memory_measured_in"), "a run after the timed runs")
     out = _energy_bound(out)
     version = _num(out, "measurement_version")
     current = out["decode"].map(lambda d: DECODE_VERSIONS.get(d, MEASUREMENT_VERSION))
