@@ -54,14 +54,22 @@ def kv_reason(kv_name: str, decode: str, engine: str = "hf") -> str | None:
     if engine == "hf" and decode == "compiled" and kv_name in KV_GROUPED:
         return f"kv_cache {kv_name} with decode: compiled: {KV_COMPILE_REASON}"
     library = KV_LIBRARIES.get((KV_CACHES[kv_name] or ("",))[0])
-    if library:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            version(library[0])
-        except PackageNotFoundError:
-            return f"kv_cache {kv_name} needs {library[0]}, not installed: pip install -e '.[{library[1]}]'"
+    how = library and not_installed(*library)
+    if how:
+        return f"kv_cache {kv_name} needs {library[0]}, not installed: {how}"
     return None
+
+
+def not_installed(distribution: str, extra: str | None = None) -> str | None:
+    """How to install `distribution` where it is not installed (found from installed distributions' metadata,
+    nothing imported): the project's extra that brings it, else the distribution itself; None where installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(distribution)
+        return None
+    except PackageNotFoundError:
+        return f"pip install -e '.[{extra}]'" if extra else f"pip install {distribution}"
 
 
 # ---------------------------------------------------------------------------------------------------------- GPUs

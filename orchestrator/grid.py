@@ -327,7 +327,6 @@ class Grid(Strict):
                 raise ValueError(f"baseline {self.baseline!r} is not one of the precisions ({', '.join(plabels)})")
         return self
 
-
     def _several_gpus(self):
         """A unit over several GPUs: transformers splits its layers across them (eager decode: its compiled static
         cache lives on one GPU), vLLM runs one tensor-parallel rank per GPU (no perplexity: the hidden states it is

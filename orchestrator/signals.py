@@ -61,14 +61,21 @@ def clear() -> None:
 
 
 @contextmanager
-def deferred():
-    """Signals inside the block are noted, and raised by `check()` (or at the block's end)."""
+def _noted():
+    """Signals inside the block are only noted (`_pending`), never raised there."""
     global _deferring
     _deferring = True
     try:
         yield
     finally:
         _deferring = False
+
+
+@contextmanager
+def deferred():
+    """Signals inside the block are noted, and raised by `check()` (or at the block's end)."""
+    with _noted():
+        yield
     check()  # (reached only when the block ended without an exception)
 
 
@@ -76,12 +83,10 @@ def deferred():
 def finishing():
     """The command's last cleanup (closing its files, stopping the Ray it started) runs to its end: a signal inside
     it is noted and forgotten, and the command exits with what it had (a finished sweep: 0)."""
-    global _deferring
-    _deferring = True
     try:
-        yield
+        with _noted():
+            yield
     finally:
-        _deferring = False
         clear()
 
 

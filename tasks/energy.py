@@ -1,9 +1,10 @@
-"""Energy from NVML's total-energy counter (millijoules since the driver loaded; NVIDIA GPUs from Volta on). The
-counter moves in steps: every 100 ms on an H200, idle or busy, longer than a decode step and often than a whole
-generation. So it is read around windows of MIN_WINDOW_S at least: the timed runs, followed by untimed runs of the same generation where they were shorter, and a loop of prefill-only
-runs; decode's share is the generations' energy less their prefills' (at the prefill loop's joules per token). A
-reading lags the work by up to one update at each end of a window, so each figure carries a bound: one update's
-energy at the window's mean power (the update interval is measured once per GPU and process)."""
+"""Energy from NVML's total-energy counter (millijoules since the driver loaded; NVIDIA GPUs from Volta on). The counter
+moves in steps: every 100 ms on an H200, idle or busy, longer than a decode step and often than a whole generation.
+So it is read around windows of MIN_WINDOW_S at least: the timed runs, followed by untimed runs of the same
+generation where they were shorter, and a loop of prefill-only runs; decode's share is the generations' energy less
+their prefills' (at the prefill loop's joules per token). A reading lags the work by up to one update at each end of
+a window, so each figure carries a bound: one update's energy at the window's mean power (the update interval is
+measured once per GPU and process)."""
 from __future__ import annotations
 
 import statistics

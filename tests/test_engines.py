@@ -19,14 +19,15 @@ from tests.conftest import ROOT, SMOLLM2, TINY_LLAMA, write_grid
 FAKE = ROOT / "tests" / "fake_vllm"
 
 
-def grid(tmp_path, engine="[hf, vllm]", precisions="[fp16, nf4-dq]", extra=""):
+def grid(tmp_path, engine="[hf, vllm]", precisions="[fp16, nf4-dq]", extra="", decode="[eager, compiled]",
+         perplexity="false"):
     return load_grid(write_grid(tmp_path / "g.yaml", textwrap.dedent(f"""
         name: engines
         models: [{{synthetic: {json.dumps(TINY_LLAMA)}, label: tiny}}]
         precisions: {precisions}
         engine: {engine}
-        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: [eager, compiled]}}
-        perplexity: false
+        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: {decode}}}
+        perplexity: {perplexity}
     """) + extra))
 
 
@@ -244,15 +245,7 @@ def test_a_throughput_that_fails_is_written_down_and_the_cells_still_run(monkeyp
 # -------------------------------------------------------------------------------------------- several GPUs a unit
 
 def wide_grid(tmp_path, engine: str, gpus, decode="[eager]", perplexity="false"):
-    return load_grid(write_grid(tmp_path / "wide.yaml", textwrap.dedent(f"""
-        name: wide
-        models: [{{synthetic: {json.dumps(TINY_LLAMA)}, label: tiny}}]
-        precisions: [fp16]
-        engine: {engine}
-        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: {decode}}}
-        perplexity: {perplexity}
-        resources: {{gpus_per_task: {gpus}}}
-    """)))
+    return grid(tmp_path, engine, "[fp16]", f"resources: {{gpus_per_task: {gpus}}}\n", decode, perplexity)
 
 
 @pytest.mark.parametrize("engine, gpus, decode, perplexity, refusal", [

@@ -369,3 +369,29 @@ def test_a_unit_alone_imports_only_the_libraries_it_uses():
     rows, modules = _modules_after_unit(u)
     assert [r["status"] for r in rows] == ["ok"], rows[0].get("traceback")
     assert modules == ["hqq", "torchao"]
+
+
+def test_a_missing_library_names_the_extra_that_installs_it(monkeypatch):
+    """Found from installed distributions' metadata: a precision or KV cache whose library is absent is skipped with
+    the pip line that brings it; the core's own (torch) never is."""
+    import importlib.metadata
+
+    from common.catalog import kv_reason
+    from tasks.precisions import REGISTRY
+
+    real = importlib.metadata.version
+    absent = {"hqq", "optimum-quanto", "gptqmodel"}
+
+    def version(name):
+        if name in absent:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert REGISTRY["hqq"].method.missing() == "hqq is not installed: pip install -e '.[hqq]'"
+    assert REGISTRY["gptq"].method.missing() == ("gptqmodel is not installed: pip install -e '.[gptq]' and pip "
+                                                 "install --no-deps gptqmodel==7.6.0 (scripts/setup.sh --test does both)")
+    assert REGISTRY["fp16"].method.missing() is None and REGISTRY["nf4"].method.missing() is None
+    assert kv_reason("quanto-int4", "eager") == ("kv_cache quanto-int4 needs optimum-quanto, not installed: "
+                                                 "pip install -e '.[quanto]'")
+    assert kv_reason("native", "eager") is None

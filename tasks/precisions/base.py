@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.catalog import not_installed
+
 DTypeName = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -72,16 +74,13 @@ class Method:
         nothing imported), naming what installs it; None where it is installed or part of the core."""
         if not self.distribution and self.library == "torch":
             return None
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            version(self.distribution or self.library)
+        name = self.distribution or self.library
+        how = not_installed(name, self.extra)
+        if how is None:
             return None
-        except PackageNotFoundError:
-            how = f"pip install -e '.[{self.extra}]'" if self.extra else f"pip install {self.distribution}"
-            more = " and pip install --no-deps gptqmodel==7.6.0 (scripts/setup.sh --test does both)" \
-                if self.extra == "gptq" else ""
-            return f"{self.distribution or self.library} is not installed: {how}{more}"
+        more = " and pip install --no-deps gptqmodel==7.6.0 (scripts/setup.sh --test does both)" \
+            if self.extra == "gptq" else ""
+        return f"{name} is not installed: {how}{more}"
 
 
 @dataclass(frozen=True)
