@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.untrusted import MANIFEST_CAP, BadInput, parse_json, plain, read_regular_file
-from reports.migrate import upgrade
+from reports.migrate import col, numeric, upgrade
 from common.schema import row_problem, study_problem
 
 FAILED = ("error", "oom", "timeout")
@@ -101,15 +101,6 @@ def as_plain_text(df: pd.DataFrame) -> pd.DataFrame:
             keep = name in ("traceback", "error_message", "ppl_error", "ppl_kv_error")
             out[name] = out[name].map(lambda v: plain(v, lines=keep) if isinstance(v, str) else v)
     return out
-
-
-def col(df: pd.DataFrame, name: str) -> pd.Series:
-    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
-
-
-def numeric(df: pd.DataFrame, name: str) -> pd.Series:
-    """A column as numbers (NaN where missing or not a number; all NaN where the rows lack it)."""
-    return pd.to_numeric(col(df, name), errors="coerce")
 
 
 def val(x):

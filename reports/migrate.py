@@ -30,8 +30,9 @@ NOTES = {
 }
 
 
-def _col(df: pd.DataFrame, name: str, default=None) -> pd.Series:
-    return df[name] if name in df else pd.Series([default] * len(df), index=df.index, dtype=object)
+def col(df: pd.DataFrame, name: str) -> pd.Series:
+    """A column, all None where the rows lack it."""
+    return df[name] if name in df else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
 def _filled(s: pd.Series, value) -> pd.Series:
@@ -41,8 +42,9 @@ def _filled(s: pd.Series, value) -> pd.Series:
     return (s.astype(object) if text and s.dtype.kind == "f" else s).fillna(value)
 
 
-def _num(df: pd.DataFrame, name: str) -> pd.Series:
-    return pd.to_numeric(_col(df, name), errors="coerce")
+def numeric(df: pd.DataFrame, name: str) -> pd.Series:
+    """A column as numbers (NaN where missing or not a number; all NaN where the rows lack it)."""
+    return pd.to_numeric(col(df, name), errors="coerce")
 
 
 def upgrade(df: pd.DataFrame) -> pd.DataFrame:
@@ -53,18 +55,18 @@ def upgrade(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     # axes added after the first rows: their values then
     for name, default in (("engine", "hf"), ("decode", "eager"), ("kv_cache", "native"), ("prompt_tokens", 32)):
-        out[name] = _filled(_col(out, name), default)
+        out[name] = _filled(col(out, name), default)
     out["prompt_tokens"] = out["prompt_tokens"].astype(int)
     # what a method quantizes, for rows written before it was recorded; LLM.int8 multiplies in int8 (with fp16
     # outlier columns): its activations are quantized too, whatever an older row said
-    name = _filled(_col(out, "precision_name"), _col(out, "precision"))
+    name = _filled(col(out, "precision_name"), col(out, "precision"))
     known = name.map(lambda n: SCHEMES.get(n, (None, None)))
-    out["quant_scheme"] = _filled(_col(out, "quant_scheme"), known.map(lambda s: s[0]))
+    out["quant_scheme"] = _filled(col(out, "quant_scheme"), known.map(lambda s: s[0]))
     out.loc[name == "int8", "quant_scheme"] = "weight+activation"
-    out["weight_bits_nominal"] = _num(out, "weight_bits_nominal").fillna(known.map(lambda s: s[1]))
-    out["memory_measured_in"] = _filled(_col(out, "memory_measured_in"), "a run after the timed runs")
+    out["weight_bits_nominal"] = numeric(out, "weight_bits_nominal").fillna(known.map(lambda s: s[1]))
+    out["memory_measured_in"] = _filled(col(out, "memory_measured_in"), "a run after the timed runs")
     out = _energy_bound(out)
-    version = _num(out, "measurement_version")
+    version = numeric(out, "measurement_version")
     current = out["decode"].map(lambda d: DECODE_VERSIONS.get(d, MEASUREMENT_VERSION))
     out["measurement_note"] = [NOTES.get((d, int(v))) if v == v and v < c else None
                                for d, v, c in zip(out["decode"], version, current)]
@@ -76,19 +78,19 @@ def _energy_bound(df: pd.DataFrame) -> pd.DataFrame:
     one counter update at each end of the timed runs and of the prefill loop, at their mean power, relative to the
     decode share of that energy: (u / timed_s + u / prefill_s × (1 − share)) / share. Their joules per decode token
     are the timed runs' less the prefills', like the window's."""
-    j = _num(df, "energy_j_per_decode_token")
-    before = _num(df, "energy_window_j").isna() & j.notna() & _num(df, "energy_j_per_decode_token_bound").isna()
+    j = numeric(df, "energy_j_per_decode_token")
+    before = numeric(df, "energy_window_j").isna() & j.notna() & numeric(df, "energy_j_per_decode_token_bound").isna()
     if not before.any():
         return df
-    runs = _num(df, "repeats_done")
-    decode_j = j * runs * _num(df, "batch_size") * (_num(df, "new_tokens") - 1)
-    share = decode_j / _num(df, "energy_timed_j").where(_num(df, "energy_timed_j") > 0)
+    runs = numeric(df, "repeats_done")
+    decode_j = j * runs * numeric(df, "batch_size") * (numeric(df, "new_tokens") - 1)
+    share = decode_j / numeric(df, "energy_timed_j").where(numeric(df, "energy_timed_j") > 0)
     u = COUNTER_UPDATE_S
-    rel = (u / _num(df, "timed_s") + u / _num(df, "energy_prefill_s") * (1 - share)) / share
+    rel = (u / numeric(df, "timed_s") + u / numeric(df, "energy_prefill_s") * (1 - share)) / share
     out = df.copy()
-    out["energy_j_per_decode_token_bound"] = _num(df, "energy_j_per_decode_token_bound").where(~before, rel * j)
-    out["energy_window_j"] = _num(df, "energy_window_j").where(~before, _num(df, "energy_timed_j"))
-    out["energy_runs"] = _num(df, "energy_runs").where(~before, runs)
+    out["energy_j_per_decode_token_bound"] = numeric(df, "energy_j_per_decode_token_bound").where(~before, rel * j)
+    out["energy_window_j"] = numeric(df, "energy_window_j").where(~before, numeric(df, "energy_timed_j"))
+    out["energy_runs"] = numeric(df, "energy_runs").where(~before, runs)
     return out
 
 
@@ -107,20 +109,20 @@ def _runs(samples, new_tokens) -> list[float]:
 def intervals(df: pd.DataFrame) -> pd.DataFrame:
     """decode and TTFT intervals over timed runs, perplexity's over windows, recomputed from the samples."""
     out = df.copy()
-    runs = [_runs(s, n) for s, n in zip(_col(out, "decode_ms_samples"), _num(out, "new_tokens"))]
+    runs = [_runs(s, n) for s, n in zip(col(out, "decode_ms_samples"), numeric(out, "new_tokens"))]
     decode = [mean_interval(r) for r in runs]
     out["decode_ms_ci_low"] = [iv[1] if iv else None for iv in decode]
     out["decode_ms_ci_high"] = [iv[2] if iv else None for iv in decode]
     out["decode_ci_rel_halfwidth"] = [relative_halfwidth(r) for r in runs]
-    ttft = [mean_interval(list(s)) if s is not None and len(s) else None for s in _col(out, "ttft_ms_samples")]
+    ttft = [mean_interval(list(s)) if s is not None and len(s) else None for s in col(out, "ttft_ms_samples")]
     out["ttft_ms_ci_low"] = [iv[1] if iv else None for iv in ttft]
     out["ttft_ms_ci_high"] = [iv[2] if iv else None for iv in ttft]
     ppl = [perplexity_interval(list(n), list(t)) if n is not None and t is not None and len(n) else None
-           for n, t in zip(_col(out, "ppl_window_nll"), _col(out, "ppl_window_tokens"))]
-    has = _num(out, "perplexity").notna()
+           for n, t in zip(col(out, "ppl_window_nll"), col(out, "ppl_window_tokens"))]
+    has = numeric(out, "perplexity").notna()
     out["ppl_ci_low"] = [iv[1] if iv else None for iv in ppl]
     out["ppl_ci_high"] = [iv[2] if iv else None for iv in ppl]
-    few = has & (_num(out, "ppl_windows").fillna(0) < MIN_SAMPLES)
+    few = has & (numeric(out, "ppl_windows").fillna(0) < MIN_SAMPLES)
     for name in ("ln_ppl_ratio_ci_low", "ln_ppl_ratio_ci_high"):
         if name in out:
             out.loc[few, name] = None

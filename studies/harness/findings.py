@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reports import fit, speed, summary  # noqa: E402
+from reports import decision, fit, speed, summary  # noqa: E402
 from reports.data import newest_per_cell, read_results, report_baseline, with_decode_energy  # noqa: E402
 
 STUDIES = ROOT / "studies"
@@ -31,11 +31,14 @@ def _ci(lo, hi, fmt="{:.2f}") -> str:
     return f"[{fmt.format(lo)} to {fmt.format(hi)}]" if lo is not None and hi is not None else "[too few windows]"
 
 
-def quality() -> str:
-    df = rows("quality-smollm2")
-    d = newest_per_cell(df)
+def _entries(study: str) -> tuple[list[dict], str]:
+    d = newest_per_cell(rows(study))
     base = report_baseline(d)
-    entries = summary.entries(d, base, summary.headline_cell(d))
+    return summary.entries(d, base, summary.headline_cell(d)), base
+
+
+def quality(study: str = "quality-smollm2") -> str:
+    entries, base = _entries(study)
     entries.sort(key=lambda e: (e["kl_mean"] is None, e["kl_mean"] or 0))
     out = ["| precision | what it quantizes | perplexity [95%] | Δ vs fp16 [paired 95%] | KL to fp16 | top-1 | "
            "weights MB |", "|---|---|---|---|---|---|---|"]
@@ -139,17 +142,45 @@ def scaling() -> str:
     return "\n".join(out)
 
 
+def _engines_ran() -> bool:
+    return (STUDIES / "vllm-vs-hf" / "cells.parquet").is_file()
+
+
 def engines() -> str | None:
-    """transformers against vLLM on one GPU: decode ms/token of fp16 and each method's ratio, per batch."""
-    if not (STUDIES / "vllm-vs-hf" / "cells.parquet").is_file():
+    """transformers against vLLM on one GPU: each method's decode ms/token over fp16's on its own engine, per batch."""
+    return ratios("vllm-vs-hf", "compiled") if _engines_ran() else None
+
+
+def engines_quality() -> str | None:
+    """SmolLM2's quality through both engines, distances to transformers' fp16, and whether the engines agree."""
+    if not _engines_ran():
         return None
-    return ratios("vllm-vs-hf", "compiled")
+    entries, base = _entries("vllm-vs-hf")
+    return quality("vllm-vs-hf") + "\n\n" + (decision.engines_apart(entries, base) or "The engines' distance at "
+                                               f"{base} was not measured.")
+
+
+def engines_bandwidth() -> str | None:
+    """fp16 decode at batch 1 per engine and prompt: ms/token and the share of the GPU's memory bandwidth it reaches
+    (the bytes a decode step reads over its time, against the datasheet's peak)."""
+    if not _engines_ran():
+        return None
+    d = newest_per_cell(rows("vllm-vs-hf"))
+    d = d[(d.precision == "fp16") & (d.batch_size == 1) & (d.status == "ok") & (d.decode == "compiled")]
+    out = ["| engine | prompt | decode ms/token [95%] | GB/s | of the GPU's peak | GPU |", "|---|---|---|---|---|---|"]
+    for _, r in d.sort_values(["engine", "prompt_tokens"]).iterrows():
+        ci = _ci(r.get("decode_ms_ci_low"), r.get("decode_ms_ci_high"), "{:.3f}")
+        out.append(f"| {r.engine} | {r.prompt_tokens} | {r.decode_ms_per_token:.3f} {ci} | "
+                   f"{r.achieved_bandwidth_gbs:,.0f} | {r.bandwidth_fraction:.0%} of {r.peak_bandwidth_gbs:,.0f} | "
+                   f"{r.gpu_name} |")
+    return "\n".join(out)
 
 
 TABLES = {"quality": quality, "ratios-7b-compiled": lambda: ratios("operating-point-7b", "compiled"),
           "ratios-7b-eager": lambda: ratios("operating-point-7b", "eager"),
           "ratios-smollm2-compiled": lambda: ratios("operating-point-smollm2", "compiled"),
-          "fits-7b": fits, "energy-7b": energy, "scaling": scaling, "engines": engines}
+          "fits-7b": fits, "energy-7b": energy, "scaling": scaling, "engines": engines,
+          "engines-quality": engines_quality, "engines-bandwidth": engines_bandwidth}
 
 
 def render_all() -> dict[str, str]:
