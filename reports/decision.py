@@ -57,15 +57,16 @@ def decide(entries: list[dict], baseline: str | None, rows, fits_: list[dict], b
                 best = min(group, key=quality_of)
                 picks.append(f"Closest to {baseline} at ≤ {bits} bits: {best['precision']} ({_quality(best)}; "
                              f"{_size(best, base)}).")
-        within = [e for e in measured if _within(e, budget)]
+        quantized = [e for e in measured if e["method"] != "unquantized"]  # not fp32, bf16, fp16 on another engine
+        within = [e for e in quantized if _within(e, budget)]
         words = f"KL ≤ {budget['kl']:g}" if all(e["kl_mean"] is not None for e in measured) else \
             f"Δ perplexity within ±{budget['ppl_change_pct']:g}%"
         if within:
             small = min(within, key=lambda e: e["weights_bytes"] or float("inf"))
             picks.append(f"Smallest within the quality budget ({words}): {small['precision']} "
                          f"({_size(small, base)}; {_quality(small)}).")
-        else:
-            closest = min(measured, key=quality_of)
+        elif quantized:
+            closest = min(quantized, key=quality_of)
             picks.append(f"Nothing quantized is within the quality budget ({words}); the closest is "
                          f"{closest['precision']} ({_quality(closest)}).")
         if few:
@@ -196,15 +197,15 @@ def _dominated(usable: list[dict], base: dict | None) -> list[tuple[dict, dict]]
 
 
 def engines_apart(entries: list[dict], baseline: str | None) -> str | None:
-    """The distance between the engines at the baseline's precision against the closest quantized variant's: the
-    engines agree when theirs is ENGINES_APART times smaller."""
+    """The distance between the engines at the baseline's precision against the closest quantized variant's (another
+    float format is not a quantization): the engines agree when theirs is ENGINES_APART times smaller."""
     base = next((e for e in entries if e["precision"] == baseline), None)
     if base is None:
         return None
     other = [e for e in entries if e["name"] == base["name"] and e["engine"] != base["engine"]
              and e["kl_mean"] is not None]
     quantized = [e["kl_mean"] for e in entries if e["kl_mean"] is not None and e["name"] != base["name"]
-                 and not e["broken"]]
+                 and e["method"] != "unquantized" and not e["broken"]]  # fp32 or bf16 beside fp16: not a method
     if not other or not quantized:
         return None
     o, q = other[0], min(quantized)

@@ -232,10 +232,24 @@ def test_the_engines_distance_against_the_closest_quantized_one(tmp_path):
     entries = summary.entries(df, "fp16", summary.headline_cell(df))
     assert "fp16 · vLLM" in [e["precision"] for e in entries]
     assert decision.engines_apart(entries, "fp16").startswith("The engines agree: KL(fp16 ‖ fp16 · vLLM) is 1e-06")
+    fp32 = dict(next(e for e in entries if e["precision"] == "fp16"), precision="fp32", name="fp32", kl_mean=2e-7)
+    assert decision.engines_apart(entries + [fp32], "fp16").startswith("The engines agree"), "fp32 is not quantized"
     for e in entries:
         if e["precision"] == "fp16 · vLLM":
             e["kl_mean"] = 0.005
     assert decision.engines_apart(entries, "fp16").startswith("The engines disagree")
+
+
+def test_the_baseline_on_another_engine_is_not_a_pick(tmp_path):
+    """fp16 through vLLM is within any quality budget of fp16 through transformers and no smaller: not a choice of
+    quantization, so the decision neither picks it as the smallest within budget nor as the closest."""
+    rows = [r for r in model_rows(prompts=(128,), batches=(1,)) if r["precision"] == "fp16"]
+    vllm = [dict(r, engine="vllm", cell_key=r["cell_key"] + "-v", kl_mean=3e-5, top1_agreement=0.997,
+                 weights_bytes=r["weights_bytes"] + 10**6) for r in rows]
+    df = read_results([write(tmp_path / "s", rows + vllm)])
+    entries = summary.entries(df, "fp16", summary.headline_cell(df))
+    picks = decision.decide(entries, "fp16", df, [], summary.QUALITY_BUDGET, [])["picks"]
+    assert not any("fp16 · vLLM" in p for p in picks), picks
 
 
 # ------------------------------------------------------------------------------------------------ the speed rule

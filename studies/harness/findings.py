@@ -32,13 +32,16 @@ def _ci(lo, hi, fmt="{:.2f}") -> str:
 
 
 def _entries(study: str) -> tuple[list[dict], str]:
+    """The study's variants, of the model(s) whose quality it measured."""
     d = newest_per_cell(rows(study))
+    d = d[d.model.isin(set(d[d.perplexity.notna()].model))] if d.perplexity.notna().any() else d
     base = report_baseline(d)
     return summary.entries(d, base, summary.headline_cell(d)), base
 
 
 def quality(study: str = "quality-smollm2") -> str:
     entries, base = _entries(study)
+    entries = [e for e in entries if e["perplexity"] is not None or e["kl_mean"] is not None]
     entries.sort(key=lambda e: (e["kl_mean"] is None, e["kl_mean"] or 0))
     out = ["| precision | what it quantizes | perplexity [95%] | Δ vs fp16 [paired 95%] | KL to fp16 | top-1 | "
            "weights MB |", "|---|---|---|---|---|---|---|"]
@@ -152,12 +155,18 @@ def engines() -> str | None:
 
 
 def engines_quality() -> str | None:
-    """SmolLM2's quality through both engines, distances to transformers' fp16, and whether the engines agree."""
+    """SmolLM2's quality through both engines, and whether the engines agree: their distance at fp16 against the
+    closest quantized variant's (this study's, else quality-smollm2's: transformers, the same windows)."""
     if not _engines_ran():
         return None
     entries, base = _entries("vllm-vs-hf")
-    return quality("vllm-vs-hf") + "\n\n" + (decision.engines_apart(entries, base) or "The engines' distance at "
-                                               f"{base} was not measured.")
+    quantized = [e for e in entries if e["kl_mean"] is not None and e["name"] != base]
+    against = entries if quantized else entries + [e for e in _entries("quality-smollm2")[0] if e["name"] != base]
+    where = "" if quantized else (" (the quantized variants' distances: [quality-smollm2](../studies/quality-smollm2), "
+                                  "transformers, the same windows)")
+    apart = decision.engines_apart(against, base)
+    return quality("vllm-vs-hf") + "\n\n" + (apart.rstrip(".") + where + "." if apart else
+                                               f"The engines' distance at {base} was not measured.")
 
 
 def engines_bandwidth() -> str | None:
@@ -167,10 +176,11 @@ def engines_bandwidth() -> str | None:
         return None
     d = newest_per_cell(rows("vllm-vs-hf"))
     d = d[(d.precision == "fp16") & (d.batch_size == 1) & (d.status == "ok") & (d.decode == "compiled")]
-    out = ["| engine | prompt | decode ms/token [95%] | GB/s | of the GPU's peak | GPU |", "|---|---|---|---|---|---|"]
-    for _, r in d.sort_values(["engine", "prompt_tokens"]).iterrows():
+    out = ["| model | engine | prompt | decode ms/token [95%] | GB/s | of the GPU's peak | GPU |",
+           "|---|---|---|---|---|---|---|"]
+    for _, r in d.sort_values(["model", "engine", "prompt_tokens"]).iterrows():
         ci = _ci(r.get("decode_ms_ci_low"), r.get("decode_ms_ci_high"), "{:.3f}")
-        out.append(f"| {r.engine} | {r.prompt_tokens} | {r.decode_ms_per_token:.3f} {ci} | "
+        out.append(f"| {r.model} | {r.engine} | {r.prompt_tokens} | {r.decode_ms_per_token:.3f} {ci} | "
                    f"{r.achieved_bandwidth_gbs:,.0f} | {r.bandwidth_fraction:.0%} of {r.peak_bandwidth_gbs:,.0f} | "
                    f"{r.gpu_name} |")
     return "\n".join(out)

@@ -42,16 +42,26 @@ def newest(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[order.drop_duplicates(keys + ["_m"], keep="last").index].sort_index()
 
 
-def source(folder: Path, rows: pd.DataFrame) -> dict:
-    m = json.loads((folder / "sweep.json").read_text()) if (folder / "sweep.json").is_file() else {}
-    mine = rows[rows["_folder"] == str(folder)]
-    gpus = sorted({f"{n} {u}" for n, u in zip(mine.get("gpu_name", []), mine.get("gpu_uuid", [])) if isinstance(u, str)})
-    return {"sweep": m.get("sweep"), "run_id": m.get("run_id"), "grid_file": Path(m.get("grid_file") or "").name or None,
-            "overrides": m.get("overrides") or [], "started_at": m.get("started_at"), "wall_s": m.get("wall_s"),
-            "command": " ".join(["python -m orchestrator sweep", Path(m.get("grid_file") or "GRID").name]
-                                + [f"--set '{o}'" for o in m.get("overrides") or []]),
-            "rows_kept": int(mine["_kept"].sum()), "gpus": gpus,
-            "hosts": sorted(set(mine["host"].dropna())) if "host" in mine else []}
+def sources(folder: Path, rows: pd.DataFrame) -> list[dict]:
+    """One entry per run of the folder that wrote rows (its manifest in runs/, or sweep.json for the last run): a
+    folder resumed by sweeps of other overrides holds rows of each."""
+    manifests = [json.loads(f.read_text()) for f in sorted((folder / "runs").glob("*.json"))] or (
+        [json.loads((folder / "sweep.json").read_text())] if (folder / "sweep.json").is_file() else [{}])
+    out = []
+    for m in manifests:
+        mine = rows[(rows["_folder"] == str(folder)) & (rows["run_id"].astype(str) == str(m.get("run_id")))]
+        if len(manifests) > 1 and not len(mine):
+            continue
+        gpus = sorted({f"{n} {u}" for n, u in zip(mine.get("gpu_name", []), mine.get("gpu_uuid", []))
+                       if isinstance(u, str)})
+        out.append({"sweep": m.get("sweep"), "run_id": m.get("run_id"),
+                    "grid_file": Path(m.get("grid_file") or "").name or None,
+                    "overrides": m.get("overrides") or [], "started_at": m.get("started_at"), "wall_s": m.get("wall_s"),
+                    "command": " ".join(["python -m orchestrator sweep", Path(m.get("grid_file") or "GRID").name]
+                                        + [f"--set '{o}'" for o in m.get("overrides") or []]),
+                    "rows_kept": int(mine["_kept"].sum()), "gpus": gpus,
+                    "hosts": sorted(set(mine["host"].dropna())) if "host" in mine else []})
+    return out
 
 
 def main() -> int:
@@ -78,7 +88,7 @@ def main() -> int:
                    write_statistics=False)
     manifest = json.loads((target / "study.json").read_text()) if (target / "study.json").is_file() else {}
     manifest.update(study=args.study, question=args.question or manifest.get("question"),
-                    cells=len(keep), sources=[source(Path(f), rows) for f in args.folders],
+                    cells=len(keep), sources=[x for f in args.folders for x in sources(Path(f), rows)],
                     versions={v: sorted(map(str, set(keep[v].dropna()))) for v in VERSIONS if v in keep},
                     gpus=sorted(set(keep["gpu_name"].dropna())) if "gpu_name" in keep else [])
     (target / "study.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")

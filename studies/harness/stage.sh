@@ -18,14 +18,16 @@ plat=(--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platfo
       --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any)
 for spec in $specs; do
-  name=${spec%%==*}
+  name=${spec#sdist:}; name=${name%%==*}
   if ls .stage/cache/ 2>/dev/null | grep -qi "^$(echo "$name" | tr - _)-${spec##*==}"; then continue; fi
+  case $spec in sdist:*)  # built on the host
+    python3 -m pip download -q --no-deps --no-binary="$name" -d .stage/cache "${spec#sdist:}"; continue ;; esac
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
     -d .stage/cache "$spec" 2>/dev/null \
-  || python3 -m pip wheel -q --no-deps -w .stage/cache "$spec" 2>/dev/null \
-  || python3 -m pip download -q --no-deps --no-binary=:all: -d .stage/cache "$spec"  # built on the host (pypcre)
+  || python3 -m pip wheel -q --no-deps -w .stage/cache "$spec"
 done
 for spec in $specs; do
+  spec=${spec#sdist:}
   f=$(ls .stage/cache | grep -i "^$(echo "${spec%%==*}" | tr - _)-${spec##*==}[-.]" | head -1)
   [ -n "$f" ] || { echo "missing: $spec" >&2; exit 1; }
   cp ".stage/cache/$f" .stage/payload/wheels/
