@@ -4,6 +4,9 @@ GPUs, hosts and library versions), which `python -m orchestrator report studies/
 
   python3 studies/harness/publish.py STUDY FOLDER [FOLDER ...] [--question "..."]
 
+To add runs to a published study, name the study's folder among the folders (studies/STUDY): its rows and the
+sources that wrote them stay beside the new ones.
+
 A cell is its coordinates (model, precision, engine, decode, KV cache, prompt, new tokens, batch) on one machine (its
 GPU, or its host on CPU): measured there more than once (under a newer measurement version, say), its newest row is
 kept; measured on several machines, each keeps its newest, so that every speed ratio the report gives is within one
@@ -42,9 +45,15 @@ def newest(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[order.drop_duplicates(keys + ["_m"], keep="last").index].sort_index()
 
 
-def sources(folder: Path, rows: pd.DataFrame) -> list[dict]:
+def sources(folder: Path, rows: pd.DataFrame, published: list[dict]) -> list[dict]:
     """One entry per run of the folder that wrote rows (its manifest in runs/, or sweep.json for the last run): a
-    folder resumed by sweeps of other overrides holds rows of each."""
+    folder resumed by sweeps of other overrides holds rows of each. The study's own folder (republished with new
+    runs) keeps the entries it had, for the runs whose rows are still kept."""
+    if (folder / "cells.parquet").is_file() and not (folder / "runs").is_dir():
+        kept = set(rows.loc[rows["_kept"] & (rows["_folder"] == str(folder)), "run_id"].astype(str))
+        return [dict(s, rows_kept=int((rows["_kept"] & (rows["_folder"] == str(folder))
+                                       & (rows["run_id"].astype(str) == str(s.get("run_id")))).sum()))
+                for s in published if str(s.get("run_id")) in kept]
     manifests = [json.loads(f.read_text()) for f in sorted((folder / "runs").glob("*.json"))] or (
         [json.loads((folder / "sweep.json").read_text())] if (folder / "sweep.json").is_file() else [{}])
     out = []
@@ -88,7 +97,7 @@ def main() -> int:
                    write_statistics=False)
     manifest = json.loads((target / "study.json").read_text()) if (target / "study.json").is_file() else {}
     manifest.update(study=args.study, question=args.question or manifest.get("question"),
-                    cells=len(keep), sources=[x for f in args.folders for x in sources(Path(f), rows)],
+                    cells=len(keep), sources=[x for f in args.folders for x in sources(Path(f), rows, manifest.get("sources") or [])],
                     versions={v: sorted(map(str, set(keep[v].dropna()))) for v in VERSIONS if v in keep},
                     gpus=sorted(set(keep["gpu_name"].dropna())) if "gpu_name" in keep else [])
     (target / "study.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
