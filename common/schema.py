@@ -96,7 +96,8 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
                          "rows that loaded it from the cache)"),
     ("calibration_cached", B, "gptq/awq: the calibrated checkpoint came from the disk cache (no calibration now)"),
     ("calibration_device", S, "device the calibration ran on"),
-    ("calib_text", S, "calibration data: a file path, the hub's validation split, or random token ids (synthetic)"),
+    ("calib_text", S, "calibration data: a file path, the hub's validation split, random token ids (synthetic), or "
+                      "none (a synthetic model through vLLM: random packed weights in the checkpoint's format)"),
     ("calib_sha256", S, "sha256 of the calibration text"),
     ("calib_samples", I, "calibration samples"),
     ("calib_seqlen", I, "tokens per calibration sample"),

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,34 @@ def test_a_vllm_unit_measures_its_cells_through_the_engine(fake_vllm):
     assert row_table(rows).num_rows == 2  # every column the engine writes is in the schema
     made = fake_vllm.MADE[0]
     assert made["kv_cache_memory_bytes"] == r["kv_pool_bytes"] and made["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("method,config", [
+    ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}),
+    ("awq", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"})])
+def test_a_synthetic_model_takes_calibrated_formats_with_random_packed_weights(fake_vllm, monkeypatch, tmp_path,
+                                                                               method, config):
+    """Random weights gain nothing from calibration: vLLM gets the checkpoint's config alone and fills the packed
+    weights itself (load_format dummy); nothing is calibrated, and the row says so."""
+    from tasks import unit as U
+    from tasks.engines import vllm as V
+
+    monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path))
+
+    def never(*a, **k):
+        raise AssertionError("calibrated a synthetic model")
+
+    import tasks.precisions.gptq.calibration as calibration
+
+    monkeypatch.setattr(calibration, "quantized_folder", never)
+    rows = list(U.run_unit(unit(precision=method)))
+    assert rows[0]["status"] == "ok", rows[0].get("traceback")
+    made = fake_vllm.MADE[0]
+    assert made["load_format"] == "dummy" and made["dtype"] == "float16"
+    assert json.loads((Path(made["model"]) / "config.json").read_text())["quantization_config"] == config
+    assert not any(Path(made["model"]).glob("*.safetensors"))
+    assert rows[0]["calib_text"] == V.RANDOM_PACKED and rows[0]["calib_samples"] == 0
+    assert json.loads(rows[0]["engine_options"])["load_format"] == "dummy"
 
 
 @pytest.mark.parametrize("covers_last", [False, True])

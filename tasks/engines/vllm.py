@@ -18,12 +18,14 @@ Verbs (tasks.engines.Model):
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.units import KvSpec, ModelSpec
 from tasks.engines import MemoryRun, Run
@@ -34,6 +36,7 @@ ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs in the uni
 KV_DTYPE = {"native": "auto", "fp8": "fp8"}    # the grid's kv_cache -> vLLM's kv_cache_dtype
 BLOCK = 16                                     # tokens per KV block
 LOGPROB_TOLERANCE = 2e-3                       # |recomputed - vLLM's| log-probability of a window's token
+RANDOM_PACKED = "none: random packed weights (synthetic model, vLLM load_format dummy)"
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,13 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     t0 = time.perf_counter()
     folder, source = source_folder(model, device)
     facts.update(source, prepare_s=time.perf_counter() - t0)
-    where = folder
-    if precision.loading.prepare is not None:  # gptq, awq: the checkpoint this project calibrates, Marlin in vLLM
+    where, args = folder, precision.engine_args("vllm", options)
+    checkpoint = precision.engines["vllm"].checkpoint
+    if precision.loading.prepare is not None and model.synthetic and checkpoint is not None:
+        where, calib = random_packed(folder, checkpoint(options))  # random weights: calibrating buys nothing
+        args = {**args, "load_format": "dummy"}
+        facts.update(calib)
+    elif precision.loading.prepare is not None:  # gptq, awq: the checkpoint this project calibrates, Marlin in vLLM
         calibration = calibration or {}
         where, calib = precision.loading.prepare(folder, options, device, calibration.get("text"),
                                                  calibration.get("name"), model.synthetic)
@@ -106,9 +114,22 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     t0 = time.perf_counter()
     tokenizer = None if model.synthetic else AutoTokenizer.from_pretrained(folder)
     facts["tokenizer_s"] = time.perf_counter() - t0
-    args = precision.engine_args("vllm", options)
     tp = int(unit.gpus) if unit is not None and unit.gpus > 1 else 1  # the unit's GPUs, one tensor-parallel rank each
     return VLLMModel(where, folder, args, config, tokenizer, device, facts, precision, options, need, tp)
+
+
+def random_packed(source: str, quantization: dict) -> tuple[str, dict]:
+    """A cached folder holding the source's config with `quantization` as its quantization_config, and no weights:
+    vLLM builds the quantized layers from it and fills them at random (load_format "dummy"; packed integers are left
+    as allocated). The kernels and the bytes they read are a calibrated checkpoint's; the outputs mean nothing."""
+    from common.cache import cache_root
+    from tasks.sources import publish
+
+    config = {**json.loads((Path(source) / "config.json").read_text()), "quantization_config": quantization}
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    target = publish(lambda tmp: (tmp / "config.json").write_text(json.dumps(config, indent=2)),
+                     cache_root() / f"packed-{key}")
+    return str(target), {"calib_text": RANDOM_PACKED, "calib_samples": 0, "calibrated_folder": str(target)}
 
 
 class VLLMModel:

@@ -117,6 +117,9 @@ class Served:
     `LLM(...)` keyword arguments), or why it cannot (said before the sweep starts)."""
     args: Callable[[Options], dict[str, Any]] | None = None
     reason: str | Callable[[Options], str | None] | None = None
+    # a calibrated precision: the quantization_config its checkpoint carries, from which the engine builds a model
+    # with random packed weights where the model's weights are random anyway (synthetic: calibration buys nothing)
+    checkpoint: Callable[[Options], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,16 @@ def _vllm(method: str) -> dict:
                     f"checkpoint (Marlin): use kernel auto")
         return None
 
-    return {"vllm": Served(lambda o: {"dtype": "float16"}, reason)}
+    return {"vllm": Served(lambda o: {"dtype": "float16"}, reason, lambda o: checkpoint_config(method, o))}
+
+
+def checkpoint_config(method: str, opts) -> dict:
+    """The quantization_config of the checkpoint gptqmodel writes for these options (what vLLM picks its kernel by)."""
+    if method == "awq":
+        return {"quant_method": "awq", "bits": opts.bits, "group_size": opts.group_size, "zero_point": True,
+                "version": "gemm"}
+    return {"quant_method": "gptq", "bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.act_order,
+            "sym": opts.sym}
 PRECISIONS = (
     Precision("gptq", "GPTQ (calibrated, second-order weight rounding), gptqmodel 7.6", METHOD,
               _loading("gptq", GptqOptions),

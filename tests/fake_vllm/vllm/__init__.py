@@ -90,7 +90,15 @@ class LLM:
         from transformers import AutoModelForCausalLM
 
         MADE.append({"model": model, "dtype": dtype, "kv_cache_memory_bytes": kv_cache_memory_bytes, **settings})
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        if settings.get("load_format") == "dummy":  # random weights from the config alone, as vLLM's dummy loader
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model)
+            config.__dict__.pop("quantization_config", None)  # the stand-in serves every format unquantized
+            torch.manual_seed(1234)
+            hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.served = Served(hf)
         ranks = settings.get("tensor_parallel_size", 1)  # the pool is per GPU; each rank holds 1/ranks of a block
         self.llm_engine = Engine(self.served, max(1, kv_cache_memory_bytes * ranks // 4096))
