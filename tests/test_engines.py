@@ -68,6 +68,12 @@ def test_what_vllm_cannot_run_is_skipped_before_start_with_why(tmp_path):
     assert "not in flight" in reasons["tiny × int8 × vllm"]
     assert reasons["tiny × hqq × vllm"] == "hqq has no vllm path"
     assert "vLLM picks its own" in reasons["tiny × gptq(kernel=torch) × vllm"]
+    gptq = dataclasses.replace(REGISTRY["gptq"].method, distribution="no-such-distribution")
+    with pytest.MonkeyPatch.context() as mp:  # gptqmodel absent: a synthetic model through vLLM does not need it
+        mp.setitem(REGISTRY, "gptq", dataclasses.replace(REGISTRY["gptq"], method=gptq))
+        absent = unsupported_before_start(plan, "cuda", ["H100"])
+    assert absent.get(next(u.unit_id for u in plan.units if u.label == "tiny × gptq × vllm")) is None
+    assert "not installed" in absent[next(u.unit_id for u in plan.units if u.label == "tiny × gptq")]
     on_cpu = unsupported_before_start(plan, "cpu", [])
     assert all("vLLM runs on NVIDIA GPUs only" in on_cpu[u.unit_id] for u in plan.units if u.engine == "vllm")
     assert "fp8-w8a8 does not run on cpu" in on_cpu[next(u.unit_id for u in plan.units
