@@ -247,10 +247,8 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
     for u in plan.units:
         p = REGISTRY[u.precision.name]
         opts = p.parse_options(u.precision.options)
-        served = p.engines.get(u.engine)
-        random_packed = u.model.synthetic and served is not None and served.checkpoint is not None  # no library
         reason = engine_reason(u.engine, device_type) or p.engine_reason(u.engine, opts) \
-            or (None if random_packed else p.method.missing()) \
+            or (None if p.random_packed(u.engine, u.model.synthetic) else p.method.missing()) \
             or p.unsupported_reason(device_type, opts, None, capability)
         # projection widths against transformers' kernels (vLLM picks its own, and says so when it cannot)
         widths = model_widths(u.model) if p.limits.shape_reason and not reason and u.engine == "hf" else None

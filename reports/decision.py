@@ -37,6 +37,11 @@ def _quality(e: dict) -> str:
     return ", ".join(parts)
 
 
+def _quantized(e: dict) -> bool:
+    """Another float format (fp32, bf16) or the baseline's precision on the other engine is not a quantization."""
+    return e["method"] != "unquantized"
+
+
 def decide(entries: list[dict], baseline: str | None, rows, fits_: list[dict], budget: dict,
            cross: list[dict]) -> dict:
     """{"picks": [sentences], "avoid": [sentences], "runs": [what to run for a pick the data cannot make]}."""
@@ -57,7 +62,7 @@ def decide(entries: list[dict], baseline: str | None, rows, fits_: list[dict], b
                 best = min(group, key=quality_of)
                 picks.append(f"Closest to {baseline} at ≤ {bits} bits: {best['precision']} ({_quality(best)}; "
                              f"{_size(best, base)}).")
-        quantized = [e for e in measured if e["method"] != "unquantized"]  # not fp32, bf16, fp16 on another engine
+        quantized = [e for e in measured if _quantized(e)]
         within = [e for e in quantized if _within(e, budget)]
         words = f"KL ≤ {budget['kl']:g}" if all(e["kl_mean"] is not None for e in measured) else \
             f"Δ perplexity within ±{budget['ppl_change_pct']:g}%"
@@ -205,7 +210,7 @@ def engines_apart(entries: list[dict], baseline: str | None) -> str | None:
     other = [e for e in entries if e["name"] == base["name"] and e["engine"] != base["engine"]
              and e["kl_mean"] is not None]
     quantized = [e["kl_mean"] for e in entries if e["kl_mean"] is not None and e["name"] != base["name"]
-                 and e["method"] != "unquantized" and not e["broken"]]  # fp32 or bf16 beside fp16: not a method
+                 and _quantized(e) and not e["broken"]]
     if not other or not quantized:
         return None
     o, q = other[0], min(quantized)

@@ -160,13 +160,14 @@ def engines_quality() -> str | None:
     if not _engines_ran():
         return None
     entries, base = _entries("vllm-vs-hf")
-    quantized = [e for e in entries if e["kl_mean"] is not None and e["name"] != base]
-    against = entries if quantized else entries + [e for e in _entries("quality-smollm2")[0] if e["name"] != base]
-    where = "" if quantized else (" (the quantized variants' distances: [quality-smollm2](../studies/quality-smollm2), "
-                                  "transformers, the same windows)")
-    apart = decision.engines_apart(against, base)
-    return quality("vllm-vs-hf") + "\n\n" + (apart.rstrip(".") + where + "." if apart else
-                                               f"The engines' distance at {base} was not measured.")
+    apart = decision.engines_apart(entries, base)
+    if apart is None:  # no quantized variant's distance here
+        other = [e for e in _entries("quality-smollm2")[0] if e["name"] != base]
+        apart = decision.engines_apart(entries + other, base)
+        apart = apart and apart.rstrip(".") + (" (the quantized variants' distances: "
+                                               "[quality-smollm2](../studies/quality-smollm2), transformers, the same "
+                                               "windows).")
+    return quality("vllm-vs-hf") + "\n\n" + (apart or f"The engines' distance at {base} was not measured.")
 
 
 def engines_bandwidth() -> str | None:

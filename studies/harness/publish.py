@@ -50,10 +50,9 @@ def sources(folder: Path, rows: pd.DataFrame, published: list[dict]) -> list[dic
     folder resumed by sweeps of other overrides holds rows of each. The study's own folder (republished with new
     runs) keeps the entries it had, for the runs whose rows are still kept."""
     if (folder / "cells.parquet").is_file() and not (folder / "runs").is_dir():
-        kept = set(rows.loc[rows["_kept"] & (rows["_folder"] == str(folder)), "run_id"].astype(str))
-        return [dict(s, rows_kept=int((rows["_kept"] & (rows["_folder"] == str(folder))
-                                       & (rows["run_id"].astype(str) == str(s.get("run_id")))).sum()))
-                for s in published if str(s.get("run_id")) in kept]
+        kept = rows.loc[rows["_kept"] & (rows["_folder"] == str(folder)), "run_id"].astype(str)
+        return [dict(s, rows_kept=int((kept == str(s.get("run_id"))).sum()))
+                for s in published if str(s.get("run_id")) in set(kept)]
     manifests = [json.loads(f.read_text()) for f in sorted((folder / "runs").glob("*.json"))] or (
         [json.loads((folder / "sweep.json").read_text())] if (folder / "sweep.json").is_file() else [{}])
     out = []
@@ -96,8 +95,9 @@ def main() -> int:
     pq.write_table(table, target / "cells.parquet", compression="zstd", compression_level=19,
                    write_statistics=False)
     manifest = json.loads((target / "study.json").read_text()) if (target / "study.json").is_file() else {}
+    published = manifest.get("sources") or []
     manifest.update(study=args.study, question=args.question or manifest.get("question"),
-                    cells=len(keep), sources=[x for f in args.folders for x in sources(Path(f), rows, manifest.get("sources") or [])],
+                    cells=len(keep), sources=[s for f in args.folders for s in sources(Path(f), rows, published)],
                     versions={v: sorted(map(str, set(keep[v].dropna()))) for v in VERSIONS if v in keep},
                     gpus=sorted(set(keep["gpu_name"].dropna())) if "gpu_name" in keep else [])
     (target / "study.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")

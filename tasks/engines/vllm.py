@@ -100,9 +100,8 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     folder, source = source_folder(model, device)
     facts.update(source, prepare_s=time.perf_counter() - t0)
     where, args = folder, precision.engine_args("vllm", options)
-    checkpoint = precision.engines["vllm"].checkpoint
-    if precision.loading.prepare is not None and model.synthetic and checkpoint is not None:
-        where, calib = random_packed(folder, checkpoint(options))  # random weights: calibrating buys nothing
+    if precision.random_packed("vllm", model.synthetic):  # random weights: calibrating buys nothing
+        where, calib = random_packed(folder, precision.engines["vllm"].checkpoint(options))
         args = {**args, "load_format": "dummy"}
         facts.update(calib)
     elif precision.loading.prepare is not None:  # gptq, awq: the checkpoint this project calibrates, Marlin in vLLM

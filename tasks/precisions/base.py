@@ -145,6 +145,12 @@ class Precision:
         reason = served.reason(opts) if callable(served.reason) else served.reason
         return f"{self.name} on {engine}: {reason}" if reason else None
 
+    def random_packed(self, engine: str, synthetic: bool) -> bool:
+        """A synthetic model of this calibrated precision on `engine` loads as random packed weights in the
+        checkpoint's format (Served.checkpoint): no calibration, none of the method's library."""
+        served = self.engines.get(engine)
+        return synthetic and served is not None and served.checkpoint is not None
+
     def engine_args(self, engine: str, opts: Options) -> dict[str, Any]:
         served = self.engines[engine]
         return served.args(opts) if served.args else {}

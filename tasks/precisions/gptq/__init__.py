@@ -134,6 +134,8 @@ def checkpoint_config(method: str, opts) -> dict:
                 "version": "gemm"}
     return {"quant_method": "gptq", "bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.act_order,
             "sym": opts.sym}
+
+
 PRECISIONS = (
     Precision("gptq", "GPTQ (calibrated, second-order weight rounding), gptqmodel 7.6", METHOD,
               _loading("gptq", GptqOptions),
