@@ -173,11 +173,17 @@ def test_a_vllm_unit_measures_its_cells_through_the_engine(fake_vllm):
     assert made["kv_cache_memory_bytes"] == r["kv_pool_bytes"] and made["dtype"] == "float16"
 
 
-@pytest.mark.parametrize("method,config", [
-    ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}),
-    ("awq", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"})])
+LLAMA_LINEARS = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                 "self_attn.q_proj", "self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("method,config,kernel", [
+    ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+              "modules_in_block_to_quantize": LLAMA_LINEARS}, "GPTQMarlinLinearMethod"),
+    ("awq", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+     "AWQMarlinLinearMethod")])
 def test_a_synthetic_model_takes_calibrated_formats_with_random_packed_weights(fake_vllm, monkeypatch, tmp_path,
-                                                                               method, config):
+                                                                               method, config, kernel):
     """Random weights gain nothing from calibration: vLLM gets the checkpoint's config alone and fills the packed
     weights itself (load_format dummy); nothing is calibrated, and the row says so."""
     from tasks import unit as U
@@ -198,7 +204,23 @@ def test_a_synthetic_model_takes_calibrated_formats_with_random_packed_weights(f
     assert json.loads((Path(made["model"]) / "config.json").read_text())["quantization_config"] == config
     assert not any(Path(made["model"]).glob("*.safetensors"))
     assert rows[0]["calib_text"] == V.RANDOM_PACKED and rows[0]["calib_samples"] == 0
+    assert rows[0]["linear_class"] == kernel  # the folder names the layers a GPTQ checkpoint's tensors would
     assert json.loads(rows[0]["engine_options"])["load_format"] == "dummy"
+
+
+def test_a_quantized_precision_vllm_builds_unquantized_fails_its_unit(fake_vllm, monkeypatch, tmp_path):
+    """A GPTQ config naming no layer (vLLM then looks for quantized tensors, and a folder of none has none) loads
+    every layer in fp16: the unit fails instead of publishing fp16 figures as GPTQ's."""
+    from tasks import unit as U
+    from tasks.engines import vllm as V
+
+    monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path))
+    monkeypatch.setattr(V, "block_linears", lambda source: [])
+    rows = list(U.run_unit(unit(precision="gptq")))
+    assert rows[0]["status"] == "error"
+    assert "unquantized" in rows[0]["error_message"] and "gptq" in rows[0]["error_message"]
+    plain = list(U.run_unit(unit(precision="fp16")))
+    assert plain[0]["status"] == "ok" and plain[0]["linear_class"] == "UnquantizedLinearMethod"
 
 
 @pytest.mark.parametrize("covers_last", [False, True])

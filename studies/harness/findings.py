@@ -59,11 +59,12 @@ def quality(study: str = "quality-smollm2") -> str:
     return "\n".join(out)
 
 
-def _ratio_cells(study: str, path: str) -> dict:
-    """variant -> batch -> [(prompt, ratio, verdict)] against fp16 on the same engine and GPU."""
+def _ratio_cells(study: str, path: str, models: list[str] | None = None) -> dict:
+    """variant -> batch -> [(prompt, ratio, verdict)] against fp16 on the same engine and GPU (of `models`, or
+    every model)."""
     df = rows(study)
     out: dict = {}
-    for model in df.model.dropna().unique():
+    for model in models or df.model.dropna().unique():
         every = df[df.model == model]
         d = newest_per_cell(every)
         for c in speed.crossover(d, report_baseline(d), every):
@@ -74,10 +75,10 @@ def _ratio_cells(study: str, path: str) -> dict:
     return out
 
 
-def ratios(study: str, path: str) -> str:
+def ratios(study: str, path: str, models: list[str] | None = None) -> str:
     """Decode ms/token over fp16's per batch (the range over prompts 128, 1024, 4064), where both ran on one GPU;
     the verdict by the report's speed rule."""
-    cells = _ratio_cells(study, path)
+    cells = _ratio_cells(study, path, models)
     batches = sorted({b for v in cells.values() for b in v})
     out = ["| " + " | ".join(["variant"] + [f"batch {b}" for b in batches]) + " |", "|---" * (len(batches) + 1) + "|"]
     for variant, by_batch in sorted(cells.items()):
@@ -150,8 +151,13 @@ def _engines_ran() -> bool:
 
 
 def engines() -> str | None:
-    """transformers against vLLM on one GPU: each method's decode ms/token over fp16's on its own engine, per batch."""
-    return ratios("vllm-vs-hf", "compiled") if _engines_ran() else None
+    """transformers against vLLM on one GPU: each method's decode ms/token over fp16's on its own engine, per batch,
+    for the models measured for speed (those whose sweeps measured no quality)."""
+    if not _engines_ran():
+        return None
+    d = rows("vllm-vs-hf")
+    speed_models = [m for m in d.model.dropna().unique() if d[d.model == m].perplexity.isna().all()]
+    return ratios("vllm-vs-hf", "compiled", speed_models)
 
 
 def engines_quality() -> str | None:

@@ -5,7 +5,8 @@ GPUs, hosts and library versions), which `python -m orchestrator report studies/
   python3 studies/harness/publish.py STUDY FOLDER [FOLDER ...] [--question "..."]
 
 To add runs to a published study, name the study's folder among the folders (studies/STUDY): its rows and the
-sources that wrote them stay beside the new ones.
+sources that wrote them stay beside the new ones. `--leave-out PRECISION@ENGINE WHY` keeps a precision's rows under
+one engine out of the dataset (rows that do not measure what their name says); study.json lists them with the reason.
 
 A cell is its coordinates (model, precision, engine, decode, KV cache, prompt, new tokens, batch) on one machine (its
 GPU, or its host on CPU): measured there more than once (under a newer measurement version, say), its newest row is
@@ -78,6 +79,8 @@ def main() -> int:
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--question", default=None)
     ap.add_argument("--grids", nargs="*", default=[], help="grid files to copy into the study's grids/")
+    ap.add_argument("--leave-out", nargs=2, action="append", default=[], metavar=("PRECISION@ENGINE", "WHY"),
+                    help="leave these rows out of the dataset, for this reason (listed in study.json)")
     args = ap.parse_args()
     target = ROOT / "studies" / args.study
     target.mkdir(parents=True, exist_ok=True)
@@ -87,6 +90,12 @@ def main() -> int:
         if len(df):
             frames.append(df.assign(_folder=str(Path(f))))
     rows = pd.concat(frames, ignore_index=True)
+    left_out = []
+    for what, why in args.leave_out:
+        precision, _, engine = what.partition("@")
+        out = (rows["precision"] == precision) & (rows["engine"].fillna("hf") == (engine or "hf"))
+        left_out.append({"precision": precision, "engine": engine or "hf", "rows": int(out.sum()), "why": why})
+        rows = rows[~out]
     keep = newest(rows)
     rows["_kept"] = rows.index.isin(keep.index)
     names = [n for n in SCHEMA.names if n in keep]
@@ -96,6 +105,8 @@ def main() -> int:
                    write_statistics=False)
     manifest = json.loads((target / "study.json").read_text()) if (target / "study.json").is_file() else {}
     published = manifest.get("sources") or []
+    if left_out:
+        manifest["left_out"] = (manifest.get("left_out") or []) + left_out
     manifest.update(study=args.study, question=args.question or manifest.get("question"),
                     cells=len(keep), sources=[s for f in args.folders for s in sources(Path(f), rows, published)],
                     versions={v: sorted(map(str, set(keep[v].dropna()))) for v in VERSIONS if v in keep},

@@ -124,11 +124,34 @@ def random_packed(source: str, quantization: dict) -> tuple[str, dict]:
     from common.cache import cache_root
     from tasks.sources import publish
 
+    if quantization.get("quant_method") == "gptq":  # vLLM's GPTQ finds its quantized layers from the checkpoint's
+        # tensors unless the config names them; a folder without tensors must name them, or every layer loads as fp16
+        quantization = {**quantization, "modules_in_block_to_quantize": block_linears(source)}
     config = {**json.loads((Path(source) / "config.json").read_text()), "quantization_config": quantization}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     target = publish(lambda tmp: (tmp / "config.json").write_text(json.dumps(config, indent=2)),
                      cache_root() / f"packed-{key}")
     return str(target), {"calib_text": RANDOM_PACKED, "calib_samples": 0, "calibrated_folder": str(target)}
+
+
+def block_linears(source: str) -> list[str]:
+    """The linear layers of the model's first decoder layer, named within it (self_attn.q_proj, ...): built on the
+    meta device, from the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    return sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def check_quantized(precision, options, linear_class: str | None) -> None:
+    """A precision of fewer than 16 bits whose linear layers vLLM built unquantized is not that precision: the unit
+    fails rather than measure fp16 under its name."""
+    if precision.bits(options) < 16 and linear_class == "UnquantizedLinearMethod":
+        raise RuntimeError(f"vLLM built every linear layer of {precision.name} unquantized (UnquantizedLinearMethod):"
+                           f" its quantization config names no layer vLLM quantizes")
 
 
 class VLLMModel:
@@ -172,9 +195,11 @@ class VLLMModel:
         self._head = None
         self._capturing = False
         self.llm.apply_model(self._install_hook)
+        linear_class = self._first(_linear_methods)
+        check_quantized(precision, options, linear_class)
         facts.update(load_s=time.perf_counter() - t0, engine_version=vllm.__version__,
                      engine_options=json.dumps(self.options, sort_keys=True, default=str),
-                     attention_backend=self._first(_attention_backend), linear_class=self._first(_linear_methods),
+                     attention_backend=self._first(_attention_backend), linear_class=linear_class,
                      quant_config=f"vLLM {json.dumps(args, sort_keys=True)}", quant_library=precision.method.library,
                      quant_scheme=precision.method.scheme, weight_bits_nominal=float(precision.bits(options)),
                      quant_library_version=_version(precision.method.distribution or precision.method.library))

@@ -84,21 +84,36 @@ class Engine:
         return out
 
 
+def linear_method(quantization: str | None, name: str, gptq_layers: list[str] | None):
+    """The quant method vLLM would give a decoder layer's linear layer: the stand-in computes in fp32 whatever the
+    format, but names the method as vLLM does. GPTQ quantizes the layers its config names, else those the
+    checkpoint's tensors hold quantized (none in a folder without tensors)."""
+    if quantization == "gptq" and not any(layer in name for layer in gptq_layers or []):
+        quantization = None
+    kind = {None: "Unquantized", "gptq": "GPTQMarlin", "awq": "AWQMarlin", "fp8": "Fp8PerTensorOnline",
+            "bitsandbytes": "BitsAndBytes"}[quantization]
+    return type(f"{kind}LinearMethod", (), {})()
+
+
 class LLM:
     def __init__(self, model: str, dtype: str = "float16", kv_cache_memory_bytes: int = 0, block_size: int = 16,
                  **settings):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         MADE.append({"model": model, "dtype": dtype, "kv_cache_memory_bytes": kv_cache_memory_bytes, **settings})
         if settings.get("load_format") == "dummy":  # random weights from the config alone, as vLLM's dummy loader
-            from transformers import AutoConfig
-
             config = AutoConfig.from_pretrained(model)
             config.__dict__.pop("quantization_config", None)  # the stand-in serves every format unquantized
             torch.manual_seed(1234)
             hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         else:
             hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        checkpoint = getattr(AutoConfig.from_pretrained(model), "quantization_config", None) or {}
+        quantization = settings.get("quantization") or checkpoint.get("quant_method")
+        layers = checkpoint.get("modules_in_block_to_quantize")
+        for name, m in hf.named_modules():
+            if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                m.quant_method = linear_method(quantization, name, layers)
         self.served = Served(hf)
         ranks = settings.get("tensor_parallel_size", 1)  # the pool is per GPU; each rank holds 1/ranks of a block
         self.llm_engine = Engine(self.served, max(1, kv_cache_memory_bytes * ranks // 4096))
