@@ -26,6 +26,9 @@ case $verb in
       cat /tmp/stage/blob.* | tar -C /tmp/stage -xf - && rm -f /tmp/stage/blob.*
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         /tmp/stage/wheels/*.whl 2>&1 | grep -v "^WARNING" | tail -3
+      lib=/tmp/stage/deb/usr/lib/x86_64-linux-gnu  # PCRE2 for pypcre (stage.sh deb:), found at run time by rpath
+      export PYPCRE_INCLUDE_DIR=/tmp/stage/deb/usr/include PYPCRE_LIBRARY_PATH=$lib/libpcre2-8.so \
+        PYPCRE_LDFLAGS="-Wl,-rpath,$lib"
       ls /tmp/stage/wheels/*.tar.gz >/dev/null 2>&1 && python3 -m pip wheel -q --no-deps --no-build-isolation \
         -w /tmp/stage/wheels /tmp/stage/wheels/*.tar.gz && python3 -m pip install -q --no-deps --target /tmp/site \
         /tmp/stage/wheels/pypcre-*.whl

@@ -11,13 +11,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 sets=("$@"); [ ${#sets[@]} -gt 0 ] || sets=(core)
 grep -qx '/.stage/' .git/info/exclude 2>/dev/null || echo '/.stage/' >> .git/info/exclude
-rm -rf .stage/part-* .stage/payload; mkdir -p .stage/payload/wheels .stage/payload/data .stage/cache
+rm -rf .stage/part-* .stage/payload; mkdir -p .stage/payload/wheels .stage/payload/data .stage/payload/deb .stage/cache
 specs=$(awk -v want=" ${sets[*]} " '/^\[/{s=substr($0,2,length($0)-2); next} /^[^#]/ && index(want, " " s " ") {print}' \
   studies/harness/wheels.txt)
 plat=(--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any)
 for spec in $specs; do
+  case $spec in deb:*)  # a Debian package's files, unpacked on the host under /tmp/stage/deb
+    ls .stage/cache | grep -q "^${spec#deb:}_.*\.deb$" || (cd .stage/cache && apt-get download -qq "${spec#deb:}" 2>/dev/null)
+    continue ;; esac
   name=${spec#sdist:}; name=${name%%==*}
   if ls .stage/cache/ 2>/dev/null | grep -qi "^$(echo "$name" | tr - _)-${spec##*==}"; then continue; fi
   case $spec in sdist:*)  # built on the host
@@ -27,6 +30,10 @@ for spec in $specs; do
   || python3 -m pip wheel -q --no-deps -w .stage/cache "$spec"
 done
 for spec in $specs; do
+  case $spec in deb:*)
+    f=$(ls .stage/cache | grep "^${spec#deb:}_.*\.deb$" | head -1)
+    [ -n "$f" ] || { echo "missing: $spec" >&2; exit 1; }
+    dpkg-deb -x ".stage/cache/$f" .stage/payload/deb; continue ;; esac
   spec=${spec#sdist:}
   f=$(ls .stage/cache | grep -i "^$(echo "${spec%%==*}" | tr - _)-${spec##*==}[-.]" | head -1)
   [ -n "$f" ] || { echo "missing: $spec" >&2; exit 1; }
