@@ -64,7 +64,7 @@ def check_source(model: ModelSpec, where: str, offline: bool | None = None) -> N
         if not (folder / "config.json").is_file():
             raise BadInput(f"{where}.path: {folder} has no config.json; a Hugging Face model folder (config.json and "
                            f"weights) is needed")
-        read_config(folder, f"{where}.path")
+        saved_quantized(read_config(folder, f"{where}.path"), f"{where}.path", folder)
     elif model.source == "gguf":
         try:
             file = resolve_file(model.location)
@@ -75,9 +75,24 @@ def check_source(model: ModelSpec, where: str, offline: bool | None = None) -> N
                            f"{where}.gguf: {file} does not exist")
         gguf_header(file, f"{where}.gguf")
     elif model.source == "hub":
-        if (hub_offline() if offline is None else offline) and _hub_config(model) is None:
+        config = _hub_config(model)
+        if (hub_offline() if offline is None else offline) and config is None:
             raise BadInput(f"{where}.hub: {model.location} is not in the local Hugging Face cache and the hub is out "
                            f"of reach (HF_HUB_OFFLINE or no network); {HUB_HINT}")
+        if config is not None:
+            saved_quantized(config, f"{where}.hub", model.location)
+
+
+def saved_quantized(config: dict, where: str, source) -> None:
+    """A checkpoint saved quantized (its config carries a quantization_config: compressed-tensors, GPTQ, AWQ, fp8)
+    loads quantized whatever precision a cell names, in either engine: its rows would measure the saved
+    quantization under that precision's name. Refused: a model entry is the unquantized model."""
+    q = config.get("quantization_config")
+    if q is not None:
+        method = q.get("quant_method", "unnamed method") if isinstance(q, dict) else "unnamed method"
+        raise BadInput(f"{where}: {source} is saved quantized ({str(method)[:40]}: its config.json has a "
+                       f"quantization_config), and would load quantized under every precision's name; point at "
+                       f"the unquantized model")
 
 
 def identify(model: ModelSpec, where: str) -> ModelSpec:

@@ -104,6 +104,17 @@ def synthetic_folder(spec: str | dict, device: str) -> tuple[Path, str]:
     return publish(build, cache_root() / f"synthetic-{key}"), key
 
 
+def refuse_saved_quantized(config, source: str) -> None:
+    """A source saved quantized (its config carries a quantization_config) loads quantized under any precision's
+    name: the unit fails. The driver refuses such a folder or cached hub model before start
+    (orchestrator.model_info); this catches a hub model fetched only here."""
+    q = getattr(config, "quantization_config", None)
+    if q is not None:
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+        raise RuntimeError(f"{source} is saved quantized ({method}: its config has a quantization_config) and would "
+                           f"load quantized under this precision's name; point at the unquantized model")
+
+
 def source_folder(model: ModelSpec, device: str) -> tuple[str, dict[str, Any]]:
     """Where the loader finds the model (a hub id or a folder), plus facts about the source for the row."""
     if model.source == "hub":

@@ -223,6 +223,21 @@ def test_a_quantized_precision_vllm_builds_unquantized_fails_its_unit(fake_vllm,
     assert plain[0]["status"] == "ok" and plain[0]["linear_class"] == "UnquantizedLinearMethod"
 
 
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_a_source_saved_quantized_fails_its_unit(fake_vllm, tmp_path, engine):
+    """A hub model fetched in the unit is checked there: saved quantized, it would load quantized under fp16's name."""
+    from tasks import unit as U
+
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 1000,
+              "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    u = dataclasses.replace(unit(engine=engine), model=ModelSpec("path", str(tmp_path), "saved"))
+    rows = list(U.run_unit(u))
+    assert rows[0]["status"] == "error"
+    assert "saved quantized (compressed-tensors" in rows[0]["error_message"]
+
+
 @pytest.mark.parametrize("covers_last", [False, True])
 def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm, monkeypatch, covers_last):
     """hidden_states are what the logits processor received, in position order across its calls (the sampled

@@ -121,6 +121,21 @@ def test_folder_without_config_json(cli, tmp_path):
             "models[0].path", "has no config.json")
 
 
+def test_a_model_saved_quantized_is_refused(cli, tmp_path):
+    """Its weights would load quantized under fp32's name; a folder without the quantization_config is taken."""
+    (tmp_path / "m").mkdir()
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 4096}
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    grid = GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "path: ./m")
+    refused(cli(grid), "models[0].path", "saved quantized (compressed-tensors", "unquantized model")
+    del config["quantization_config"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    ok = cli(grid)
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_hub_model_offline_is_refused_at_once(cli):
     t0 = time.monotonic()
     r = cli(GRID.replace(f"synthetic: {json.dumps(TINY_LLAMA)}", "hub: nobody/not-cached-model"),

@@ -14,7 +14,7 @@ import torch
 from common.models import kv_geometry, text_config
 from common.units import KvSpec, ModelSpec
 from tasks.engines import hf_loop
-from tasks.sources import source_folder
+from tasks.sources import refuse_saved_quantized, source_folder
 from tasks.weights import weight_stats
 
 
@@ -118,7 +118,7 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     layers split across them in order (accelerate's device_map "auto"; inputs and the first layers on `device`)."""
     t0 = time.perf_counter()
     import transformers.modeling_utils  # noqa: F401 - from_pretrained's code (with torchao/hqq unless own_process hid them)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import_s = time.perf_counter() - t0  # named here: transformers 5.17 imports it with the auto classes, 5.24 later
     t0 = time.perf_counter()
@@ -127,6 +127,7 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     common = {"revision": model.revision} if model.revision else {}
     common["trust_remote_code"] = model.trust_remote_code
     source = where
+    refuse_saved_quantized(AutoConfig.from_pretrained(source, **common), source)
     loading, method = precision.loading, precision.method
     if loading.prepare is not None:  # calibrated methods load a cached calibrated checkpoint instead
         calibration = calibration or {}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common.units import KvSpec, ModelSpec
 from tasks.engines import MemoryRun, Run
-from tasks.sources import source_folder
+from tasks.sources import refuse_saved_quantized, source_folder
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core runs in the unit's process
        "VLLM_USE_FLASHINFER_SAMPLER": "0"}     # else the sampler imports flashinfer, which JIT-compiles offline
@@ -98,6 +98,8 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     facts = {"import_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     folder, source = source_folder(model, device)
+    config = AutoConfig.from_pretrained(folder)
+    refuse_saved_quantized(config, folder)
     facts.update(source, prepare_s=time.perf_counter() - t0)
     where, args = folder, precision.engine_args("vllm", options)
     if precision.random_packed("vllm", model.synthetic):  # random weights: calibrating buys nothing
@@ -109,7 +111,6 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
         where, calib = precision.loading.prepare(folder, options, device, calibration.get("text"),
                                                  calibration.get("name"), model.synthetic)
         facts.update(calib)
-    config = AutoConfig.from_pretrained(folder)
     t0 = time.perf_counter()
     tokenizer = None if model.synthetic else AutoTokenizer.from_pretrained(folder)
     facts["tokenizer_s"] = time.perf_counter() - t0
