@@ -87,7 +87,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("quant_library", S, "who quantized the weights: torch (none), bitsandbytes, torchao, quanto, hqq, gptqmodel"),
     ("quant_library_version", S, "version of that library"),
     ("linear_class", S, "module classes that run the first decoder layer's projections (the kernel path taken)"),
-    ("quant_scheme", S, "none | weight-only | weight+activation"),
+    ("quant_scheme", S, "none | weight-only | weight+activation | as saved (precision saved: its checkpoint's)"),
     ("weight_bits_nominal", F, "bits of a quantized weight as the method names it (4 for nf4; bits_per_param is measured)"),
     ("quant_config", S, "what was applied, as the library's call (e.g. torchao's int4 packing for this device)"),
     ("quantize_s", F, "time of the backend's own step after loading (hqq quantizes the loaded model; torchao with "

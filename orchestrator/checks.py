@@ -9,7 +9,9 @@ from pathlib import Path
 
 from common.untrusted import BadInput, check_file_slot, kind_of, open_folder, replace_file
 from orchestrator.grid import Grid
+from orchestrator.headers import read_config
 from orchestrator.model_info import check_source, context_length, hub_offline, identify
+from tasks.precisions import REGISTRY
 
 
 FOLDERS = ("cells", "history", "runs", "set-aside")    # inside an output folder: folders, never links
@@ -69,6 +71,25 @@ def check_models(grid: Grid) -> None:
                            f"{name} holds {ctx}")
 
 
+def check_saved(grid: Grid) -> None:
+    """A precision that loads a checkpoint saved quantized (tasks/precisions/saved.py) names a folder with a
+    config.json that carries a quantization_config."""
+    for j, p in enumerate(grid.precisions):
+        loading = REGISTRY[p.name].loading
+        if loading.folder is None:
+            continue
+        where = f"precisions[{j}].path"
+        folder = loading.folder(REGISTRY[p.name].parse_options(p.options))
+        if folder is None:
+            raise BadInput(f"{where}: {p.name} loads a checkpoint saved quantized: name its folder")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BadInput(f"{where}: {folder} is not a folder; a Hugging Face folder saved quantized is needed")
+        if not (read_config(folder, where)).get("quantization_config"):
+            raise BadInput(f"{where}: {folder}/config.json has no quantization_config: not a checkpoint saved "
+                           f"quantized (an unquantized model is a model entry)")
+
+
 def check_code(grid: Grid, trust_remote_code: bool) -> None:
     """A grid is data: a model whose own Python code would run (trust_remote_code) needs the command line's
     --trust-remote-code as well."""
@@ -82,6 +103,7 @@ def check_inputs(grid: Grid, out: Path, trust_remote_code: bool = False) -> None
     check_code(grid, trust_remote_code)
     check_output(out)
     check_models(grid)
+    check_saved(grid)
 
 
 def output_dir(grid: Grid, output: str | None) -> Path:

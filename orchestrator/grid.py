@@ -116,7 +116,8 @@ class PrecisionEntry(Strict):
     def label(self) -> str:
         defaults = REGISTRY[self.name].parse_options({}).model_dump()
         # the calibration file is on the row (calib_text, calib_sha256), not in the label
-        changed = {k: v for k, v in self.options.items() if defaults.get(k) != v and k != "calib_path"}
+        changed = {k: Path(v).name if k in grid_paths(self.name) else v for k, v in self.options.items()
+                   if defaults.get(k) != v and k != "calib_path"}
         return self.name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + ")" if changed else "")
 
 
@@ -565,7 +566,17 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     except ValidationError as e:
         raise BadInput(_message(path, _format_errors(e)))
     grid._base_dir = path.resolve().parent
+    for entry in grid.precisions:  # paths among a precision's options: made absolute against the grid file's folder
+        for k in grid_paths(entry.name):
+            if isinstance(entry.options.get(k), str):
+                entry.options[k] = str(expand(entry.options[k], grid._base_dir).resolve())
     return grid
+
+
+def grid_paths(precision: str) -> list[str]:
+    """The options of a precision that are paths relative to the grid file (their fields say so)."""
+    fields = REGISTRY[precision].loading.options.model_fields
+    return [k for k, f in fields.items() if (f.json_schema_extra or {}).get("grid_path")]
 
 
 def _message(path: Path, problems: list[str]) -> str:

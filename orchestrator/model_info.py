@@ -92,7 +92,7 @@ def saved_quantized(config: dict, where: str, source) -> None:
         method = q.get("quant_method", "unnamed method") if isinstance(q, dict) else "unnamed method"
         raise BadInput(f"{where}: {source} is saved quantized ({str(method)[:40]}: its config.json has a "
                        f"quantization_config), and would load quantized under every precision's name; point at "
-                       f"the unquantized model")
+                       f"the unquantized model and measure this folder as precision {{name: saved, path: ...}}")
 
 
 def identify(model: ModelSpec, where: str) -> ModelSpec:
@@ -117,6 +117,15 @@ def _config(model: ModelSpec) -> dict | None:
     else:
         return None
     return c.get("text_config", c) if c else None
+
+
+def model_config(model: ModelSpec) -> dict | None:
+    """A model entry's config.json as a mapping (a folder's, or a cached hub model's), None where there is none or it
+    cannot be read."""
+    try:
+        return _config(model)
+    except Exception:  # unreadable: check_source named it already
+        return None
 
 
 def context_length(model: ModelSpec) -> int | None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from orchestrator import wikitext
 from orchestrator.grid import Grid
-from orchestrator.model_info import identify, model_shape, model_widths
+from orchestrator.headers import fingerprint
+from orchestrator.model_info import identify, model_config, model_shape, model_widths
 from common.catalog import MEASUREMENT_VERSION, RANDOM_IDS, capability_of, kv_reason, measurement_version
 from common.units import (Calibration, CellSpec, GenerationSpec, ModelSpec, PerplexitySpec, PrecisionSpec,
                         ReferenceSpec, UnitSpec)
@@ -177,6 +178,10 @@ def _units(grid: Grid, g, model: ModelSpec, engine: str, j: int, p, texts, gener
         source = {"name": RANDOM_IDS, "sha256": None} if model.synthetic else texts.calibration[j][1]
         calibration = Calibration(source["name"], source["sha256"])
     precision = PrecisionSpec(p.name, parsed.model_dump(), p.label, calibration, backend.description)
+    key_options = parsed.key()
+    folder = backend.loading.folder(parsed) if backend.loading.folder is not None else None
+    if folder:  # a saved checkpoint changed in place is a new precision, as a model is
+        key_options["fingerprint"] = fingerprint("path", folder, f"precisions[{j}].path")
     groups: dict[tuple, list[CellSpec]] = {}
     for kv in g.kv_cache:
         for d in g.decode:
@@ -184,7 +189,7 @@ def _units(grid: Grid, g, model: ModelSpec, engine: str, j: int, p, texts, gener
                 for n in g.new_tokens:
                     for b in g.batch_sizes:
                         axes = {"prompt_tokens": pt, "new_tokens": n, "batch_size": b, "decode": d, "kv": kv.spec()}
-                        key = cell_key(model, precision, axes, grid, gpus, parsed.key(), engine)
+                        key = cell_key(model, precision, axes, grid, gpus, key_options, engine)
                         group = () if engine == "hf" else (d, kv.label)
                         groups.setdefault(group, []).append(CellSpec(key, **axes))
     out = []
@@ -249,7 +254,8 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
         opts = p.parse_options(u.precision.options)
         reason = engine_reason(u.engine, device_type) or p.engine_reason(u.engine, opts) \
             or (None if p.random_packed(u.engine, u.model.synthetic) else p.method.missing()) \
-            or p.unsupported_reason(device_type, opts, None, capability)
+            or p.unsupported_reason(device_type, opts, None, capability) \
+            or p.model_reason(opts, u.model.synthetic, model_config(u.model))
         # projection widths against transformers' kernels (vLLM picks its own, and says so when it cannot)
         widths = model_widths(u.model) if p.limits.shape_reason and not reason and u.engine == "hf" else None
         if widths:

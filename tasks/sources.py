@@ -112,7 +112,8 @@ def refuse_saved_quantized(config, source: str) -> None:
     if q is not None:
         method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
         raise RuntimeError(f"{source} is saved quantized ({method}: its config has a quantization_config) and would "
-                           f"load quantized under this precision's name; point at the unquantized model")
+                           f"load quantized under this precision's name; point at the unquantized model (and measure "
+                           f"the saved one as precision saved)")
 
 
 def source_folder(model: ModelSpec, device: str) -> tuple[str, dict[str, Any]]:

@@ -44,6 +44,18 @@ def smollm2(model_cache):
     return model, model.tokenizer
 
 
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """vLLM's offline API served by transformers on CPU (tests/fake_vllm): no vLLM wheel runs there."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fake_vllm"))
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import vllm
+
+    vllm.MADE.clear()
+    yield vllm
+
+
 def write_grid(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -15,9 +15,8 @@ from orchestrator.plan import make_plan, unsupported_before_start, unsupported_c
 from common.units import CellSpec, GenerationSpec, ModelSpec, PrecisionSpec, UnitSpec
 from common.untrusted import BadInput
 from tasks.precisions import REGISTRY
-from tests.conftest import ROOT, SMOLLM2, TINY_LLAMA, write_grid
+from tests.conftest import SMOLLM2, TINY_LLAMA, write_grid
 
-FAKE = ROOT / "tests" / "fake_vllm"
 
 
 def grid(tmp_path, engine="[hf, vllm]", precisions="[fp16, nf4-dq]", extra="", decode="[eager, compiled]",
@@ -105,7 +104,7 @@ def test_every_precision_says_how_vllm_runs_it_or_why_not():
     assert args["fp16"] == {"dtype": "float16"} and args["bf16"] == {"dtype": "bfloat16"}
     assert args["fp8-w8a8"] == {"quantization": "fp8", "dtype": "bfloat16"}
     assert args["nf4-dq"] == {"quantization": "bitsandbytes", "dtype": "bfloat16"}
-    assert args["gptq"] == args["awq"] == {"dtype": "float16"}
+    assert args["gptq"] == args["awq"] == {"dtype": "float16"} and args["saved"] == {"dtype": "auto"}
     assert all(isinstance(args[n], str) for n in ("nf4", "fp4", "int8", "hqq", "quanto-int8", "torchao-int4wo"))
     nf4 = REGISTRY["nf4"]
     assert nf4.engine_reason("vllm", nf4.parse_options({"double_quant": True})) is None
@@ -130,17 +129,6 @@ def test_the_reference_is_the_first_engines_baseline_and_the_other_engines_basel
 
 
 # ------------------------------------------------------------------------------- the vLLM engine, on a stand-in
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKE))
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    import vllm
-
-    vllm.MADE.clear()
-    yield vllm
-
 
 def unit(engine="vllm", cells=((4, 2, "compiled"),), precision="fp16", perplexity=None, throughput=None):
     p = REGISTRY[precision]

@@ -129,7 +129,9 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     source = where
     refuse_saved_quantized(AutoConfig.from_pretrained(source, **common), source)
     loading, method = precision.loading, precision.method
-    if loading.prepare is not None:  # calibrated methods load a cached calibrated checkpoint instead
+    if loading.folder is not None:  # a checkpoint saved quantized, loaded as saved
+        where = loading.folder(options)
+    elif loading.prepare is not None:  # calibrated methods load a cached calibrated checkpoint instead
         calibration = calibration or {}
         where, calib = loading.prepare(where, options, device, calibration.get("text"), calibration.get("name"),
                                        model.synthetic)

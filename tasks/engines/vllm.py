@@ -106,6 +106,8 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
         where, calib = random_packed(folder, precision.engines["vllm"].checkpoint(options))
         args = {**args, "load_format": "dummy"}
         facts.update(calib)
+    elif precision.loading.folder is not None:  # a checkpoint saved quantized: vLLM reads its format from its config
+        where = precision.loading.folder(options)
     elif precision.loading.prepare is not None:  # gptq, awq: the checkpoint this project calibrates, Marlin in vLLM
         calibration = calibration or {}
         where, calib = precision.loading.prepare(folder, options, device, calibration.get("text"),

@@ -5,11 +5,11 @@ imports neither torch nor any quantization library, so the driver validates grid
 from __future__ import annotations
 
 from tasks.precisions.base import Precision
-from tasks.precisions import bnb, full, gptq, hqq_backend, quanto_backend, torchao_backend
+from tasks.precisions import bnb, full, gptq, hqq_backend, quanto_backend, saved, torchao_backend
 
 REGISTRY: dict[str, Precision] = {p.name: p for p in (*full.PRECISIONS, *bnb.PRECISIONS, *torchao_backend.PRECISIONS,
                                                       *quanto_backend.PRECISIONS, *hqq_backend.PRECISIONS,
-                                                      *gptq.PRECISIONS)}
+                                                      *gptq.PRECISIONS, *saved.PRECISIONS)}
 
 
 def get(name: str) -> Precision:

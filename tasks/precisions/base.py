@@ -71,8 +71,9 @@ class Method:
 
     def missing(self) -> str | None:
         """Why its library cannot be loaded here (not installed: found from installed distributions' metadata,
-        nothing imported), naming what installs it; None where it is installed or part of the core."""
-        if not self.distribution and self.library == "torch":
+        nothing imported), naming what installs it; None where it is installed or part of the core, or where the
+        library is a saved checkpoint's format's (known from its config; the engine says what it lacks)."""
+        if not self.distribution and self.library in ("torch", "checkpoint"):
             return None
         name = self.distribution or self.library
         how = not_installed(name, self.extra)
@@ -94,6 +95,8 @@ class Loading:
     # calibrated methods (gptq, awq): (source folder, options, device, calibration text or None, its name,
     # synthetic?) -> (folder of the calibrated checkpoint to load instead, calibration facts for the row)
     prepare: Callable[..., tuple[str, dict[str, Any]]] | None = None
+    # a checkpoint saved quantized: (options) -> the folder to load in place of the model's (its tokenizer stays)
+    folder: Callable[[Options], str] | None = None
     # modules whose weights the backend stores its own way (tasks.weights counts the rest generically)
     storage: Callable[[Any], Stored | None] | None = None
 
@@ -109,6 +112,8 @@ class Limits:
     compile_reason_cuda: str | Callable[[Options, int], str | None] | None = None
     # projection shapes its groups or kernels cannot take: (options, widths, GPU compute capability or None) -> why
     shape_reason: Callable[[Options, dict[str, int], tuple[int, int] | None], str | None] | None = None
+    # models it cannot stand for: (options, synthetic?, the model's config or None) -> why
+    model_reason: Callable[[Options, bool, dict | None], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,9 @@ class Precision:
             return (f"{self.name} needs compute capability {need[0]}.{need[1]} or newer; the GPU has "
                     f"{capability[0]}.{capability[1]}")
         return None
+
+    def model_reason(self, opts: Options, synthetic: bool, model_config: dict | None) -> str | None:
+        return self.limits.model_reason(opts, synthetic, model_config) if self.limits.model_reason else None
 
     def shape_reason(self, opts: Options, widths: dict[str, int], capability) -> str | None:
         return self.limits.shape_reason(opts, widths, capability) if self.limits.shape_reason else None
