@@ -90,6 +90,22 @@ def _groups(precisions: list[str], df: pd.DataFrame) -> list[tuple[str, list[str
     return out
 
 
+def _unstack(fig, notes: list) -> None:
+    """Point labels that would cover one another (two engines' points of one precision lie close): each label in
+    turn moves down a line until it covers none placed before it, at the figure's final layout."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for note in notes:
+        for _ in range(len(notes)):
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            x, y = note.xyann
+            note.xyann = (x, y - 9)  # one line of 7-point text
+        placed.append(note.get_window_extent(renderer))
+
+
 def quality(entries: list[dict], colors: dict, cell: dict | None, baseline: str | None) -> str | None:
     """Distance to the baseline (KL, else |Δ perplexity|) against decode ms/token and against weights, with the
     speed's 95% interval as error bars; the frontier circled."""
@@ -124,10 +140,10 @@ def quality(entries: list[dict], colors: dict, cell: dict | None, baseline: str 
         ax.set_xlabel(label)
         ax.set_ylabel("KL to baseline (nats, log)" if use_kl else "|Δ perplexity| % (log)")
         if len(pts) <= 10:
-            for e in pts:
-                ax.annotate(e["precision"], (e[key] / (1e6 if key == "weights_bytes" else 1),
-                                             max(q[e["precision"]], floor)), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
+            notes = [ax.annotate(e["precision"], (e[key] / (1e6 if key == "weights_bytes" else 1),
+                                                  max(q[e["precision"]], floor)), fontsize=7, xytext=(4, 3),
+                                 textcoords="offset points") for e in pts]
+            _unstack(fig, notes)
     if len(pts) > 10:
         axes[1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1, 0.5),
                        ncol=1 + len(pts) // 16)

@@ -4,7 +4,8 @@
 # working tree fit one 64 MiB upload. Run from anywhere:
 #   DATA=../shared/data bash studies/harness/stage.sh core model vllm
 # DATA: the folder holding wikitext-2-raw/wiki.test.raw and wikitext-2/wiki.valid.tokens (checked on the host against
-# the sha256 the project knows). Each part is uploaded by one call that carries .stage/part-I and runs
+# the sha256 the project knows). SAVED: checkpoint folders saved quantized (studies/harness/compress.py), staged under
+# /tmp/stage/data/saved/ on the host for precision `saved`. Each part is uploaded by one call that carries .stage/part-I and runs
 # `bash studies/harness/gpu.sh unstage I`, one after another with nothing in between: the host keeps /tmp only while
 # it is held.
 set -euo pipefail
@@ -43,6 +44,7 @@ data=${DATA:-../shared/data}
 mkdir -p .stage/payload/data/wikitext-2-raw .stage/payload/data/wikitext-2
 cp "$data/wikitext-2-raw/wiki.test.raw" .stage/payload/data/wikitext-2-raw/
 cp "$data/wikitext-2/wiki.valid.tokens" .stage/payload/data/wikitext-2/
+for f in ${SAVED:-}; do mkdir -p .stage/payload/data/saved && cp -r "$f" .stage/payload/data/saved/; done
 tree=$({ git ls-files -z -co --exclude-standard | xargs -0 stat -c %s -- 2>/dev/null || true; } | awk '{s+=$1} END {print s+0}')
 size=${PART_MB:-$((62 - (tree >> 20) - 1))}
 tar -C .stage/payload -cf - . | split -b "${size}M" -d -a 2 - .stage/blob.
