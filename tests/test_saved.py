@@ -111,7 +111,6 @@ def test_both_engines_load_it_as_saved(folders, fake_vllm, engine):
     r = rows[0]
     assert r["weight_bits_nominal"] == 4 and r["quant_scheme"] == "as saved"
     assert r["linear_class"] == ("Linear4bit" if engine == "hf" else "BitsAndBytesLinearMethod")
-    if engine == "hf":
-        assert r["quant_config"].startswith("saved bitsandbytes")
-    else:
+    assert "saved bitsandbytes" in r["quant_config"]
+    if engine == "vllm":
         assert fake_vllm.MADE[0]["model"] == str(saved)  # the save is served; the tokenizer stays the model's

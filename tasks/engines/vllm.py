@@ -117,7 +117,10 @@ def load(model: ModelSpec, precision, options, device: str, calibration: dict | 
     tokenizer = None if model.synthetic else AutoTokenizer.from_pretrained(folder)
     facts["tokenizer_s"] = time.perf_counter() - t0
     tp = int(unit.gpus) if unit is not None and unit.gpus > 1 else 1  # the unit's GPUs, one tensor-parallel rank each
-    return VLLMModel(where, folder, args, config, tokenizer, device, facts, precision, options, need, tp)
+    served = VLLMModel(where, folder, args, config, tokenizer, device, facts, precision, options, need, tp)
+    if precision.loading.folder is not None:  # what the saved checkpoint holds, beside vLLM's arguments
+        served.facts["quant_config"] += f"; {precision.loading.build(options, device).description}"
+    return served
 
 
 def random_packed(source: str, quantization: dict) -> tuple[str, dict]:
