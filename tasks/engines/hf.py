@@ -20,11 +20,12 @@ from tasks.weights import weight_stats
 
 def linear_class(module) -> str:
     """The module classes that run the first decoder layer's projections (which kernel path a method took), e.g.
-    "Linear", "Linear4bit", "TorchAtenLinear", "HQQLinear"."""
+    "Linear", "Linear4bit", "TorchAtenLinear", "HQQLinear"; a compressed-tensors checkpoint's packed layer (an
+    nn.Linear holding weight_packed) reads "Linear(packed)"."""
     layers = next((m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")), module)
-    names = {type(m).__name__ for n, m in layers.named_modules()
+    names = {type(m).__name__ + ("(packed)" if hasattr(m, "weight_packed") else "") for n, m in layers.named_modules()
              if n and not [c for name, c in m.named_children() if name != "parametrizations"]  # unwrapped torchao
-             and (hasattr(m, "weight") or hasattr(m, "qweight") or hasattr(m, "W_q"))
+             and any(hasattr(m, a) for a in ("weight", "qweight", "W_q", "weight_packed"))
              and "norm" not in type(m).__name__.lower()}
     return ",".join(sorted(names))
 
