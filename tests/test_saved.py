@@ -114,3 +114,19 @@ def test_both_engines_load_it_as_saved(folders, fake_vllm, engine):
     assert "saved bitsandbytes" in r["quant_config"]
     if engine == "vllm":
         assert fake_vllm.MADE[0]["model"] == str(saved)  # the save is served; the tokenizer stays the model's
+
+
+def test_a_packed_compressed_tensors_layer_is_named_so():
+    """compressed-tensors keeps nn.Linear and replaces its weight by weight_packed and weight_scale."""
+    import torch
+
+    from tasks.engines.hf import linear_class
+
+    class ToyDecoderLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.o_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            del self.q_proj.weight
+            self.q_proj.weight_packed = torch.nn.Parameter(torch.zeros(8, 1, dtype=torch.int32), requires_grad=False)
+
+    assert linear_class(torch.nn.Sequential(ToyDecoderLayer())) == "Linear,Linear(packed)"
