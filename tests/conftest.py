@@ -26,6 +26,20 @@ def model_cache(tmp_path_factory):
     return Path(cache)
 
 
+@pytest.fixture(autouse=True)
+def allocator_settings():
+    """gptqmodel's import sets PYTORCH_ALLOC_CONF in the process: each test ends with the allocator settings it
+    began with, so that no test depends on which one imported gptqmodel first."""
+    names = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_ORDER")
+    before = {n: os.environ.get(n) for n in names}
+    yield
+    for n, v in before.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
+
+
 @pytest.fixture(scope="session")
 def wikitext_bytes():
     assert WIKITEXT.is_file(), f"WikiText-2 test file not found at {WIKITEXT}: set WIKITEXT2_PATH"
