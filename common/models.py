@@ -78,3 +78,15 @@ def widths_of(config) -> dict[str, int]:
     return projection_widths(text.hidden_size, getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None),
                              text.num_attention_heads, getattr(text, "num_key_value_heads", None),
                              getattr(text, "head_dim", None))
+
+
+def saved_quantization(config) -> str | None:
+    """The quantization a checkpoint was saved with (its config's quantization_config: a mapping, or an object as
+    transformers' AutoConfig holds it), by its quant_method; None for an unquantized checkpoint. Such a source loads
+    quantized whatever precision a cell names."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(method or "unnamed method")[:40]
+

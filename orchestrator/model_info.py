@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from common.untrusted import BadInput, read_regular_file
 from orchestrator.headers import CONFIG_CAP, fingerprint, gguf_header, parse_json, read_config
-from common.models import projection_widths, resolve_file, synthetic_shapes, widths_of
+from common.models import projection_widths, resolve_file, saved_quantization, synthetic_shapes, widths_of
 from common.units import ModelSpec
 
 HUB_HINT = ("point at a local copy instead: `path:` a Hugging Face model folder (config.json and weights), or "
@@ -87,10 +87,9 @@ def saved_quantized(config: dict, where: str, source) -> None:
     """A checkpoint saved quantized (its config carries a quantization_config: compressed-tensors, GPTQ, AWQ, fp8)
     loads quantized whatever precision a cell names, in either engine: its rows would measure the saved
     quantization under that precision's name. Refused: a model entry is the unquantized model."""
-    q = config.get("quantization_config")
-    if q is not None:
-        method = q.get("quant_method", "unnamed method") if isinstance(q, dict) else "unnamed method"
-        raise BadInput(f"{where}: {source} is saved quantized ({str(method)[:40]}: its config.json has a "
+    method = saved_quantization(config)
+    if method is not None:
+        raise BadInput(f"{where}: {source} is saved quantized ({method}: its config.json has a "
                        f"quantization_config), and would load quantized under every precision's name; point at "
                        f"the unquantized model and measure this folder as precision {{name: saved, path: ...}}")
 

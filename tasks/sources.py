@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common.cache import cache_root
-from common.models import resolve_file, synthetic_shapes
+from common.models import resolve_file, saved_quantization, synthetic_shapes
 from common.units import ModelSpec
 
 
@@ -108,9 +108,8 @@ def refuse_saved_quantized(config, source: str) -> None:
     """A source saved quantized (its config carries a quantization_config) loads quantized under any precision's
     name: the unit fails. The driver refuses such a folder or cached hub model before start
     (orchestrator.model_info); this catches a hub model fetched only here."""
-    q = getattr(config, "quantization_config", None)
-    if q is not None:
-        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    method = saved_quantization(config)
+    if method is not None:
         raise RuntimeError(f"{source} is saved quantized ({method}: its config has a quantization_config) and would "
                            f"load quantized under this precision's name; point at the unquantized model (and measure "
                            f"the saved one as precision saved)")

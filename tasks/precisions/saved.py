@@ -23,10 +23,15 @@ class SavedOptions(Options):
                                          "quantization_config, relative to the grid file")
 
 
-def quantization_config(path: str | Path, field: str = "path") -> dict:
-    """The folder's quantization_config (BadInput naming `field` where its config.json is unreadable); {} if none."""
-    raw = json.loads(read_regular_file(Path(path) / "config.json", 1 * MiB, field))
-    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+def _config(path: str | Path) -> dict:
+    """The folder's config.json (BadInput where it is not a small regular file); {} where it is no mapping."""
+    raw = json.loads(read_regular_file(Path(path) / "config.json", 1 * MiB, "path"))
+    return raw if isinstance(raw, dict) else {}
+
+
+def quantization_config(path: str | Path) -> dict:
+    """The folder's quantization_config; {} if none."""
+    q = _config(path).get("quantization_config")
     return q if isinstance(q, dict) else {}
 
 
@@ -66,7 +71,7 @@ def model_reason(o: SavedOptions, synthetic: bool, model_config: dict | None) ->
     if synthetic:
         return "saved: a checkpoint saved quantized is of a real model; this model is synthetic"
     try:
-        saved = json.loads(read_regular_file(Path(o.path) / "config.json", 1 * MiB, "path"))
+        saved = _config(o.path)
     except Exception as e:
         return f"saved: {o.path}: {e}"
     if not model_config:
