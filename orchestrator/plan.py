@@ -42,7 +42,15 @@ class Unit:
 
     @property
     def label(self) -> str:
-        return f"{self.model.label} × {self.precision.label}" + (f" × {self.engine}" if self.engine != "hf" else "")
+        """Model × precision, and for an engine other than transformers the engine and the settings its units are
+        split by (decode path, KV cache) where they are not the defaults."""
+        text = f"{self.model.label} × {self.precision.label}"
+        if self.engine == "hf":
+            return text
+        first = self.cells[0] if self.cells else None
+        settings = ([first.decode] if first and first.decode != "compiled" else []) \
+            + ([f"KV {first.kv.label}"] if first and first.kv.name != "native" else [])
+        return f"{text} × {self.engine}" + (f" ({', '.join(settings)})" if settings else "")
 
     def to_task(self, plan: "Plan", cells: list[CellSpec] | None = None) -> UnitSpec:
         """What the worker gets: these cells (all of the unit's by default), the settings, the calibration text."""

@@ -20,13 +20,13 @@ from tests.conftest import SMOLLM2, TINY_LLAMA, write_grid
 
 
 def grid(tmp_path, engine="[hf, vllm]", precisions="[fp16, nf4-dq]", extra="", decode="[eager, compiled]",
-         perplexity="false"):
+         perplexity="false", kv="[native]", generation=""):
     return load_grid(write_grid(tmp_path / "g.yaml", textwrap.dedent(f"""
         name: engines
         models: [{{synthetic: {json.dumps(TINY_LLAMA)}, label: tiny}}]
         precisions: {precisions}
         engine: {engine}
-        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: {decode}}}
+        generation: {{new_tokens: [4], batch_sizes: [1, 2], decode: {decode}, kv_cache: {kv}{generation}}}
         perplexity: {perplexity}
     """) + extra))
 
@@ -44,9 +44,17 @@ def test_engine_is_an_axis_of_the_cell_key(tmp_path):
     assert len(vllm_keys) == 8 and vllm_keys.isdisjoint(c.key for c in hf_only.cells)
     assert all({c.decode for c in u.cells} == {u.cells[0].decode} for u in by_engine["vllm"])
     assert len({u.unit_id for u in both.units}) == 6
-    assert {u.label for u in by_engine["vllm"]} == {"tiny × fp16 × vllm", "tiny × nf4-dq × vllm"}
+    assert {u.label for u in by_engine["vllm"]} == {"tiny × fp16 × vllm", "tiny × fp16 × vllm (eager)",
+                                                    "tiny × nf4-dq × vllm", "tiny × nf4-dq × vllm (eager)"}
     assert load_grid(write_grid(tmp_path / "one.yaml", (tmp_path / "g.yaml").read_text()
                                 .replace("engine: hf", "engine: vllm"))).engine == ["vllm"]
+
+
+def test_vllm_units_are_named_by_the_engine_settings_that_split_them(tmp_path):
+    plan = make_plan(grid(tmp_path, engine="[hf, vllm]", precisions="[fp16]", kv="[native, fp8]"), "r", None, 1)
+    labels = sorted(u.label for u in plan.units)
+    assert labels == ["tiny × fp16", "tiny × fp16 × vllm", "tiny × fp16 × vllm (KV fp8)",
+                      "tiny × fp16 × vllm (eager)", "tiny × fp16 × vllm (eager, KV fp8)"]
 
 
 @pytest.mark.parametrize("engine,expected", [("[hf, hf]", "listed twice"), ("[sglang]", "engine[0]")])
@@ -80,18 +88,16 @@ def test_what_vllm_cannot_run_is_skipped_before_start_with_why(tmp_path):
 
 
 def test_kv_caches_belong_to_their_engine(tmp_path):
-    g = grid(tmp_path, precisions="[fp16]").model_copy()
-    text = (tmp_path / "g.yaml").read_text().replace("decode: [eager, compiled]}",
-                                                    "decode: [eager], kv_cache: [native, fp8, quanto-int4]}")
-    plan = make_plan(load_grid(write_grid(tmp_path / "kv.yaml", text)), "r", None, 1)
+    plan = make_plan(grid(tmp_path, precisions="[fp16]", decode="[eager]", kv="[native, fp8, quanto-int4]"), "r",
+                     None, 1)
     skipped = unsupported_cells(plan, "cuda")
     why = {(u.engine, c.kv.name): skipped.get(c.key) for u in plan.units for c in u.cells}
     assert why[("hf", "native")] is None and why[("vllm", "native")] is None and why[("vllm", "fp8")] is None
     assert why[("hf", "fp8")] == "kv_cache fp8 runs on vllm only, not on hf"
     assert why[("vllm", "quanto-int4")] == "kv_cache quanto-int4 runs on hf only, not on vllm"
     with pytest.raises(BadInput, match="fp8 takes no options"):
-        load_grid(write_grid(tmp_path / "bad.yaml", text.replace("fp8,", "{name: fp8, q_group_size: 64},")))
-    assert g.engine == ["hf", "vllm"]
+        grid(tmp_path, precisions="[fp16]", kv="[native, {name: fp8, q_group_size: 64}]")
+    assert plan.units[0].engine == "hf" and {u.engine for u in plan.units} == {"hf", "vllm"}
 
 
 def test_every_precision_says_how_vllm_runs_it_or_why_not():
@@ -254,14 +260,11 @@ def test_vllm_scores_windows_from_its_logits_processor_and_checks_them(fake_vllm
 
 def test_offline_throughput_is_a_generation_setting_off_by_default(tmp_path):
     assert make_plan(grid(tmp_path), "r", None, 1).generation.throughput is None
-    g = load_grid(write_grid(tmp_path / "t.yaml", (tmp_path / "g.yaml").read_text().replace(
-        "decode: [eager, compiled]}", "decode: [eager], throughput: {requests: 32}}")))
-    plan = make_plan(g, "r", None, 1)
+    plan = make_plan(grid(tmp_path, decode="[eager]", generation=", throughput: {requests: 32}"), "r", None, 1)
     assert plan.generation.throughput == (32, 512, 128)
     assert plan.units[0].to_task(plan).generation.throughput == (32, 512, 128)
     with pytest.raises(BadInput, match="throughput"):
-        load_grid(write_grid(tmp_path / "bad.yaml", (tmp_path / "g.yaml").read_text().replace(
-            "decode: [eager, compiled]}", "throughput: {requests: 0}}")))
+        grid(tmp_path, generation=", throughput: {requests: 0}")
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
