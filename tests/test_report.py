@@ -652,6 +652,32 @@ def test_the_findings_page_holds_what_the_studies_give():
     assert findings.write(page, findings.render_all()) == page, "run: python studies/harness/findings.py --write"
 
 
+def test_the_findings_kv_table_pairs_fp8_with_native_on_one_gpu(monkeypatch):
+    """vLLM's fp8 KV cache is set beside the native cache of the same cell on the same GPU, and only there."""
+    import sys
+
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "studies" / "harness"))
+    import findings
+
+    def row(kv, ms, kv_bytes, gpu="G1"):
+        return {"model": "m", "precision": "fp16", "engine": "vllm", "status": "ok", "decode": "compiled",
+                "kv_cache": kv, "prompt_tokens": 1024, "batch_size": 8, "new_tokens": 128, "gpu_uuid": gpu,
+                "gpu_name": "H", "decode_ms_per_token": ms, "decode_ms_ci_low": ms - 0.01,
+                "decode_ms_ci_high": ms + 0.01, "kv_cache_bytes": kv_bytes}
+
+    rows = pd.DataFrame([row("native", 8.0, 600e6), row("fp8", 7.2, 300e6),
+                         row("fp8", 9.0, 1e6, gpu="G2")])  # no native beside it on G2
+    monkeypatch.setattr(findings, "_engines_ran", lambda: True)
+    monkeypatch.setattr(findings, "rows", lambda study: rows)
+    monkeypatch.setattr(findings, "newest_per_cell", lambda d: d)
+    lines = findings.engines_kv().splitlines()
+    assert lines[2:] == ["| m | 1024 | 8 | 8.000 [7.990 to 8.010] | 7.200 [7.190 to 7.210] | 0.90× | 600 → 300 | H |"]
+    monkeypatch.setattr(findings, "rows", lambda study: rows[rows.kv_cache == "native"])
+    assert findings.engines_kv() is None
+
+
 def test_published_studies_stay_small():
     size = sum(p.stat().st_size for p in (ROOT / "studies").rglob("*") if p.is_file())
     assert size < 10e6, size

@@ -182,14 +182,42 @@ def engines_bandwidth() -> str | None:
     if not _engines_ran():
         return None
     d = newest_per_cell(rows("vllm-vs-hf"))
-    d = d[(d.precision == "fp16") & (d.batch_size == 1) & (d.status == "ok") & (d.decode == "compiled")]
+    d = d[(d.precision == "fp16") & (d.batch_size == 1) & (d.status == "ok") & (d.decode == "compiled")
+          & (d.kv_cache == "native")]
     out = ["| model | engine | prompt | decode ms/token [95%] | GB/s | of the GPU's peak | GPU |",
            "|---|---|---|---|---|---|---|"]
     for _, r in d.sort_values(["model", "engine", "prompt_tokens"]).iterrows():
-        ci = _ci(r.get("decode_ms_ci_low"), r.get("decode_ms_ci_high"), "{:.3f}")
-        out.append(f"| {r.model} | {r.engine} | {r.prompt_tokens} | {r.decode_ms_per_token:.3f} {ci} | "
+        out.append(f"| {r.model} | {r.engine} | {r.prompt_tokens} | {_ms(r)} | "
                    f"{r.achieved_bandwidth_gbs:,.0f} | {r.bandwidth_fraction:.0%} of {r.peak_bandwidth_gbs:,.0f} | "
                    f"{r.gpu_name} |")
+    return "\n".join(out)
+
+
+def _ms(r) -> str:
+    return f"{r.decode_ms_per_token:.3f} {_ci(r.get('decode_ms_ci_low'), r.get('decode_ms_ci_high'), '{:.3f}')}"
+
+
+def engines_kv() -> str | None:
+    """vLLM's fp8 KV cache beside its native one, fp16 weights, compiled: decode ms/token and the KV bytes the
+    cell's requests hold, per prompt and batch (None until the study has fp8 KV rows)."""
+    if not _engines_ran():
+        return None
+    d = newest_per_cell(rows("vllm-vs-hf"))
+    d = d[(d.precision == "fp16") & (d.engine == "vllm") & (d.status == "ok") & (d.decode == "compiled")]
+    fp8 = d[d.kv_cache == "fp8"]
+    if fp8.empty:
+        return None
+    out = ["| model | prompt | batch | native ms/token [95%] | fp8 ms/token [95%] | fp8 / native | KV MB native → fp8 "
+           "| GPU |", "|---|---|---|---|---|---|---|---|"]
+    for _, r in fp8.sort_values(["model", "prompt_tokens", "batch_size"]).iterrows():
+        same = d[(d.kv_cache == "native") & (d.model == r.model) & (d.prompt_tokens == r.prompt_tokens)
+                 & (d.batch_size == r.batch_size) & (d.new_tokens == r.new_tokens) & (d.gpu_uuid == r.gpu_uuid)]
+        if same.empty:
+            continue
+        n = same.iloc[0]
+        out.append(f"| {r.model} | {r.prompt_tokens} | {r.batch_size} | {_ms(n)} | {_ms(r)} | "
+                   f"{r.decode_ms_per_token / n.decode_ms_per_token:.2f}× | "
+                   f"{n.kv_cache_bytes / 1e6:,.0f} → {r.kv_cache_bytes / 1e6:,.0f} | {r.gpu_name} |")
     return "\n".join(out)
 
 
@@ -197,7 +225,7 @@ TABLES = {"quality": quality, "ratios-7b-compiled": lambda: ratios("operating-po
           "ratios-7b-eager": lambda: ratios("operating-point-7b", "eager"),
           "ratios-smollm2-compiled": lambda: ratios("operating-point-smollm2", "compiled"),
           "fits-7b": fits, "energy-7b": energy, "scaling": scaling, "engines": engines,
-          "engines-quality": engines_quality, "engines-bandwidth": engines_bandwidth}
+          "engines-quality": engines_quality, "engines-bandwidth": engines_bandwidth, "engines-kv": engines_kv}
 
 
 def render_all() -> dict[str, str]:
