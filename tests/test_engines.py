@@ -173,9 +173,9 @@ LLAMA_LINEARS = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_p
 
 @pytest.mark.parametrize("method,config,kernel", [
     ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-              "modules_in_block_to_quantize": LLAMA_LINEARS}, "GPTQMarlinLinearMethod"),
+              "modules_in_block_to_quantize": LLAMA_LINEARS}, "AutoGPTQLinearMethod"),
     ("awq", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
-     "AWQMarlinLinearMethod")])
+     "AutoAWQMarlinLinearMethod")])
 def test_a_synthetic_model_takes_calibrated_formats_with_random_packed_weights(fake_vllm, monkeypatch, tmp_path,
                                                                                method, config, kernel):
     """Random weights gain nothing from calibration: vLLM gets the checkpoint's config alone and fills the packed

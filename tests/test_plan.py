@@ -126,8 +126,8 @@ def test_decode_axis_and_backends_that_cannot_compile(tmp_path, monkeypatch):
     from orchestrator.plan import unsupported_cells
     from tasks.precisions import REGISTRY
 
-    # no registered backend declares a compile_reason (those checked compile on CPU: see the README); declare one,
-    # as a backend that cannot compile would
+    # no backend of a fixed format declares a compile_reason (those checked compile on CPU: see the README; saved
+    # does for compressed-tensors checkpoints: tests/test_saved.py); declare one, as a backend that cannot compile would
     nf4 = REGISTRY["nf4"]
     monkeypatch.setitem(REGISTRY, "nf4", dataclasses.replace(nf4, limits=dataclasses.replace(
         nf4.limits, compile_reason="its kernels break the graph")))

@@ -86,6 +86,32 @@ def test_it_cannot_stand_for_a_synthetic_model_or_another_one(folders, capsys):
     assert code == 0 and "has num_hidden_layers 2, the model 3: not a checkpoint of this model" in out
 
 
+def test_a_compressed_tensors_checkpoint_decodes_eager_under_transformers(folders, capsys):
+    """Its layers stop torch.compile (seen on an H100 and on CPU): compiled cells are skipped with the reason, on
+    transformers only; a checkpoint of another format compiles."""
+    root = folders[0].parent
+    ct = root / "small-ct"
+    shutil.copytree(folders[1], ct, dirs_exist_ok=True)
+    config = json.loads((ct / "config.json").read_text())
+    group = {"weights": {"num_bits": 4, "type": "int", "group_size": 64}, "targets": ["Linear"]}
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                     "config_groups": {"group_0": group}}
+    (ct / "config.json").write_text(json.dumps(config))
+    grid = root / "decode.yaml"
+    grid.write_text(textwrap.dedent("""
+        name: saved-decode
+        models: [{path: ./small}]
+        precisions: [fp32, {name: saved, path: ./small-nf4}, {name: saved, path: ./small-ct}]
+        generation: {new_tokens: [4], batch_sizes: [1], prompt_tokens: 8, decode: [eager, compiled]}
+        perplexity: false
+    """))
+    assert main(["validate", str(grid)]) == 0
+    out = capsys.readouterr().out
+    skipped = [x for x in out.splitlines() if x.startswith("skipped before start")]
+    assert skipped == ["skipped before start (1 cell): decode: compiled is not available for saved: transformers' "
+                       "compressed-tensors layers do not trace under torch.compile; use decode: eager"], out
+
+
 def test_stored_bits_come_from_the_checkpoints_config():
     w4a16 = {"quant_method": "compressed-tensors",
              "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int"}, "targets": ["Linear"]}}}

@@ -178,18 +178,19 @@ def engines_quality() -> str | None:
 
 def engines_bandwidth() -> str | None:
     """fp16 decode at batch 1 per engine and prompt: ms/token and the share of the GPU's memory bandwidth it reaches
-    (the bytes a decode step reads over its time, against the datasheet's peak)."""
+    (the bytes a decode step reads over its time, against the datasheet's peak), on each GPU that measured it (cards
+    of one model differ by a few percent: compare engines on one card)."""
     if not _engines_ran():
         return None
-    d = newest_per_cell(rows("vllm-vs-hf"))
+    d = rows("vllm-vs-hf")  # the study keeps each cell's newest row per GPU
     d = d[(d.precision == "fp16") & (d.batch_size == 1) & (d.status == "ok") & (d.decode == "compiled")
           & (d.kv_cache == "native")]
     out = ["| model | engine | prompt | decode ms/token [95%] | GB/s | of the GPU's peak | GPU |",
            "|---|---|---|---|---|---|---|"]
-    for _, r in d.sort_values(["model", "engine", "prompt_tokens"]).iterrows():
+    for _, r in d.sort_values(["model", "engine", "prompt_tokens", "gpu_uuid"]).iterrows():
         out.append(f"| {r.model} | {r.engine} | {r.prompt_tokens} | {_ms(r)} | "
-                   f"{r.achieved_bandwidth_gbs:,.0f} | {r.bandwidth_fraction:.0%} of {r.peak_bandwidth_gbs:,.0f} | "
-                   f"{r.gpu_name} |")
+                   f"{r.achieved_bandwidth_gbs:,.0f} | {r.bandwidth_fraction:.1%} of {r.peak_bandwidth_gbs:,.0f} | "
+                   f"{r.gpu_name} {str(r.gpu_uuid).removeprefix('GPU-')[:8]} |")
     return "\n".join(out)
 
 

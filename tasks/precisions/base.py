@@ -107,7 +107,8 @@ class Limits:
     devices: tuple[str, ...] = ("cuda", "cpu")    # device types it runs on
     needs_bf16: Callable[[Options], bool] = field(default=lambda o: False)
     min_capability: Callable[[Options], tuple[int, int] | None] = field(default=lambda o: None)  # on CUDA
-    compile_reason: str | None = None             # why decode: compiled cannot run with it anywhere (None: it can)
+    # why decode: compiled cannot run with it anywhere (None: it can): text, or (options) -> text
+    compile_reason: str | Callable[[Options], str | None] | None = None
     # why compiled decode cannot run on GPUs (CUDA graphs), where CPU compiles: text, or (options, batch size) -> text
     compile_reason_cuda: str | Callable[[Options, int], str | None] | None = None
     # projection shapes its groups or kernels cannot take: (options, widths, GPU compute capability or None) -> why
@@ -177,8 +178,11 @@ class Precision:
         known), or None."""
         if decode != "compiled":
             return None
-        if self.limits.compile_reason:
-            return f"decode: compiled is not available for {self.name}: {self.limits.compile_reason}"
+        anywhere = self.limits.compile_reason
+        if callable(anywhere):
+            anywhere = anywhere(opts if opts is not None else self.loading.options())
+        if anywhere:
+            return f"decode: compiled is not available for {self.name}: {anywhere}"
         cuda = self.limits.compile_reason_cuda if device_type == "cuda" else None
         if callable(cuda):
             cuda = cuda(opts if opts is not None else self.loading.options(), batch_size)

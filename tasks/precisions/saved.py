@@ -83,11 +83,24 @@ def model_reason(o: SavedOptions, synthetic: bool, model_config: dict | None) ->
     return None
 
 
+def compile_reason(o: SavedOptions) -> str | None:
+    """Checkpoints whose transformers layers do not trace under torch.compile (measured: compressed-tensors 0.17 on an
+    H100 and 0.19 on CPU stop Dynamo, packed 4-bit and fp8 alike)."""
+    try:
+        method = quantization_config(o.path).get("quant_method")
+    except Exception:  # unreadable: refused before start
+        return None
+    if method == "compressed-tensors":
+        return "transformers' compressed-tensors layers do not trace under torch.compile; use decode: eager"
+    return None
+
+
 METHOD = Method("checkpoint", scheme="as saved", weight_bits=_bits)
 
 PRECISIONS = (
     Precision("saved", "a checkpoint saved quantized from the model (its config's quantization_config: "
                        "compressed-tensors, GPTQ, AWQ, fp8, bitsandbytes), loaded as saved",
-              METHOD, Loading(SavedOptions, _plan, folder=lambda o: o.path), Limits(model_reason=model_reason),
+              METHOD, Loading(SavedOptions, _plan, folder=lambda o: o.path),
+              Limits(compile_reason=compile_reason, model_reason=model_reason),
               engines={"vllm": Served(lambda o: {"dtype": "auto"})}),
 )

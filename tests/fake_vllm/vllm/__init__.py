@@ -90,7 +90,7 @@ def linear_method(quantization: str | None, name: str, gptq_layers: list[str] | 
     checkpoint's tensors hold quantized (none in a folder without tensors)."""
     if quantization == "gptq" and not any(layer in name for layer in gptq_layers or []):
         quantization = None
-    kind = {None: "Unquantized", "gptq": "GPTQMarlin", "awq": "AWQMarlin", "fp8": "Fp8PerTensorOnline",
+    kind = {None: "Unquantized", "gptq": "AutoGPTQ", "awq": "AutoAWQMarlin", "fp8": "Fp8PerTensorOnline",
             "bitsandbytes": "BitsAndBytes"}[quantization]
     return type(f"{kind}LinearMethod", (), {})()
 
