@@ -4,6 +4,7 @@ cites measured cells only; where the data cannot support one, the sentence says 
 from __future__ import annotations
 
 from common.stats import MIN_SAMPLES
+from reports.data import ENGINE_NAMES
 from reports.speed import compare
 
 EXTRAPOLATED = 4  # a predicted largest batch over 4× the largest measured batch is the memory model's, not a pick
@@ -55,13 +56,17 @@ def decide(entries: list[dict], baseline: str | None, rows, fits_: list[dict], b
                     "them a quality axis.")
     else:
         few = base is not None and (base.get("ppl_windows") or 0) < MIN_SAMPLES
-        for bits in (8, 4):
-            group = [e for e in measured if e["weight_bits"] is not None and e["weight_bits"] <= bits
-                     and e["engine"] == (base["engine"] if base else "hf")]
-            if group:
-                best = min(group, key=quality_of)
-                picks.append(f"Closest to {baseline} at ≤ {bits} bits: {best['precision']} ({_quality(best)}; "
-                             f"{_size(best, base)}).")
+        # per engine, the baseline's first: a user serving with one engine picks among its variants
+        engines = list(dict.fromkeys([base["engine"] if base else "hf"] + [e["engine"] for e in measured]))
+        for engine in engines:
+            through = f" through {ENGINE_NAMES.get(engine, engine)}" if len(engines) > 1 else ""
+            for bits in (8, 4):
+                group = [e for e in measured if e["weight_bits"] is not None and e["weight_bits"] <= bits
+                         and e["engine"] == engine]
+                if group:
+                    best = min(group, key=quality_of)
+                    picks.append(f"Closest to {baseline} at ≤ {bits} bits{through}: {best['precision']} "
+                                 f"({_quality(best)}; {_size(best, base)}).")
         quantized = [e for e in measured if _quantized(e)]
         within = [e for e in quantized if _within(e, budget)]
         words = f"KL ≤ {budget['kl']:g}" if all(e["kl_mean"] is not None for e in measured) else \

@@ -252,6 +252,24 @@ def test_the_baseline_on_another_engine_is_not_a_pick(tmp_path):
     assert not any("fp16 · vLLM" in p for p in picks), picks
 
 
+def test_each_engine_has_its_own_closest_pick(tmp_path):
+    """Served by one engine, a user chooses among its variants: with two engines the closest at each bit width is
+    named per engine, transformers (the baseline's) first."""
+    rows = model_rows(prompts=(128,), batches=(1,))
+    vllm = [dict(r, engine="vllm", cell_key=r["cell_key"] + "-v") for r in rows]
+    for r in vllm:
+        r.update(kl_mean={"fp16": 3e-5, "int8": 0.01, "nf4": 0.015}[r["precision"]])
+    df = read_results([write(tmp_path / "s", rows + vllm)])
+    entries = summary.entries(df, "fp16", summary.headline_cell(df))
+    picks = [p for p in decision.decide(entries, "fp16", df, [], summary.QUALITY_BUDGET, [])["picks"]
+             if p.startswith("Closest")]
+    assert [p.split(" (")[0] for p in picks] == [
+        "Closest to fp16 at ≤ 8 bits through transformers: int8",
+        "Closest to fp16 at ≤ 4 bits through transformers: nf4",
+        "Closest to fp16 at ≤ 8 bits through vLLM: int8 · vLLM",
+        "Closest to fp16 at ≤ 4 bits through vLLM: nf4 · vLLM"]
+
+
 # ------------------------------------------------------------------------------------------------ the speed rule
 
 def test_crossover_over_batch_and_prompt(tmp_path):
