@@ -689,7 +689,6 @@ def test_the_findings_kv_table_pairs_fp8_with_native_on_one_gpu(monkeypatch):
                          row("fp8", 9.0, 1e6, gpu="G2")])  # no native beside it on G2
     monkeypatch.setattr(findings, "_engines_ran", lambda: True)
     monkeypatch.setattr(findings, "rows", lambda study: rows)
-    monkeypatch.setattr(findings, "newest_per_cell", lambda d: d)
     lines = findings.engines_kv().splitlines()
     assert lines[2:] == ["| m | 1024 | 8 | 8.000 [7.990 to 8.010] | 7.200 [7.190 to 7.210] | 0.90× | 600 → 300 | H |"]
     monkeypatch.setattr(findings, "rows", lambda study: rows[rows.kv_cache == "native"])

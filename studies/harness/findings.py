@@ -203,7 +203,7 @@ def engines_kv() -> str | None:
     cell's requests hold, per prompt and batch (None until the study has fp8 KV rows)."""
     if not _engines_ran():
         return None
-    d = newest_per_cell(rows("vllm-vs-hf"))
+    d = rows("vllm-vs-hf")  # each cell's newest row per GPU: its native twin is looked up on the same GPU
     d = d[(d.precision == "fp16") & (d.engine == "vllm") & (d.status == "ok") & (d.decode == "compiled")]
     fp8 = d[d.kv_cache == "fp8"]
     if fp8.empty:
