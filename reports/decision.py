@@ -57,7 +57,7 @@ def decide(entries: list[dict], baseline: str | None, rows, fits_: list[dict], b
     else:
         few = base is not None and (base.get("ppl_windows") or 0) < MIN_SAMPLES
         # per engine, the baseline's first: a user serving with one engine picks among its variants
-        engines = list(dict.fromkeys([base["engine"] if base else "hf"] + [e["engine"] for e in measured]))
+        engines = list(dict.fromkeys(([base["engine"]] if base else []) + [e["engine"] for e in measured]))
         for engine in engines:
             through = f" through {ENGINE_NAMES.get(engine, engine)}" if len(engines) > 1 else ""
             for bits in (8, 4):

@@ -270,6 +270,18 @@ def test_each_engine_has_its_own_closest_pick(tmp_path):
         "Closest to fp16 at ≤ 4 bits through vLLM: nf4 · vLLM"]
 
 
+def test_one_engine_without_its_baseline_names_no_engine(tmp_path):
+    """A report of vLLM rows alone, its baseline not among them, has one engine: its picks say no "through"."""
+    rows = [dict(r, engine="vllm", cell_key=r["cell_key"] + "-v", kl_mean={"int8": 0.01, "nf4": 0.015}[r["precision"]])
+            for r in model_rows(prompts=(128,), batches=(1,)) if r["precision"] != "fp16"]
+    df = read_results([write(tmp_path / "s", rows)])
+    entries = [e for e in summary.entries(df, "fp16", summary.headline_cell(df))]
+    picks = [p for p in decision.decide(entries, "fp16", df, [], summary.QUALITY_BUDGET, [])["picks"]
+             if p.startswith("Closest")]
+    assert [p.split(" (")[0] for p in picks] == ["Closest to fp16 at ≤ 8 bits: int8 · vLLM",
+                                                 "Closest to fp16 at ≤ 4 bits: nf4 · vLLM"]
+
+
 # ------------------------------------------------------------------------------------------------ the speed rule
 
 def test_crossover_over_batch_and_prompt(tmp_path):
