@@ -101,6 +101,11 @@ class Loading:
     storage: Callable[[Any], Stored | None] | None = None
 
 
+def _said(reason, *args) -> str | None:
+    """A reason given as text, or as a function of the options (and batch size) that returns one."""
+    return reason(*args) if callable(reason) else reason
+
+
 @dataclass(frozen=True)
 class Limits:
     """Where it cannot run: each answer is a reason, known before the sweep starts where the grid tells."""
@@ -148,7 +153,7 @@ class Precision:
         served = self.engines.get(engine)
         if served is None:
             return f"{self.name} has no {engine} path"
-        reason = served.reason(opts) if callable(served.reason) else served.reason
+        reason = _said(served.reason, opts)
         return f"{self.name} on {engine}: {reason}" if reason else None
 
     def random_packed(self, engine: str, synthetic: bool) -> bool:
@@ -178,14 +183,11 @@ class Precision:
         known), or None."""
         if decode != "compiled":
             return None
-        anywhere = self.limits.compile_reason
-        if callable(anywhere):
-            anywhere = anywhere(opts if opts is not None else self.loading.options())
+        opts = opts if opts is not None else self.loading.options()
+        anywhere = _said(self.limits.compile_reason, opts)
         if anywhere:
             return f"decode: compiled is not available for {self.name}: {anywhere}"
-        cuda = self.limits.compile_reason_cuda if device_type == "cuda" else None
-        if callable(cuda):
-            cuda = cuda(opts if opts is not None else self.loading.options(), batch_size)
+        cuda = _said(self.limits.compile_reason_cuda, opts, batch_size) if device_type == "cuda" else None
         return f"decode: compiled (CUDA graphs) is not available for {self.name} on GPUs: {cuda}" if cuda else None
 
     def unsupported_reason(self, device_type: str, opts: Options, bf16_ok: bool | None = True,
