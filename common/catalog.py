@@ -39,6 +39,21 @@ KV_COMPILE_REASON = ("a quantized KV cache is dynamic (dequantized, concatenated
                      "compiled decode path needs a static cache")
 
 
+# vLLM (0.26) attends with FlashAttention 3 on compute capability 9.x, which reads an fp8 KV cache with queries in fp8
+# too and then writes bf16 only: a model in fp16 fails at its first step (measured on an H100)
+KV_FP8_FP16_REASON = ("kv_cache fp8 on vLLM with fp16 activations on compute capability 9.x: its FlashAttention 3 "
+                      "writes bf16 only beside an fp8 cache (RuntimeError at the first step on an H100); use bf16 "
+                      "activations (precision bf16, or compute_dtype: bf16)")
+
+
+def kv_dtype_reason(kv_name: str, engine: str, dtype: str | None, capability: tuple[int, int] | None) -> str | None:
+    """Why this KV cache cannot sit beside activations of this dtype (vLLM's `dtype`) on this GPU, or None (also
+    where the GPU is not known before start: the unit then fails on it and says so)."""
+    if engine == "vllm" and kv_name == "fp8" and dtype == "float16" and capability and capability[0] == 9:
+        return KV_FP8_FP16_REASON
+    return None
+
+
 def kv_label(name: str, options: dict) -> str:
     """The cache's name plus the options that differ from the defaults, e.g. hqq-int4(residual_length=64)."""
     defaults = KV_DEFAULTS if name in KV_GROUPED else {}

@@ -263,7 +263,8 @@ def unsupported_before_start(plan: Plan, device_type: str, accelerators: list[st
         reason = engine_reason(u.engine, device_type) or p.engine_reason(u.engine, opts) \
             or (None if p.random_packed(u.engine, u.model.synthetic) else p.method.missing()) \
             or p.unsupported_reason(device_type, opts, None, capability) \
-            or p.model_reason(opts, u.model.synthetic, model_config(u.model))
+            or p.model_reason(opts, u.model.synthetic, model_config(u.model)) \
+            or (p.kv_reason(u.engine, u.cells[0].kv.name, opts, capability) if u.cells else None)
         # projection widths against transformers' kernels (vLLM picks its own, and says so when it cannot)
         widths = model_widths(u.model) if p.limits.shape_reason and not reason and u.engine == "hf" else None
         if widths:

@@ -123,7 +123,8 @@ def run_unit(unit: UnitSpec, wikitext: bytes | None = None) -> Iterator[dict]:
 
     capability = torch.cuda.get_device_capability(device) if device.startswith("cuda") else None
     reason = precision.engine_reason(unit.engine, options) or \
-        precision.unsupported_reason(env["device"], options, bf16_ok, capability)
+        precision.unsupported_reason(env["device"], options, bf16_ok, capability) or \
+        (precision.kv_reason(unit.engine, unit.cells[0].kv.name, options, capability) if unit.cells else None)
     if reason:
         yield from rows_for_remaining(unit.cells, {"status": "skipped", "error_type": "Unsupported",
                                                    "error_message": reason})

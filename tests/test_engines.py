@@ -100,6 +100,18 @@ def test_kv_caches_belong_to_their_engine(tmp_path):
     assert plan.units[0].engine == "hf" and {u.engine for u in plan.units} == {"hf", "vllm"}
 
 
+def test_vllm_fp8_kv_beside_fp16_activations_is_skipped_on_hopper(tmp_path):
+    """vLLM's FlashAttention 3 (compute capability 9.x) writes bf16 only beside an fp8 KV cache: fp16 activations
+    with it are skipped before start there, bf16 ones run; on another GPU (or one not known) nothing is skipped."""
+    plan = make_plan(grid(tmp_path, engine="vllm", precisions="[fp16, bf16, awq]", decode="[compiled]",
+                          kv="[native, fp8]"), "r", None, 1)
+    for gpu, skipped in (("H100", {"tiny × fp16 × vllm (KV fp8)", "tiny × awq × vllm (KV fp8)"}), ("A100", set())):
+        why = unsupported_before_start(plan, "cuda", [gpu])
+        assert {u.label for u in plan.units if why.get(u.unit_id)} == skipped, gpu
+        assert all("use bf16 activations" in why[u.unit_id] for u in plan.units if u.unit_id in why)
+    assert unsupported_before_start(plan, "cuda", ["H100", "A100"]) == {}
+
+
 def test_every_precision_says_how_vllm_runs_it_or_why_not():
     """The mapping is explicit: each precision of the registry has vLLM arguments or a reason."""
     args = {}

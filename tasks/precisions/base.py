@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.catalog import not_installed
+from common.catalog import kv_dtype_reason, not_installed
 
 DTypeName = Literal["fp32", "fp16", "bf16"]
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -155,6 +155,13 @@ class Precision:
             return f"{self.name} has no {engine} path"
         reason = _said(served.reason, opts)
         return f"{self.name} on {engine}: {reason}" if reason else None
+
+    def kv_reason(self, engine: str, kv_name: str, opts: Options, capability: tuple[int, int] | None) -> str | None:
+        """Why `engine` cannot hold this KV cache beside this precision's activations on a GPU of this compute
+        capability (None: not known), or None."""
+        if engine not in self.engines:
+            return None
+        return kv_dtype_reason(kv_name, engine, self.engine_args(engine, opts).get("dtype"), capability)
 
     def random_packed(self, engine: str, synthetic: bool) -> bool:
         """A synthetic model of this calibrated precision on `engine` loads as random packed weights in the
