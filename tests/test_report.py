@@ -275,7 +275,7 @@ def test_one_engine_without_its_baseline_names_no_engine(tmp_path):
     rows = [dict(r, engine="vllm", cell_key=r["cell_key"] + "-v", kl_mean={"int8": 0.01, "nf4": 0.015}[r["precision"]])
             for r in model_rows(prompts=(128,), batches=(1,)) if r["precision"] != "fp16"]
     df = read_results([write(tmp_path / "s", rows)])
-    entries = [e for e in summary.entries(df, "fp16", summary.headline_cell(df))]
+    entries = summary.entries(df, "fp16", summary.headline_cell(df))
     picks = [p for p in decision.decide(entries, "fp16", df, [], summary.QUALITY_BUDGET, [])["picks"]
              if p.startswith("Closest")]
     assert [p.split(" (")[0] for p in picks] == ["Closest to fp16 at ≤ 8 bits: int8 · vLLM",
